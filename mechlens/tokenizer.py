@@ -22,13 +22,15 @@ import pathlib
 from tokenizers import AddedToken
 from transformers import GPT2TokenizerFast, PreTrainedTokenizerBase, RobertaTokenizerFast
 
+from mechlens.errors import MechlensError
+
 GPT2_VOCAB_SIZE = 50257
 MLM_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
 MLM_ID_OFFSET = len(MLM_SPECIALS)
 MLM_VOCAB_SIZE = GPT2_VOCAB_SIZE + MLM_ID_OFFSET + 1  # + <mask>
 
 
-class TokenizerError(ValueError):
+class TokenizerError(MechlensError):
     """A tokenizer that cannot be used (empty, wrong vocabulary, ...)."""
 
 
@@ -76,6 +78,7 @@ def mlm_tokenizer() -> RobertaTokenizerFast:
         vocab=vocab,
         merges=list(merges),
         mask_token=AddedToken("<mask>", lstrip=True, rstrip=False),  # " <mask>" is one token, as in RoBERTa
+        add_bos_token=True,  # <s> is always added; tells the bridge not to reload the tokenizer by name
         name_or_path="mlm-bpe-offline",
     )
     check_tokenizer(tok)
@@ -83,13 +86,16 @@ def mlm_tokenizer() -> RobertaTokenizerFast:
 
 
 def check_tokenizer(tok: PreTrainedTokenizerBase) -> None:
-    """Refuse a degenerate tokenizer (e.g. the empty one transformers 5 builds from
-    ``GPT2TokenizerFast(vocab_file=..., merges_file=...)``)."""
+    """Refuse a degenerate tokenizer: fewer than 2 tokens, or nothing but special tokens (what
+    transformers 5 silently builds from ``GPT2TokenizerFast(vocab_file=..., merges_file=...)`` or
+    ``BertTokenizerFast(vocab_file=...)``)."""
     n = len(tok)
-    if n < 2:
+    n_ordinary = n - len(set(tok.all_special_ids))
+    if n < 2 or n_ordinary < 1:
         raise TokenizerError(
-            f"tokenizer {getattr(tok, 'name_or_path', '?')!r} has only {n} token(s). In transformers 5, "
-            "GPT2TokenizerFast(vocab_file=..., merges_file=...) silently builds an empty tokenizer: pass "
-            "vocab=<encoder.json path or dict> and merges=<vocab.bpe path or list> instead, or use "
+            f"tokenizer {getattr(tok, 'name_or_path', '?')!r} has {n} token(s), {n_ordinary} of them ordinary: it "
+            "is empty. In transformers 5, GPT2TokenizerFast(vocab_file=..., merges_file=...) and "
+            "BertTokenizerFast(vocab_file=...) silently build empty tokenizers: pass vocab=<file or dict> and "
+            "merges=<file or list> instead, load it with AutoTokenizer.from_pretrained(dir), or use "
             "mechlens.tokenizer.gpt2_tokenizer()."
         )

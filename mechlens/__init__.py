@@ -1,0 +1,80 @@
+"""mechlens: classic mechanistic-interpretability studies on TransformerLens hook points.
+
+The public API is re-exported here and imported lazily, so ``import mechlens`` is cheap and the
+training script (:mod:`mechlens.zoo.train`) runs where TransformerLens is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    # models
+    "load_model": "mechlens.loading",
+    "provenance_of": "mechlens.loading",
+    "Provenance": "mechlens.provenance",
+    "EMBEDDED": "mechlens.zoo",
+    # tokens and masks
+    "TokenBatch": "mechlens.tokens",
+    "encode": "mechlens.tokens",
+    "single_token_id": "mechlens.tokens",
+    "target_positions": "mechlens.tokens",
+    # forward passes
+    "run_cached": "mechlens.run",
+    "iter_cached": "mechlens.run",
+    # architecture quirks
+    "readout": "mechlens.arch",
+    "readout_hook_names": "mechlens.arch",
+    # tensor utilities
+    "next_token_loss": "mechlens.ops",
+    "next_token_mask": "mechlens.ops",
+    "masked_mean_std": "mechlens.ops",
+    "stats_by_position": "mechlens.ops",
+    "RunningPositionStats": "mechlens.ops",
+    "vector_norm": "mechlens.ops",
+    "stack_layers": "mechlens.ops",
+    "lens_reduce": "mechlens.ops",
+    "LensStats": "mechlens.ops",
+    # errors
+    "MechlensError": "mechlens.errors",
+    "ModelNotAvailableError": "mechlens.errors",
+    "UnsupportedArchitectureError": "mechlens.errors",
+    "TokenError": "mechlens.errors",
+    "DataError": "mechlens.errors",
+    "TokenizerError": "mechlens.tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'mechlens' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from mechlens.arch import readout, readout_hook_names
+    from mechlens.errors import DataError, MechlensError, ModelNotAvailableError, TokenError, UnsupportedArchitectureError
+    from mechlens.loading import load_model, provenance_of
+    from mechlens.ops import (
+        LensStats,
+        RunningPositionStats,
+        lens_reduce,
+        masked_mean_std,
+        next_token_loss,
+        next_token_mask,
+        stack_layers,
+        stats_by_position,
+        vector_norm,
+    )
+    from mechlens.provenance import Provenance
+    from mechlens.run import iter_cached, run_cached
+    from mechlens.tokenizer import TokenizerError
+    from mechlens.tokens import TokenBatch, encode, single_token_id, target_positions
+    from mechlens.zoo import EMBEDDED

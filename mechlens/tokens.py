@@ -1,0 +1,162 @@
+"""Tokens and masks: the one module that owns BOS policy, padding side, attention masks, the mask of
+valid positions and target-token lookup.
+
+Conventions
+-----------
+* Text is tokenised without the tokenizer's own special tokens; mechlens adds them explicitly:
+  causal LMs get BOS prepended iff ``bos=True``; masked LMs always get ``<s> ... </s>``
+  (``[CLS] ... [SEP]``), which they need.
+* A token's **position** is its index in the unpadded model input (BOS, when present, is 0). It is
+  the model's position id, and it is what every "by position" statistic is keyed on, so left- and
+  right-padded batches give identical statistics.
+* ``text_mask`` marks text tokens (not padding, not special tokens); ``valid_mask`` is that, with
+  position 0 optionally excluded (attention sink / massive activations live there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from mechlens import arch
+from mechlens.errors import DataError, MechlensError, TokenError
+
+if TYPE_CHECKING:
+    from transformer_lens import TransformerBridge
+
+PADDING_SIDES = ("right", "left")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenBatch:
+    tokens: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    text_mask: Bool[Tensor, "batch pos"]
+    bos: bool
+    padding_side: str
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def positions(self) -> Int[Tensor, "batch pos"]:
+        """Position of each token in its unpadded sequence (the model's position id); -1 on padding."""
+        pos = self.attention_mask.cumsum(-1) - 1
+        return torch.where(self.attention_mask.bool(), pos, torch.full_like(pos, -1))
+
+    @property
+    def lengths(self) -> Int[Tensor, " batch"]:
+        """Number of non-padding tokens per sequence (special tokens included)."""
+        return self.attention_mask.sum(-1)
+
+    @property
+    def max_position(self) -> int:
+        return int(self.lengths.max()) - 1
+
+    def valid_mask(self, exclude_first: bool = False) -> Bool[Tensor, "batch pos"]:
+        """Text tokens, optionally without position 0."""
+        m = self.text_mask
+        return m & (self.positions != 0) if exclude_first else m
+
+    def select(self, rows: slice | Tensor) -> TokenBatch:
+        return dataclasses.replace(
+            self, tokens=self.tokens[rows], attention_mask=self.attention_mask[rows], text_mask=self.text_mask[rows]
+        )
+
+    def to(self, device: str | torch.device) -> TokenBatch:
+        return dataclasses.replace(
+            self,
+            tokens=self.tokens.to(device),
+            attention_mask=self.attention_mask.to(device),
+            text_mask=self.text_mask.to(device),
+        )
+
+    def bos_policy(self) -> str:
+        return "prepend" if self.bos else "none"
+
+
+def encode(
+    model: TransformerBridge,
+    texts: Sequence[str] | Sequence[Sequence[int]],
+    *,
+    bos: bool,
+    padding_side: str = "right",
+    max_tokens: int | None = None,
+    min_tokens: int | None = None,
+) -> TokenBatch:
+    """Tokenise ``texts`` (strings, or lists of token ids) into a padded :class:`TokenBatch`.
+
+    ``max_tokens`` keeps the first ``max_tokens`` text tokens of each text; ``min_tokens`` refuses
+    texts with fewer text tokens (naming them). ``bos`` is the BOS policy for causal LMs; masked LMs
+    always get their ``<s> ... </s>`` and need ``bos=True``.
+    """
+    if padding_side not in PADDING_SIDES:
+        raise MechlensError(f"padding_side={padding_side!r}: expected 'right' or 'left'")
+    if len(texts) == 0:
+        raise DataError("no texts to encode: pass at least one text")
+    kind = arch.kind_of(model)
+    if kind == "masked" and not bos:
+        raise MechlensError("masked LMs need their special tokens (<s> ... </s>): use bos=True")
+    if isinstance(texts[0], str):
+        ids = model.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    else:
+        ids = [list(map(int, t)) for t in texts]
+    if max_tokens is not None:
+        ids = [t[:max_tokens] for t in ids]
+    if min_tokens is not None:
+        short = [i for i, t in enumerate(ids) if len(t) < min_tokens]
+        if short:
+            raise DataError(
+                f"{len(short)} of {len(ids)} texts have fewer than {min_tokens} tokens (first: #{short[0]} "
+                f"{texts[short[0]]!r}): drop them or lower the length"
+            )
+    if any(len(t) == 0 for t in ids):
+        raise DataError("an empty text cannot be encoded: drop empty texts")
+    head = [arch.bos_id(model)] if bos else []
+    tail = [arch.eos_id(model)] if kind == "masked" else []
+    seqs = [head + t + tail for t in ids]
+    is_text = [[False] * len(head) + [True] * len(t) + [False] * len(tail) for t in ids]
+    width = max(map(len, seqs))
+    if width > model.cfg.n_ctx:
+        raise DataError(f"a sequence of {width} tokens exceeds the model's context of {model.cfg.n_ctx}: use max_tokens")
+    pad = arch.pad_id(model)
+    tokens = torch.full((len(seqs), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    text = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, (s, m) in enumerate(zip(seqs, is_text, strict=True)):
+        cols = slice(0, len(s)) if padding_side == "right" else slice(width - len(s), width)
+        tokens[i, cols] = torch.tensor(s)
+        attn[i, cols] = 1
+        text[i, cols] = torch.tensor(m)
+    return TokenBatch(tokens=tokens, attention_mask=attn, text_mask=text, bos=bos, padding_side=padding_side)
+
+
+def single_token_id(model: TransformerBridge, token: str | int) -> int:
+    """The id of a string that is exactly one token (e.g. ``" coffee"``); a clear error otherwise."""
+    if isinstance(token, int):
+        if not 0 <= token < model.cfg.d_vocab:
+            raise TokenError(f"token id {token} is outside the vocabulary (0..{model.cfg.d_vocab - 1})")
+        return token
+    ids = model.tokenizer(token, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        pieces = [model.tokenizer.decode([i]) for i in ids]
+        hint = " (GPT-2-style tokenizers fold the leading space into the word: try ' " + token.strip() + "')"
+        raise TokenError(
+            f"{token!r} is {len(ids)} tokens {pieces}, not one: pass a string that is a single token"
+            + (hint if not token.startswith(" ") else "")
+        )
+    return int(ids[0])
+
+
+def target_positions(batch: TokenBatch, token_id: int) -> Int[Tensor, "n 2"]:
+    """(row, column) of every text occurrence of ``token_id``, in reading order."""
+    return torch.nonzero((batch.tokens == token_id) & batch.text_mask)
+
+
+def provenance_fields(batch: TokenBatch) -> dict[str, str]:
+    return {"bos": batch.bos_policy(), "padding_side": batch.padding_side}

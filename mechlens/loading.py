@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 import pathlib
-import socket
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mechlens import arch
+from mechlens import arch, hub
 from mechlens.errors import MechlensError, ModelNotAvailableError
 from mechlens.provenance import Provenance
 from mechlens.tokenizer import check_tokenizer
@@ -61,6 +60,7 @@ def load_model(
         )
     from transformer_lens import TransformerBridge
 
+    n_params = arch.parameter_count(hf_model)  # before the bridge adopts (and restructures) the model
     hf_model = hf_model.to(device=device, dtype=dtype).eval()
     bridge = TransformerBridge.boot_transformers(
         label, hf_model=hf_model, tokenizer=arch.prepare_tokenizer_for_bridge(tokenizer), device=device, dtype=dtype
@@ -72,7 +72,7 @@ def load_model(
         model=label,
         architecture=architecture,
         kind=kind,
-        n_params=arch.parameter_count(hf_model),
+        n_params=n_params,
         n_layers=bridge.cfg.n_layers,
         d_model=bridge.cfg.d_model,
         d_vocab=bridge.cfg.d_vocab,
@@ -91,7 +91,9 @@ def provenance_of(model: TransformerBridge) -> Provenance:
     try:
         return getattr(model, _PROVENANCE_ATTR)
     except AttributeError:
-        raise MechlensError("this model was not loaded with mechlens.load_model: load it with load_model(...)") from None
+        raise MechlensError(
+            "this model was not loaded with mechlens.load_model: load it with load_model(...)"
+        ) from None
 
 
 def _resolve(spec: Any, tokenizer, dtype) -> tuple[str, PreTrainedModel, PreTrainedTokenizerBase]:
@@ -154,22 +156,12 @@ def _load_dir(path: pathlib.Path, tokenizer, dtype):
     return cls.from_pretrained(path, dtype=dtype), tokenizer
 
 
-def _hub_reachable(timeout: float = 1.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _load_hub(name: str, tokenizer, dtype):
     from huggingface_hub import try_to_load_from_cache
     from transformers import AutoConfig, AutoTokenizer
 
     cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
-    online = _hub_reachable()
+    online = hub.reachable()
     if not cached and not online:
         raise ModelNotAvailableError(
             f"model {name!r} is not in the local Hugging Face cache and the hub is unreachable (offline). "

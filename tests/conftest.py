@@ -17,8 +17,10 @@ from mechlens.tokenizer import GPT2_VOCAB_SIZE, MLM_VOCAB_SIZE, gpt2_tokenizer, 
 torch.set_num_threads(2)
 
 # exact parameter counts: a misspelled config key silently builds a different (e.g. full-size) model
-GPT2_PARAMS = 50257 * 64 + 128 * 64 + 2 * (128 + 64 * 192 + 192 + 64 * 64 + 64 + 128 + 64 * 256 + 256 + 256 * 64 + 64) + 128  # 3,324,736
-_LAYER = (4 * (64 * 64 + 64) + 128 + 64 * 256 + 256 + 256 * 64 + 64 + 128)  # q,k,v,o + LN + MLP + LN
+GPT2_PARAMS = (
+    50257 * 64 + 128 * 64 + 2 * (128 + 64 * 192 + 192 + 64 * 64 + 64 + 128 + 64 * 256 + 256 + 256 * 64 + 64) + 128
+)  # 3,324,736
+_LAYER = 4 * (64 * 64 + 64) + 128 + 64 * 256 + 256 + 256 * 64 + 64 + 128  # q,k,v,o + LN + MLP + LN
 # 2 layers, hidden 64, vocab 128 (word-level), 64 positions; head: dense + LN + decoder bias (tied)
 BERT_PARAMS = (128 * 64 + 64 * 64 + 2 * 64 + 128) + 2 * _LAYER + (64 * 64 + 64 + 128 + 128)  # 116,928
 # 2 layers, hidden 64, vocab 50262 (GPT-2 BPE + specials), 130 positions
@@ -93,7 +95,8 @@ def make_roberta(seed: int = 0):
 
 
 class Pair:
-    """An HF reference model (eager attention, as the bridge uses: SDPA differs by up to ~5e-4) and the same weights loaded through mechlens (a separate copy: the bridge
+    """An HF reference model (eager attention, as the bridge uses: SDPA differs by up to ~5e-4) and
+    the same weights loaded through mechlens (a separate copy: the bridge
     modifies the model it adopts)."""
 
     def __init__(self, name, hf, tok, weights="raw"):

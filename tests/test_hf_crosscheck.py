@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TEXTS
+
 from mechlens import arch, encode, next_token_loss, readout, readout_hook_names, run_cached
 from mechlens.ops import stats_by_position, vector_norm
 
@@ -34,9 +34,15 @@ def hf_run(pair, batch):
         return o[0] if isinstance(o, tuple) else o
 
     for layer, (block, attn, mlp) in enumerate(_hf_blocks(pair.hf)):
-        handles.append(block.register_forward_hook(lambda m, i, o, layer=layer: rec.__setitem__(("post", layer), first(o))))
-        handles.append(attn.register_forward_hook(lambda m, i, o, layer=layer: rec.__setitem__(("attn", layer), first(o))))
-        handles.append(mlp.register_forward_hook(lambda m, i, o, layer=layer: rec.__setitem__(("mlp", layer), first(o))))
+        handles.append(
+            block.register_forward_hook(lambda m, i, o, layer=layer: rec.__setitem__(("post", layer), first(o)))
+        )
+        handles.append(
+            attn.register_forward_hook(lambda m, i, o, layer=layer: rec.__setitem__(("attn", layer), first(o)))
+        )
+        handles.append(
+            mlp.register_forward_hook(lambda m, i, o, layer=layer: rec.__setitem__(("mlp", layer), first(o)))
+        )
     try:
         with torch.no_grad():
             out = pair.hf(input_ids=batch.tokens, attention_mask=batch.attention_mask, output_hidden_states=True)
@@ -179,6 +185,7 @@ def test_processed_weights_keep_logprobs_and_change_norms():
     import copy
 
     from conftest import make_gpt2
+
     from mechlens import load_model, provenance_of
 
     hf, tok = make_gpt2()

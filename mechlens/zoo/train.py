@@ -224,8 +224,16 @@ def train(cfg: TrainConfig) -> dict:
         last = step == cfg.steps or time.time() - t0 > cfg.max_seconds
         if step % cfg.eval_every == 0 or last:
             ev = evaluate(model, val_windows, cfg)
-            history.append({"step": step, "tokens": step * cfg.batch_size * cfg.seq_len, "train_loss": loss.item(),
-                            "val_loss": ev["loss"], "val_accuracy": ev["accuracy"], "seconds": time.time() - t0})  # fmt: skip
+            history.append(
+                {
+                    "step": step,
+                    "tokens": step * cfg.batch_size * cfg.seq_len,
+                    "train_loss": loss.item(),
+                    "val_loss": ev["loss"],
+                    "val_accuracy": ev["accuracy"],
+                    "seconds": time.time() - t0,
+                }
+            )
             print(json.dumps(history[-1]), flush=True)
             if ev["loss"] < best["val_loss"]:
                 best = {"val_loss": ev["loss"], "step": step}
@@ -241,7 +249,7 @@ def train(cfg: TrainConfig) -> dict:
         "steps_run": step,
         "best_step": best["step"],
         "tokens_seen": best["step"] * cfg.batch_size * cfg.seq_len,
-        "train_tokens_available": int(len(train_tok)),
+        "train_tokens_available": len(train_tok),
         "wall_seconds": wall,
         "hardware": torch.cuda.get_device_name() if cfg.device.startswith("cuda") else platform.processor() or "cpu",
         "torch": torch.__version__,

@@ -1,0 +1,131 @@
+"""Tensor utilities vs independent computations (numpy / scipy / a materialised readout)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.special
+import torch
+
+from mechlens.ops import (
+    RunningPositionStats,
+    lens_reduce,
+    masked_mean_std,
+    next_token_loss,
+    stats_by_position,
+    vector_norm,
+)
+from mechlens.ops.lens_reduce import chunk_rows
+
+
+def _rng_mask(gen, shape, p=0.7):
+    return torch.rand(shape, generator=gen) < p
+
+
+def test_next_token_loss_matches_numpy_and_masks_with_nan():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=g) * 3
+    tokens = torch.randint(0, 11, (3, 5), generator=g)
+    valid = torch.ones(3, 5, dtype=torch.bool)
+    valid[1, 3:] = False
+    loss = next_token_loss(logits, tokens, valid)
+    lp = scipy.special.log_softmax(logits.numpy().astype(np.float64), axis=-1)
+    ref = -np.take_along_axis(lp[:, :-1], tokens.numpy()[:, 1:, None], -1)[..., 0]
+    ok = np.isfinite(loss.numpy())
+    assert ok.sum() == 3 * 4 - 2  # row 1 loses the predictions of columns 3 and 4
+    np.testing.assert_allclose(loss.numpy()[ok], ref[ok], atol=1e-5)
+
+
+def test_masked_mean_std_matches_numpy():
+    g = torch.Generator().manual_seed(1)
+    vals = torch.randn(4, 6, 9, generator=g)
+    mask = _rng_mask(g, (6, 9))
+    mean, std, n = masked_mean_std(vals, mask)
+    m = mask.numpy()
+    assert n == m.sum()
+    np.testing.assert_allclose(mean.numpy(), vals.numpy()[:, m].mean(-1), atol=1e-6)
+    np.testing.assert_allclose(std.numpy(), vals.numpy()[:, m].std(-1), atol=1e-6)
+
+
+def test_stats_by_position_match_a_loop_and_stream_in_chunks():
+    g = torch.Generator().manual_seed(2)
+    vals = torch.randn(3, 10, 8, generator=g).exp()
+    lengths = torch.randint(1, 9, (10,), generator=g)
+    positions = torch.arange(8).expand(10, 8).clone()
+    positions[positions >= lengths[:, None]] = -1
+    mask = positions >= 0
+    st = stats_by_position(vals, positions, mask, n_positions=8)
+    for p in range(8):
+        sel = (positions == p).numpy()
+        assert st.count[p] == sel.sum()
+        if sel.sum():
+            np.testing.assert_allclose(st.mean[:, p].numpy(), vals.numpy()[:, sel].mean(-1), rtol=1e-6)
+            np.testing.assert_allclose(st.std[:, p].numpy(), vals.numpy()[:, sel].std(-1), rtol=1e-5, atol=1e-7)
+        else:
+            assert torch.isnan(st.mean[:, p]).all()
+    acc = RunningPositionStats(8)
+    for rows in (slice(0, 3), slice(3, 4), slice(4, 10)):
+        acc.update(vals[:, rows], positions[rows], mask[rows])
+    streamed = acc.result()
+    assert torch.equal(streamed.count, st.count)
+    torch.testing.assert_close(streamed.mean, st.mean, equal_nan=True)
+    torch.testing.assert_close(streamed.std, st.std, equal_nan=True)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0])
+def test_vector_norm_matches_numpy(p):
+    x = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(3))
+    np.testing.assert_allclose(vector_norm(x, p).numpy(), np.linalg.norm(x.numpy(), ord=p, axis=-1), rtol=1e-6)
+
+
+def _materialised(resid, w, targets):
+    logits = torch.einsum("lbpd,dv->lbpv", resid.double(), w.double())
+    lp = torch.log_softmax(logits, -1)
+    return lp
+
+
+def test_lens_reduce_equals_materialised_readout_and_is_chunk_independent():
+    g = torch.Generator().manual_seed(4)
+    n_layers, batch, pos, d, v = 4, 3, 7, 8, 50
+    resid = torch.randn(n_layers, batch, pos, d, generator=g)
+    w = torch.randn(d, v, generator=g)
+    targets = torch.randint(0, v, (batch, pos), generator=g)
+    targets[0, 0] = -1
+    rows = torch.ones(batch, pos, dtype=torch.bool)
+    rows[2, 5:] = False
+    lp = _materialised(resid, w, targets)
+
+    results = [
+        lens_reduce(resid, lambda x: x @ w, targets=targets, rows=rows, k=3, kl_to_final=True, max_chunk_bytes=b)
+        for b in (1, 10**9)  # one row per chunk vs everything in one chunk
+    ]
+    assert chunk_rows(n_layers, v, 1) == 1
+    for st in results:
+        keep = rows[None].expand(n_layers, -1, -1)
+        ref_lp, ref_id = lp.topk(3, -1)
+        assert torch.equal(st.topk_ids[keep], ref_id[keep])
+        torch.testing.assert_close(st.topk_logprobs[keep].double(), ref_lp[keep], atol=1e-5, rtol=0)
+        ent = -(lp.exp() * lp).sum(-1)
+        torch.testing.assert_close(st.entropy[keep].double(), ent[keep], atol=1e-5, rtol=0)
+        t = targets.clamp(min=0)[None, ..., None].expand(n_layers, -1, -1, 1)
+        t_lp = lp.gather(-1, t)[..., 0]
+        has = keep & (targets >= 0)[None]
+        torch.testing.assert_close(st.target_logprob[has].double(), t_lp[has], atol=1e-5, rtol=0)
+        # rank by sorting: position of the target in the descending order (no ties in random data)
+        order = lp.argsort(-1, descending=True)
+        rank = (order == t).nonzero()[:, -1].reshape(n_layers, batch, pos)
+        assert torch.equal(st.target_rank[has], rank[has])
+        assert torch.isnan(st.target_logprob[:, 0, 0]).all() and (st.target_rank[:, 0, 0] == -1).all()
+        kl = scipy.special.rel_entr(lp[-1].exp().numpy(), lp.exp().numpy()).sum(-1)
+        np.testing.assert_allclose(st.kl_to_final[keep].numpy(), kl[keep.numpy()], atol=1e-5)
+        assert torch.isnan(st.entropy[:, 2, 5:]).all() and (st.topk_ids[:, 2, 5:] == -1).all()
+    assert torch.equal(results[0].topk_ids, results[1].topk_ids)
+
+
+def test_shape_annotations_are_checked_at_runtime_under_pytest():
+    """pyproject passes --jaxtyping-packages=mechlens,beartype.beartype: a pos mismatch between logits
+    and tokens must be refused by the annotation, not broadcast."""
+    from jaxtyping import TypeCheckError
+
+    with pytest.raises(TypeCheckError):
+        next_token_loss(torch.randn(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))

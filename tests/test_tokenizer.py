@@ -1,0 +1,44 @@
+"""Offline GPT-2 BPE tokenizers and the empty-tokenizer trap of transformers 5."""
+
+from __future__ import annotations
+
+import pytest
+
+from mechlens.tokenizer import (
+    MLM_ID_OFFSET,
+    TokenizerError,
+    _bpe_dir,
+    check_tokenizer,
+    gpt2_tokenizer,
+    mlm_tokenizer,
+)
+
+
+def test_gpt2_tokenizer_ids_match_gpt2():
+    tok = gpt2_tokenizer()
+    assert len(tok) == 50257
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert enc(" coffee") == [6891]
+    assert enc("I like oat milk in my") == [40, 588, 267, 265, 7545, 287, 616]
+    assert enc("Hello world") == [15496, 995]
+    assert enc("<|endoftext|>") == [50256]
+
+
+def test_mlm_tokenizer_layout():
+    g, m = gpt2_tokenizer(), mlm_tokenizer()
+    text = "Turkish coffee is brewed slowly."
+    g_ids = g(text, add_special_tokens=False)["input_ids"]
+    assert m(text)["input_ids"] == [0, *[i + MLM_ID_OFFSET for i in g_ids], 2]
+    assert (m.pad_token_id, m.mask_token_id, len(m)) == (1, 50261, 50262)
+    assert m(" my <mask>.", add_special_tokens=False)["input_ids"] == [616 + 4, 50261, 13 + 4]
+
+
+def test_empty_tokenizer_from_vocab_file_is_refused():
+    from transformers import GPT2TokenizerFast
+
+    d = _bpe_dir()
+    empty = GPT2TokenizerFast(vocab_file=str(d / "encoder.json"), merges_file=str(d / "vocab.bpe"))
+    assert len(empty) < 2  # the transformers 5 trap this check exists for
+    with pytest.raises(TokenizerError, match="vocab=") as e:
+        check_tokenizer(empty)
+    assert "merges=" in str(e.value)

@@ -60,7 +60,13 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from mechlens.arch import readout, readout_hook_names
-    from mechlens.errors import DataError, MechlensError, ModelNotAvailableError, TokenError, UnsupportedArchitectureError
+    from mechlens.errors import (
+        DataError,
+        MechlensError,
+        ModelNotAvailableError,
+        TokenError,
+        UnsupportedArchitectureError,
+    )
     from mechlens.loading import load_model, provenance_of
     from mechlens.ops import (
         LensStats,

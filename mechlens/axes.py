@@ -30,4 +30,4 @@ LayerResid = Float[Tensor, "layer batch pos d_model"]
 PerToken = Float[Tensor, "batch pos"]
 LayerPerToken = Float[Tensor, "layer batch pos"]
 
-__all__ = ["Tokens", "Mask", "Logits", "Resid", "LayerResid", "PerToken", "LayerPerToken", "Bool", "Float", "Int"]
+__all__ = ["Bool", "Float", "Int", "LayerPerToken", "LayerResid", "Logits", "Mask", "PerToken", "Resid", "Tokens"]

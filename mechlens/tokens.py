@@ -123,7 +123,9 @@ def encode(
     is_text = [[False] * len(head) + [True] * len(t) + [False] * len(tail) for t in ids]
     width = max(map(len, seqs))
     if width > model.cfg.n_ctx:
-        raise DataError(f"a sequence of {width} tokens exceeds the model's context of {model.cfg.n_ctx}: use max_tokens")
+        raise DataError(
+            f"a sequence of {width} tokens exceeds the model's context of {model.cfg.n_ctx}: use max_tokens"
+        )
     pad = arch.pad_id(model)
     tokens = torch.full((len(seqs), width), pad, dtype=torch.long)
     attn = torch.zeros((len(seqs), width), dtype=torch.long)

@@ -168,7 +168,9 @@ def _card(name: str, report: dict, metrics: dict, stats: dict) -> str:
             f"- the MLM head applied to the last layer's residual stream equals the logits: max |diff| "
             f"{metrics['last_layer_head_vs_logits_max_abs_diff']:.1e}",
         ]
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.items() if k not in ("data", "out", "device"))
+    flags = " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in cfg.items() if k not in ("data", "out", "device") and v != ""
+    )
     lines += [
         "",
         "## Reproduce",

@@ -1,0 +1,158 @@
+"""Study 1 -- predict a token's position from its next-token loss.
+
+The first ``seqlen`` tokens of ``n_train`` texts (and a fresh ``n_test``) go through the model; the
+per-token loss matrix ``[n, seqlen-1]`` is regressed on position (OLS, statsmodels + sklearn) and
+position is classified from loss (multinomial logistic regression), with confusion matrices and
+per-position accuracy on the training batch and on the fresh test batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechlens.data import load_texts, split_train_test
+from mechlens.loading import provenance_of
+from mechlens.ops import next_token_loss
+from mechlens.run import run_cached
+from mechlens.stats.regression import LogisticConfig, logistic, ols
+from mechlens.studies.result import StudyResult
+from mechlens.tokens import TokenBatch, encode
+
+
+@dataclasses.dataclass
+class Config:
+    data: str = "contexts"
+    seqlen: int = 6
+    n_train: int | None = None  # default: min(500, half the texts)
+    n_test: int | None = None
+    bos: bool = False  # as the original study: the first text token is position 0
+    batch_size: int = 64
+    solver: str = "lbfgs"
+    C: float = 1.0
+    tol: float = 1e-6
+    max_iter: int = 2000
+    seed: int = 0
+
+
+def loss_matrix(model, texts: list[str], cfg: Config) -> tuple[Float[Tensor, "n seqlen_m1"], TokenBatch]:
+    """Next-token loss at positions 0..seqlen-2 for the first ``seqlen`` text tokens of each text
+    (one batched forward per mini-batch; no loop over sequences or tokens)."""
+    batch = encode(model, texts, bos=cfg.bos, max_tokens=cfg.seqlen, min_tokens=cfg.seqlen)
+    logits, _ = run_cached(model, batch, [], logits=True, batch_size=cfg.batch_size, progress="study 1 forward")
+    loss = next_token_loss(logits, batch.tokens, batch.valid_mask())
+    if cfg.bos:  # drop the prediction made from BOS: rows are then text positions 0..seqlen-2 as without BOS
+        loss = loss[:, 1:]
+    return loss, batch
+
+
+def analyse(loss_train: np.ndarray, loss_test: np.ndarray, cfg: Config) -> dict:
+    """Regressions on loss matrices ``[n, seqlen-1]`` (the analysis part, no model involved)."""
+    n_pos = loss_train.shape[1]
+    pos_train = np.tile(np.arange(n_pos), len(loss_train))
+    pos_test = np.tile(np.arange(n_pos), len(loss_test))
+    lin = ols(loss_train.reshape(-1), pos_train)
+    lcfg = LogisticConfig(cfg.solver, cfg.C, cfg.tol, cfg.max_iter, cfg.seed)
+    logit = logistic(loss_train.reshape(-1), pos_train, loss_test.reshape(-1), pos_test, lcfg)
+    return {
+        "loss_mean_by_position": loss_train.mean(0).tolist(),
+        "loss_std_by_position": loss_train.std(0).tolist(),
+        "loss_mean_by_position_test": loss_test.mean(0).tolist(),
+        "ols": {k: lin[k] for k in ("params", "bse", "tvalues", "pvalues", "r2", "r2_adj", "nobs", "summary")},
+        "sklearn_linear": {"intercept": lin["sklearn_intercept"], "slope": lin["sklearn_coef"][0]},
+        "linear_predictions": lin["predictions"],
+        "logistic": {k: logit[k] for k in ("config", "classes", "intercepts", "slopes", "chance", "n_iter")},
+        "logistic_accuracy_train": logit["train"]["accuracy"],
+        "logistic_accuracy_test": logit["test"]["accuracy"],
+        "accuracy_by_position_train": logit["train"]["accuracy_by_class"],
+        "accuracy_by_position_test": logit["test"]["accuracy_by_class"],
+        "confusion_train": logit["train"]["confusion"],
+        "confusion_test": logit["test"]["confusion"],
+        "confusion_row_percent_train": logit["train"]["confusion_row_percent"],
+        "confusion_row_percent_test": logit["test"]["confusion_row_percent"],
+        "_probabilities_test": logit["test"]["probabilities"],
+        "_predicted_test": logit["test"]["predicted"],
+    }
+
+
+def run(model, cfg: Config = Config(), texts: list[str] | None = None) -> StudyResult:
+    texts = load_texts(cfg.data) if texts is None else texts
+    half = min(500, len(texts) // 2)
+    train, test = split_train_test(texts, cfg.n_train or half, cfg.n_test or half)
+    torch.manual_seed(cfg.seed)
+    loss_train, batch = loss_matrix(model, train, cfg)
+    loss_test, _ = loss_matrix(model, test, cfg)
+    m = analyse(loss_train.numpy(), loss_test.numpy(), cfg)
+    proba, pred = m.pop("_probabilities_test"), m.pop("_predicted_test")
+    prov = provenance_of(model).replace(bos=batch.bos_policy(), padding_side=batch.padding_side, seed=cfg.seed)
+    n_pos = loss_train.shape[1]
+    tables = {
+        "loss_matrix": [
+            {"split": s, "text": i, "position": p, "loss": float(v)}
+            for s, mat in (("train", loss_train), ("test", loss_test))
+            for i, row in enumerate(mat.tolist())
+            for p, v in enumerate(row)
+        ],
+        "accuracy_by_position": [
+            {"split": s, "position": p, "accuracy": m[f"accuracy_by_position_{s}"][p]}
+            for s in ("train", "test")
+            for p in range(n_pos)
+        ],
+        "test_predictions": [
+            {"row": i, "true": i % n_pos, "predicted": int(pr), **{f"p{c}": float(v) for c, v in enumerate(pp)}}
+            for i, (pr, pp) in enumerate(zip(pred, proba, strict=True))
+        ],
+    }
+    result = StudyResult(
+        study="position",
+        model=prov.model,
+        metrics=m,
+        provenance=prov.to_dict(),
+        config=dataclasses.asdict(cfg) | {"n_train": len(train), "n_test": len(test)},
+        tables=tables,
+    )
+    result.figures = figures(loss_train.numpy(), m)
+    return result
+
+
+def figures(loss: np.ndarray, m: dict) -> dict[str, go.Figure]:
+    n_pos = loss.shape[1]
+    pos = np.arange(n_pos)
+    figs: dict[str, go.Figure] = {}
+    f = go.Figure(go.Bar(x=pos, y=loss.mean(0), name="mean loss", error_y={"array": loss.std(0)}))
+    jitter = np.random.default_rng(0).uniform(-0.25, 0.25, loss.size)
+    f.add_scatter(x=np.tile(pos, len(loss)) + jitter, y=loss.reshape(-1), mode="markers", name="tokens",
+                  marker={"size": 3, "opacity": 0.3})  # fmt: skip
+    f.update_layout(title="Next-token loss by position", xaxis_title="position", yaxis_title="loss (nats)")
+    figs["loss_by_position"] = f
+    f = go.Figure([go.Violin(y=loss[:, p], name=str(p), box_visible=True) for p in pos])
+    f.update_layout(title="Loss distribution per position", xaxis_title="position", yaxis_title="loss (nats)")
+    figs["loss_distributions"] = f
+    f = go.Figure(go.Scatter(x=np.tile(pos, len(loss)), y=m["linear_predictions"], mode="markers",
+                             marker={"opacity": 0.3}))  # fmt: skip
+    f.add_scatter(x=pos, y=pos, mode="lines", name="identity")
+    f.update_layout(title=f"OLS: predicted vs true position (R² = {m['ols']['r2']:.3f})",
+                    xaxis_title="true position", yaxis_title="predicted position")  # fmt: skip
+    figs["linear_predictions"] = f
+    f = go.Figure([go.Bar(x=pos, y=m["logistic"]["intercepts"], name="intercept"),
+                   go.Bar(x=pos, y=m["logistic"]["slopes"], name="slope")])  # fmt: skip
+    f.update_layout(title="Multinomial logistic regression: per-class intercepts and slopes", xaxis_title="position")
+    figs["logistic_coefficients"] = f
+    for split in ("train", "test"):
+        f = go.Figure(go.Bar(x=pos, y=m[f"accuracy_by_position_{split}"]))
+        f.add_hline(y=m["logistic"]["chance"], line_dash="dash", annotation_text="chance")
+        acc = m[f"logistic_accuracy_{split}"]
+        f.update_layout(title=f"Accuracy by position ({split}; overall {acc:.3f})", xaxis_title="position",
+                        yaxis_title="accuracy", yaxis_range=[0, 1])  # fmt: skip
+        figs[f"accuracy_{split}"] = f
+        f = go.Figure(go.Heatmap(z=m[f"confusion_row_percent_{split}"], x=pos, y=pos, colorscale="Blues",
+                                 text=m[f"confusion_{split}"], texttemplate="%{text}"))  # fmt: skip
+        f.update_layout(title=f"Confusion matrix ({split}; counts, colour = row %)", xaxis_title="predicted",
+                        yaxis_title="true", yaxis_autorange="reversed")  # fmt: skip
+        figs[f"confusion_{split}"] = f
+    return figs

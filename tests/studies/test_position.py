@@ -1,0 +1,72 @@
+"""Study 1 vs the HF original: loss matrix from HF logits; regressions from statsmodels/sklearn run
+directly on the HF-derived losses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import statsmodels.api as sm
+import torch
+from sklearn.linear_model import LinearRegression, LogisticRegression
+
+from mechlens import DataError
+from mechlens.data import load_texts
+from mechlens.studies import position
+
+
+def _hf_loss(hf, batch, seqlen):
+    with torch.no_grad():
+        logits = hf(input_ids=batch.tokens).logits
+    lp = torch.log_softmax(logits[:, :-1].float(), -1)
+    return -lp.gather(-1, batch.tokens[:, 1:, None])[..., 0]
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_position_study_matches_hf_and_reference_regressions(causal_pair, bos):
+    m, hf = causal_pair.bridge, causal_pair.hf
+    cfg = position.Config(n_train=60, n_test=40, bos=bos)
+    texts = load_texts("contexts")
+    res = position.run(m, cfg, texts=texts)
+    # loss matrix vs HF logits (<= 1e-5)
+    ours, batch = position.loss_matrix(m, texts[:60], cfg)
+    ref = _hf_loss(hf, batch, cfg.seqlen)
+    ref = ref[:, 1:] if bos else ref
+    assert ours.shape == (60, cfg.seqlen - 1)
+    assert (ours - ref).abs().max() <= 1e-5
+    # our analysis run on the HF-derived losses equals statsmodels/sklearn run directly on them
+    x = ref.numpy().reshape(-1).astype(np.float64)
+    y = np.tile(np.arange(cfg.seqlen - 1), 60)
+    on_hf = position.analyse(ref.numpy(), ref.numpy()[:40], cfg)
+    fit = sm.OLS(y, sm.add_constant(x)).fit()
+    np.testing.assert_allclose(on_hf["ols"]["params"], fit.params, rtol=1e-10)
+    np.testing.assert_allclose(on_hf["ols"]["bse"], fit.bse, rtol=1e-10)
+    assert abs(on_hf["ols"]["r2"] - fit.rsquared) <= 1e-12
+    # sklearn LinearRegression and statsmodels agree to 1e-8 on the same data
+    sk = LinearRegression().fit(x[:, None], y)
+    assert abs(sk.intercept_ - fit.params[0]) <= 1e-8 and abs(sk.coef_[0] - fit.params[1]) <= 1e-8
+    assert abs(on_hf["sklearn_linear"]["intercept"] - fit.params[0]) <= 1e-8
+    assert abs(on_hf["sklearn_linear"]["slope"] - fit.params[1]) <= 1e-8
+    # the end-to-end run (bridge losses, <= 1e-5 from HF's) gives the same fit to 1e-4
+    np.testing.assert_allclose(res.metrics["ols"]["params"], fit.params, atol=1e-4)
+    clf = LogisticRegression(solver="lbfgs", C=1.0, tol=1e-6, max_iter=2000, random_state=0).fit(x[:, None], y)
+    assert abs(on_hf["logistic_accuracy_train"] - clf.score(x[:, None], y)) <= 1e-12
+    np.testing.assert_allclose(on_hf["logistic"]["slopes"], clf.coef_[:, 0], rtol=1e-6)
+    assert abs(res.metrics["logistic_accuracy_train"] - clf.score(x[:, None], y)) <= 2 / len(y)
+    conf = np.array(res.metrics["confusion_test"])
+    assert conf.sum() == 40 * (cfg.seqlen - 1) and conf.shape == (cfg.seqlen - 1,) * 2
+    assert np.allclose(np.array(res.metrics["confusion_row_percent_test"]).sum(1), 100)
+    probs = np.array([[r[f"p{c}"] for c in range(cfg.seqlen - 1)] for r in res.tables["test_predictions"]])
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-12)
+    assert res.provenance["bos"] == ("prepend" if bos else "none")
+
+
+def test_position_study_refuses_too_few_texts(gpt2_pair):
+    with pytest.raises(DataError, match="only 310"):
+        position.run(gpt2_pair.bridge, position.Config(n_train=500, n_test=500))
+
+
+def test_trained_model_predicts_position_above_chance(tiny_gpt2_pair):
+    res = position.run(tiny_gpt2_pair.bridge, position.Config())
+    m = res.metrics
+    assert m["logistic_accuracy_test"] > 2 * m["logistic"]["chance"]  # measured 0.63 vs chance 0.20
+    assert m["loss_mean_by_position"][0] > np.mean(m["loss_mean_by_position"][3:5])

@@ -92,7 +92,8 @@ def sampling_loop(model, tokens: Int[Tensor, "1 pos"], n: int, temperature: floa
     return out[0, tokens.shape[1] :].tolist()
 
 
-def run(model, cfg: Config = Config()) -> StudyResult:
+def run(model, cfg: Config | None = None) -> StudyResult:
+    cfg = cfg or Config()
     torch.manual_seed(cfg.seed)
     tok = model.tokenizer
     batch = encode(model, [cfg.prompt], bos=cfg.bos)
@@ -142,7 +143,9 @@ def run(model, cfg: Config = Config()) -> StudyResult:
         "target_prob": float(probs[target]),
         "target_logprob": float(logp[target]),
         "sample_counts_top": {tok.decode([int(i)]): int(counts[i]) for i in counts.argsort(descending=True)[:10]},
-        "sample_freq_vs_prob_max_abs_diff_topk": float((counts[top.indices] / cfg.n_samples - probs[top.indices]).abs().max()),
+        "sample_freq_vs_prob_max_abs_diff_topk": float(
+            (counts[top.indices] / cfg.n_samples - probs[top.indices]).abs().max()
+        ),
         "greedy_tokens": greedy,
         "greedy_text": tok.decode(greedy),
         "generate_tokens": generated,
@@ -180,8 +183,12 @@ def figures(logits, logp, intervened, target, tokens, model, cfg) -> dict[str, g
     f = go.Figure()
     f.add_scatter(x=np.arange(200), y=torch.softmax(logits, -1)[order].numpy(), name="softmax (probability)")
     f.add_scatter(x=np.arange(200), y=logp[order].numpy(), name="log-softmax (nats)", yaxis="y2")
-    f.update_layout(title="Softmax vs log-softmax over the 200 most likely tokens", xaxis_title="rank",
-                    yaxis={"title": "probability"}, yaxis2={"title": "log-prob", "overlaying": "y", "side": "right"})  # fmt: skip
+    f.update_layout(
+        title="Softmax vs log-softmax over the 200 most likely tokens",
+        xaxis_title="rank",
+        yaxis={"title": "probability"},
+        yaxis2={"title": "log-prob", "overlaying": "y", "side": "right"},
+    )
     figs["softmax_vs_log_softmax"] = f
     top = torch.topk(intervened, 20).indices
     f = go.Figure([go.Bar(x=[tok.decode([int(t)]) for t in top], y=logits[top].numpy(), name="before"),

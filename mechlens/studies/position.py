@@ -80,7 +80,8 @@ def analyse(loss_train: np.ndarray, loss_test: np.ndarray, cfg: Config) -> dict:
     }
 
 
-def run(model, cfg: Config = Config(), texts: list[str] | None = None) -> StudyResult:
+def run(model, cfg: Config | None = None, texts: list[str] | None = None) -> StudyResult:
+    cfg = cfg or Config()
     texts = load_texts(cfg.data) if texts is None else texts
     half = min(500, len(texts) // 2)
     train, test = split_train_test(texts, cfg.n_train or half, cfg.n_test or half)

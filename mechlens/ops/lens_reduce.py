@@ -57,7 +57,7 @@ def lens_reduce(
 
     Per layer and position: top-``k`` ids and log-probs, entropy (nats), and if ``targets`` is given
     (``-1`` = no target) the target's log-prob and 0-based rank (number of tokens with a strictly
-    larger logit); with ``kl_to_final``, KL(final layer || layer) in nats. Log-softmax is computed in
+    larger logit, counted on the logits themselves); with ``kl_to_final``, KL(final layer || layer) in nats. Log-softmax is computed in
     fp32 whatever the activations' dtype. Rows outside ``rows`` (e.g. padding) are skipped and get
     id -1 / NaN.
     """
@@ -81,7 +81,14 @@ def lens_reduce(
             probe = readout(flat[:1, keep[:1]])
             step = chunk_rows(n_layers, probe.shape[-1], max_chunk_bytes)
         idx = keep[start : start + step]
-        logp = readout(flat[:, idx.to(dev)]).float()  # [layer, r, d_vocab]
+        logp = readout(flat[:, idx.to(dev)]).float()  # [layer, r, d_vocab] logits, then in place log-probs
+        if tgt_flat is not None:
+            # rank on the raw logits, before the subtraction below can round near-ties together
+            t = tgt_flat[idx].to(dev)
+            has = t >= 0
+            gather_at = t.clamp(min=0)[None, :, None].expand(n_layers, -1, 1)
+            rank = (logp > logp.gather(-1, gather_at)).sum(-1)
+            t_rank[:, idx] = torch.where(has, rank, torch.full_like(rank, -1)).cpu()
         logp -= torch.logsumexp(logp, dim=-1, keepdim=True)
         lp_k, id_k = logp.topk(k, dim=-1)
         topk_lp[:, idx], topk_ids[:, idx] = lp_k.cpu(), id_k.cpu()
@@ -92,12 +99,8 @@ def lens_reduce(
             kl[:, idx] = (final_p * (final_lp - logp)).sum(-1).cpu()
         del p
         if tgt_flat is not None:
-            t = tgt_flat[idx].to(dev)
-            has = t >= 0
-            lp_t = logp.gather(-1, t.clamp(min=0)[None, :, None].expand(n_layers, -1, 1)).squeeze(-1)
-            rank = (logp > lp_t[..., None]).sum(-1)
+            lp_t = logp.gather(-1, gather_at).squeeze(-1)
             t_lp[:, idx] = torch.where(has, lp_t, torch.full_like(lp_t, float("nan"))).cpu()
-            t_rank[:, idx] = torch.where(has, rank, torch.full_like(rank, -1)).cpu()
         del logp
 
     def unflat(x: Tensor | None) -> Tensor | None:

@@ -57,9 +57,9 @@ def lens_reduce(
 
     Per layer and position: top-``k`` ids and log-probs, entropy (nats), and if ``targets`` is given
     (``-1`` = no target) the target's log-prob and 0-based rank (number of tokens with a strictly
-    larger logit, counted on the logits themselves); with ``kl_to_final``, KL(final layer || layer) in nats. Log-softmax is computed in
-    fp32 whatever the activations' dtype. Rows outside ``rows`` (e.g. padding) are skipped and get
-    id -1 / NaN.
+    larger logit, counted on the logits themselves); with ``kl_to_final``, KL(final layer || layer) in
+    nats. Log-softmax is computed in fp32 whatever the activations' dtype. Rows outside ``rows`` (e.g.
+    padding) are skipped and get id -1 / NaN.
     """
     n_layers, batch, pos, _ = resid.shape
     flat = einops.rearrange(resid, "layer batch pos d_model -> layer (batch pos) d_model")

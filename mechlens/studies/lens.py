@@ -221,7 +221,8 @@ def run_causal(model, cfg: Config) -> tuple[dict, dict, dict]:
         "lens": [
             {"layer": li, "position": p, "token": words[p], "next_token": next_words[p],
              "predicted": metrics["predicted_tokens"][li][p], "target_logprob": float(t_lp[li, p]),
-             "rank": int(rank[li, p]), "entropy": metrics["entropy"][li][p], "kl_to_final": metrics["kl_to_final"][li][p]}
+             "rank": int(rank[li, p]), "entropy": metrics["entropy"][li][p],
+             "kl_to_final": metrics["kl_to_final"][li][p]}
             for li in range(n_points) for p in range(n_pos)
         ]
     }  # fmt: skip

@@ -17,9 +17,10 @@ from mechlens.tokenizer import GPT2_VOCAB_SIZE, MLM_VOCAB_SIZE, gpt2_tokenizer, 
 torch.set_num_threads(2)
 
 # exact parameter counts: a misspelled config key silently builds a different (e.g. full-size) model
+# GPT-2: 2 layers, d_model 64, vocab 50257, 1024 positions (room for the coffee article), tied unembed
 GPT2_PARAMS = (
-    50257 * 64 + 128 * 64 + 2 * (128 + 64 * 192 + 192 + 64 * 64 + 64 + 128 + 64 * 256 + 256 + 256 * 64 + 64) + 128
-)  # 3,324,736
+    50257 * 64 + 1024 * 64 + 2 * (128 + 64 * 192 + 192 + 64 * 64 + 64 + 128 + 64 * 256 + 256 + 256 * 64 + 64) + 128
+)  # 3,382,080
 _LAYER = 4 * (64 * 64 + 64) + 128 + 64 * 256 + 256 + 256 * 64 + 64 + 128  # q,k,v,o + LN + MLP + LN
 # 2 layers, hidden 64, vocab 128 (word-level), 64 positions; head: dense + LN + decoder bias (tied)
 BERT_PARAMS = (128 * 64 + 64 * 64 + 2 * 64 + 128) + 2 * _LAYER + (64 * 64 + 64 + 128 + 128)  # 116,928
@@ -46,7 +47,7 @@ def make_gpt2(seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=GPT2_VOCAB_SIZE, n_positions=128, n_embd=64, n_layer=2, n_head=4, n_inner=256)
+    cfg = GPT2Config(vocab_size=GPT2_VOCAB_SIZE, n_positions=1024, n_embd=64, n_layer=2, n_head=4, n_inner=256)
     cfg._attn_implementation = "eager"
     model = GPT2LMHeadModel(cfg).eval()
     assert _param_count(model) == GPT2_PARAMS, _param_count(model)

@@ -9,7 +9,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 
-def vector_norm(x: Float[Tensor, "*lead d_model"], p: float = 2.0) -> Float[Tensor, "*lead"]:
+def vector_norm(x: Float[Tensor, "*lead d_model"], p: int | float = 2.0) -> Float[Tensor, "*lead"]:
     """Minkowski-p norm over ``d_model`` (fp32 accumulation)."""
     return torch.linalg.vector_norm(x.float(), ord=p, dim=-1)
 

@@ -1,0 +1,194 @@
+"""Study 4 -- magnitudes of what attention adds to the residual stream (original: gpt2-large on the
+rotten_tomatoes test split).
+
+Only ``blocks.{l}.hook_attn_out`` is cached. Every statistic streams over mini-batches with memory
+constant in the number of sequences: running sums per (layer, position), fixed-bin histograms of
+log-norms, and the normal equations of the previous-token regression. Statistics key on the model's
+position ids and a valid-token mask (padding, and position 0 by default, excluded), so the padding
+side does not change them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import einops
+import numpy as np
+import plotly.graph_objects as go
+import torch
+
+from mechlens.data import load_texts
+from mechlens.loading import provenance_of
+from mechlens.ops import RunningPositionStats, stack_layers, vector_norm
+from mechlens.run import iter_cached
+from mechlens.stats.regression import lstsq_line
+from mechlens.studies.result import StudyResult
+from mechlens.tokens import encode
+
+
+@dataclasses.dataclass
+class Config:
+    data: str = "reviews"
+    n_texts: int | None = 64  # None: every text of the source
+    padding_side: str = "right"
+    bos: bool = True
+    exclude_first: bool = True  # position 0 (BOS: the attention sink) is not a valid token
+    max_tokens: int | None = 128
+    batch_size: int = 16
+    n_fit_positions: int = 30
+    hist_bins: int = 60
+    hist_range: tuple[float, float] = (-4.0, 8.0)  # log-norm range of the fixed-bin histograms
+    seed: int = 0
+
+
+def attn_out_names(model) -> list[str]:
+    return [f"blocks.{layer}.hook_attn_out" for layer in range(model.cfg.n_layers)]
+
+
+class MagnitudeAccumulator:
+    """Streaming per-layer statistics of attention-output norms."""
+
+    def __init__(self, n_layers: int, n_positions: int, cfg: Config):
+        self.cfg = cfg
+        self.norm = RunningPositionStats(n_positions)
+        self.lognorm = RunningPositionStats(n_positions)
+        self.hist = torch.zeros(n_layers, cfg.hist_bins, dtype=torch.long)
+        self.xtx = torch.zeros(n_layers, 3, 3, dtype=torch.float64)  # [1, log n(t-2), log n(t-1)]
+        self.xty = torch.zeros(n_layers, 3, dtype=torch.float64)
+        self.n_triplets = 0
+        self.lengths: list[int] = []  # one int per sequence (for the length histogram)
+        self.valid_preview: torch.Tensor | None = None  # the first batch's valid mask, for the figure
+
+    def update(self, norms: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, lengths) -> None:
+        """``norms [layer, batch, pos]``; ``valid [batch, pos]``."""
+        logn = norms.clamp(min=1e-30).log().double()
+        self.norm.update(norms, positions, valid)
+        self.lognorm.update(logn, positions, valid)
+        lo, hi = self.cfg.hist_range
+        width = (hi - lo) / self.cfg.hist_bins
+        v = logn[:, valid]  # [layer, n]
+        idx = ((v - lo) / width).floor().long().clamp(0, self.cfg.hist_bins - 1)
+        self.hist.scatter_add_(1, idx, torch.ones_like(idx))
+        # previous-token regression: tokens whose two predecessors are valid too
+        trip = valid[:, 2:] & valid[:, 1:-1] & valid[:, :-2]
+        y = logn[:, :, 2:][:, trip]
+        x = torch.stack([torch.ones_like(y), logn[:, :, :-2][:, trip], logn[:, :, 1:-1][:, trip]], -1)  # [L, n, 3]
+        self.xtx += einops.einsum(x, x, "layer n i, layer n j -> layer i j")
+        self.xty += einops.einsum(x, y, "layer n i, layer n -> layer i")
+        self.n_triplets += int(trip.sum())
+        self.lengths += [int(n) for n in lengths]
+        if self.valid_preview is None:
+            self.valid_preview = valid.clone()
+
+
+def run(model, cfg: Config | None = None, texts: list[str] | None = None) -> StudyResult:
+    cfg = cfg or Config()
+    torch.manual_seed(cfg.seed)
+    texts = load_texts(cfg.data) if texts is None else texts
+    texts = texts[: cfg.n_texts] if cfg.n_texts else texts
+    batch = encode(model, texts, bos=cfg.bos, padding_side=cfg.padding_side, max_tokens=cfg.max_tokens)
+    names = attn_out_names(model)
+    n_layers = model.cfg.n_layers
+    acc = MagnitudeAccumulator(n_layers, batch.max_position + 1, cfg)
+    positions, valid = batch.positions, batch.valid_mask(exclude_first=cfg.exclude_first)
+    for rows, _, acts in iter_cached(model, batch, names, batch_size=cfg.batch_size, progress="study 4 forward"):
+        norms = vector_norm(stack_layers(acts, names))  # [layer, batch, pos]
+        acc.update(norms, positions[rows], valid[rows], batch.text_mask[rows].sum(-1))
+    return finish(model, acc, cfg, batch)
+
+
+def finish(model, acc: MagnitudeAccumulator, cfg: Config, batch) -> StudyResult:
+    norm, logn = acc.norm.result(), acc.lognorm.result()
+    overall = acc.lognorm
+    cnt = overall.count.sum().double()
+    ln_mean = (overall.sum.sum(1) / cnt).numpy()
+    ln_std = np.sqrt(np.maximum(overall.sumsq.sum(1).numpy() / cnt.item() - ln_mean**2, 0))
+    n_fit = min(cfg.n_fit_positions, norm.mean.shape[1])
+    pos = np.arange(n_fit)
+    mean_np = norm.mean.numpy()
+    fits = [lstsq_line(pos, np.log(mean_np[layer, :n_fit])) for layer in range(len(mean_np))]
+    betas = torch.linalg.solve(acc.xtx, acc.xty.unsqueeze(-1)).squeeze(-1).numpy()  # [layer, 3]
+    lo, hi = cfg.hist_range
+    edges = np.linspace(lo, hi, cfg.hist_bins + 1)
+    metrics = {
+        "n_sequences": len(acc.lengths),
+        "n_valid_tokens": int(cnt),
+        "seq_length_counts": np.bincount(acc.lengths).tolist(),
+        "lognorm_mean_by_layer": ln_mean.tolist(),
+        "lognorm_std_by_layer": ln_std.tolist(),
+        "lognorm_hist_edges": edges.tolist(),
+        "lognorm_hist_counts": acc.hist.tolist(),
+        "norm_mean_by_layer_position": mean_np.tolist(),
+        "norm_count_by_position": norm.count.tolist(),
+        "lognorm_mean_by_layer_position": logn.mean.tolist(),
+        "norm_mean_by_position": _mean_over_layers(mean_np).tolist(),
+        "position_fit_by_layer": [{"intercept": b0, "slope": b1} for b0, b1 in fits],
+        "previous_norm_betas_by_layer": [{"const": b[0], "t-2": b[1], "t-1": b[2]} for b in betas],
+        "n_regression_triplets": acc.n_triplets,
+    }
+    prov = provenance_of(model).replace(bos=batch.bos_policy(), padding_side=batch.padding_side, seed=cfg.seed)
+    tables = {
+        "norm_by_layer_position": [
+            {"layer": layer, "position": p, "mean_norm": float(mean_np[layer, p]), "count": int(norm.count[p])}
+            for layer in range(len(mean_np))
+            for p in range(mean_np.shape[1])
+        ],
+        "per_layer": [
+            {"layer": layer, "lognorm_mean": ln_mean[layer], "lognorm_std": ln_std[layer],
+             "fit_intercept": fits[layer][0], "fit_slope": fits[layer][1],
+             "beta_const": betas[layer][0], "beta_t2": betas[layer][1], "beta_t1": betas[layer][2]}
+            for layer in range(len(mean_np))
+        ],
+    }  # fmt: skip
+    res = StudyResult("magnitudes", prov.model, metrics, prov.to_dict(), dataclasses.asdict(cfg), tables)
+    res.figures = figures(metrics, acc)
+    return res
+
+
+def _mean_over_layers(x: np.ndarray) -> np.ndarray:
+    """Per-position mean over layers; NaN where no token was valid (e.g. the excluded position 0)."""
+    finite = np.isfinite(x)
+    return np.where(finite.any(0), np.where(finite, x, 0).sum(0) / np.maximum(finite.sum(0), 1), np.nan)
+
+
+def figures(m: dict, acc: MagnitudeAccumulator) -> dict[str, go.Figure]:
+    figs = {}
+    f = go.Figure(go.Heatmap(z=acc.valid_preview.int().numpy(), colorscale="Greys", showscale=False))
+    f.update_layout(title="Valid tokens (first batch; padding and position 0 excluded)", xaxis_title="column",
+                    yaxis_title="sequence")  # fmt: skip
+    figs["valid_mask"] = f
+    counts = np.asarray(m["seq_length_counts"])
+    figs["seq_lengths"] = go.Figure(go.Bar(x=np.arange(len(counts)), y=counts)).update_layout(
+        title="Sequence lengths (text tokens)", xaxis_title="tokens", yaxis_title="sequences"
+    )
+    edges = np.asarray(m["lognorm_hist_edges"])
+    centres = (edges[:-1] + edges[1:]) / 2
+    f = go.Figure()
+    for layer, row in enumerate(m["lognorm_hist_counts"]):
+        row = np.asarray(row, np.float64)
+        f.add_scatter(x=centres, y=row / max(row.sum(), 1) / (edges[1] - edges[0]), name=f"layer {layer}",
+                      mode="lines")  # fmt: skip
+    f.update_layout(title="Density of log attention-output norms by layer", xaxis_title="log norm")
+    figs["lognorm_density"] = f
+    mean, std = np.asarray(m["lognorm_mean_by_layer"]), np.asarray(m["lognorm_std_by_layer"])
+    figs["lognorm_by_layer"] = go.Figure(
+        go.Scatter(x=np.arange(len(mean)), y=mean, error_y={"array": std}, mode="markers+lines")
+    ).update_layout(title="Log norm by layer (mean ± std)", xaxis_title="layer", yaxis_title="log norm")
+    z = np.asarray(m["norm_mean_by_layer_position"], np.float64)
+    lo, hi = np.nanpercentile(z, [2, 98])
+    f = go.Figure(go.Heatmap(z=z, zmin=lo, zmax=hi, colorscale="Magma"))
+    f.update_layout(title="Mean attention-output norm (colour limits: 2nd-98th percentile)", xaxis_title="position",
+                    yaxis_title="layer")  # fmt: skip
+    figs["norm_heatmap"] = f
+    figs["norm_by_position"] = go.Figure(go.Scatter(y=m["norm_mean_by_position"], mode="lines+markers")).update_layout(
+        title="Mean norm by position (average over layers)", xaxis_title="position", yaxis_title="norm"
+    )
+    slopes = [b["slope"] for b in m["position_fit_by_layer"]]
+    b1 = [b["t-1"] for b in m["previous_norm_betas_by_layer"]]
+    b2 = [b["t-2"] for b in m["previous_norm_betas_by_layer"]]
+    f = go.Figure([go.Bar(y=slopes, name="slope of log mean norm on position")])
+    f.add_scatter(y=b1, name="beta t-1", mode="lines+markers", yaxis="y2")
+    f.add_scatter(y=b2, name="beta t-2", mode="lines+markers", yaxis="y2")
+    f.update_layout(title="Per-layer fits", xaxis_title="layer", yaxis2={"overlaying": "y", "side": "right"})
+    figs["fits"] = f
+    return figs

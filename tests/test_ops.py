@@ -129,3 +129,17 @@ def test_shape_annotations_are_checked_at_runtime_under_pytest():
 
     with pytest.raises(TypeCheckError):
         next_token_loss(torch.randn(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_lens_reduce_reads_each_row_once():
+    """Every kept row goes through the readout exactly once (plus one probe row for the vocab size)."""
+    resid = torch.randn(3, 4, 5, 8)
+    w = torch.randn(8, 20)
+    seen = []
+
+    def readout(x):
+        seen.append(x.shape[1])
+        return x @ w
+
+    lens_reduce(resid, readout, max_chunk_bytes=3 * 20 * 4 * 3 * 6)  # 6 rows per chunk
+    assert seen[0] == 1 and sum(seen[1:]) == 4 * 5 and max(seen[1:]) == 6

@@ -64,47 +64,49 @@ def lens_reduce(
     n_layers, batch, pos, _ = resid.shape
     flat = einops.rearrange(resid, "layer batch pos d_model -> layer (batch pos) d_model")
     n_rows = batch * pos
-    keep = torch.arange(n_rows) if rows is None else torch.nonzero(rows.reshape(-1).cpu()).squeeze(-1)
-    tgt_flat = None if targets is None else targets.reshape(-1).cpu()
     dev = resid.device
+    keep = torch.arange(n_rows, device=dev) if rows is None else torch.nonzero(rows.reshape(-1).to(dev)).squeeze(-1)
+    tgt_flat = None if targets is None else targets.reshape(-1).to(dev)
 
-    topk_ids = torch.full((n_layers, n_rows, k), -1, dtype=torch.long)
-    topk_lp = torch.full((n_layers, n_rows, k), float("nan"))
-    entropy = torch.full((n_layers, n_rows), float("nan"))
-    t_lp = torch.full((n_layers, n_rows), float("nan")) if targets is not None else None
-    t_rank = torch.full((n_layers, n_rows), -1, dtype=torch.long) if targets is not None else None
-    kl = torch.full((n_layers, n_rows), float("nan")) if kl_to_final else None
+    # outputs live on the activations' device until the end: no host sync per chunk
+    topk_ids = torch.full((n_layers, n_rows, k), -1, dtype=torch.long, device=dev)
+    topk_lp = torch.full((n_layers, n_rows, k), float("nan"), device=dev)
+    entropy = torch.full((n_layers, n_rows), float("nan"), device=dev)
+    t_lp = torch.full((n_layers, n_rows), float("nan"), device=dev) if targets is not None else None
+    t_rank = torch.full((n_layers, n_rows), -1, dtype=torch.long, device=dev) if targets is not None else None
+    kl = torch.full((n_layers, n_rows), float("nan"), device=dev) if kl_to_final else None
 
-    step = None
-    for start in range(0, len(keep), 1 if step is None else step):
-        if step is None:
-            probe = readout(flat[:1, keep[:1]])
-            step = chunk_rows(n_layers, probe.shape[-1], max_chunk_bytes)
+    if len(keep) == 0:
+        step = 1
+    else:
+        d_vocab = readout(flat[:1, keep[:1]]).shape[-1]  # one row, to learn the vocabulary size
+        step = chunk_rows(n_layers, d_vocab, max_chunk_bytes)
+    for start in range(0, len(keep), step):
         idx = keep[start : start + step]
-        logp = readout(flat[:, idx.to(dev)]).float()  # [layer, r, d_vocab] logits, then in place log-probs
+        logp = readout(flat[:, idx]).float()  # [layer, r, d_vocab] logits, then in place log-probs
         if tgt_flat is not None:
             # rank on the raw logits, before the subtraction below can round near-ties together
-            t = tgt_flat[idx].to(dev)
+            t = tgt_flat[idx]
             has = t >= 0
             gather_at = t.clamp(min=0)[None, :, None].expand(n_layers, -1, 1)
             rank = (logp > logp.gather(-1, gather_at)).sum(-1)
-            t_rank[:, idx] = torch.where(has, rank, torch.full_like(rank, -1)).cpu()
+            t_rank[:, idx] = torch.where(has, rank, torch.full_like(rank, -1))
         logp -= torch.logsumexp(logp, dim=-1, keepdim=True)
         lp_k, id_k = logp.topk(k, dim=-1)
-        topk_lp[:, idx], topk_ids[:, idx] = lp_k.cpu(), id_k.cpu()
+        topk_lp[:, idx], topk_ids[:, idx] = lp_k, id_k
         p = logp.exp()
-        entropy[:, idx] = -(p * logp).sum(-1).cpu()
+        entropy[:, idx] = -(p * logp).sum(-1)
         if kl is not None:
             final_lp, final_p = logp[-1], p[-1]
-            kl[:, idx] = (final_p * (final_lp - logp)).sum(-1).cpu()
+            kl[:, idx] = (final_p * (final_lp - logp)).sum(-1)
         del p
         if tgt_flat is not None:
             lp_t = logp.gather(-1, gather_at).squeeze(-1)
-            t_lp[:, idx] = torch.where(has, lp_t, torch.full_like(lp_t, float("nan"))).cpu()
+            t_lp[:, idx] = torch.where(has, lp_t, torch.full_like(lp_t, float("nan")))
         del logp
 
     def unflat(x: Tensor | None) -> Tensor | None:
-        return None if x is None else x.reshape(n_layers, batch, pos, *x.shape[2:])
+        return None if x is None else x.reshape(n_layers, batch, pos, *x.shape[2:]).cpu()
 
     return LensStats(
         topk_ids=unflat(topk_ids),

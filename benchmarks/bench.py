@@ -1,0 +1,450 @@
+"""mechlens benchmarks: ratios and memory peaks, each measured within one run (medians of repeats).
+
+    HF_HUB_OFFLINE=1 python benchmarks/bench.py            # CPU items 1-4 and 6, writes benchmarks/RESULTS.md
+    HF_HUB_OFFLINE=1 python benchmarks/bench.py --quick    # smaller sizes, for a smoke run
+
+1. hook overhead: run_with_cache(names_filter=what a study needs) vs the plain HF forward (and the full cache)
+2. analysis cost per study (time after the forwards / forward time) and speed-ups over loop baselines
+3. chunked logit-lens peak memory vs the materialised [layer, batch, pos, vocab] logits, and vs depth
+4. streaming attention-magnitude statistics: peak memory over 1,000 vs 10,000 sequences
+6. mechlens' causal lens vs TransformerLens' tools.analysis.logit_lens (time and peak memory)
+(5. the GPU lens throughput runs only where a CUDA device is present: benchmarks/gpu_lens.py)
+
+Peak memory is process RSS measured in a fresh child process: the kernel's peak counter is reset
+(/proc/self/clear_refs) after set-up, and the peak minus the RSS at that moment is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import importlib.metadata
+import multiprocessing as mp
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent
+GIB = 2**30
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _status(field: str) -> int:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def _child(target: str, kwargs: dict, queue) -> None:
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    setup, work = globals()[target](**kwargs)
+    state = setup()
+    with contextlib.suppress(OSError):
+        pathlib.Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM
+    base = _status("VmRSS")
+    t0 = time.perf_counter()
+    out = work(state)
+    queue.put({"peak_bytes": _status("VmHWM") - base, "seconds": time.perf_counter() - t0, "out": out})
+
+
+def in_child(target: str, **kwargs) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(target, kwargs, q))
+    p.start()
+    res = q.get()
+    p.join()
+    return res
+
+
+def gpt2_small(n_layers: int = 12, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=n_layers, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
+    cfg._attn_implementation = "eager"
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def bridge_of(hf):
+    from mechlens import load_model
+    from mechlens.tokenizer import gpt2_tokenizer
+
+    return load_model(copy.deepcopy(hf), tokenizer=gpt2_tokenizer())
+
+
+def random_batch(model, batch: int, seq: int, seed: int = 0):
+    from mechlens.tokens import TokenBatch
+
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 50257, (batch, seq), generator=g)
+    ones = torch.ones_like(tokens)
+    return TokenBatch(tokens, ones, ones.bool(), bos=False, padding_side="right")
+
+
+# -- 1. hook overhead -------------------------------------------------------------------------------
+
+
+def bench_hook_overhead(quick: bool) -> list[dict]:
+    from transformers import GPT2LMHeadModel
+
+    from mechlens.studies.magnitudes import attn_out_names
+    from mechlens.zoo import EMBEDDED
+
+    def forwards(hf, bridge, batch, names):
+        tok, mask = batch.tokens, batch.attention_mask
+        with torch.no_grad():
+            t_hf = median_time(lambda: hf(input_ids=tok, attention_mask=mask))
+            t_f = median_time(lambda: bridge.run_with_cache(tok, attention_mask=mask, names_filter=names))
+            t_all = median_time(lambda: bridge.run_with_cache(tok, attention_mask=mask))
+        return t_hf, t_f, t_all
+
+    rows = []
+    tiny = GPT2LMHeadModel.from_pretrained(EMBEDDED["tiny-gpt2"].path, attn_implementation="eager").eval()
+    for label, hf in (("tiny-gpt2", tiny), ("gpt2-small-sized random", gpt2_small())):
+        bridge = bridge_of(hf)
+        batch = random_batch(bridge, 4 if quick else 16, 128)
+        t_hf, t_f, t_all = forwards(hf, bridge, batch, attn_out_names(bridge))
+        rows.append({"item": "1", "what": f"{label}, {len(batch)}x128: run_with_cache(hook_attn_out x L) / HF forward",
+                     "value": t_f / t_hf, "unit": "x", "target": "<= 1.10", "ok": t_f / t_hf <= 1.10,
+                     "detail": f"HF {t_hf * 1e3:.0f} ms, filtered {t_f * 1e3:.0f} ms"})  # fmt: skip
+        rows.append({"item": "1", "what": f"{label}: full cache (no filter) / HF forward", "value": t_all / t_hf,
+                     "unit": "x", "target": "(contrast)", "ok": None, "detail": f"{t_all * 1e3:.0f} ms"})  # fmt: skip
+    return rows
+
+
+# -- 2. analysis cost and loop baselines ------------------------------------------------------------
+
+
+class ForwardTimer:
+    """Accumulates the time spent inside the model's forward (hooked runs and generate included)."""
+
+    def __init__(self, model):
+        self.model, self.seconds = model, 0.0
+        self._orig = model.forward
+
+    def __enter__(self):
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return self._orig(*a, **k)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        self.model.forward = timed
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.forward
+
+
+def bench_analysis(quick: bool) -> list[dict]:
+    from mechlens import load_model
+    from mechlens.runner import STUDIES
+
+    rows = []
+    models = {"tiny-gpt2": load_model("tiny-gpt2"), "tiny-mlm": load_model("tiny-mlm")}
+    for name, study in STUDIES.items():
+        model = models[study.default_models[0]]
+        cfg = study.module.Config()
+        fig = study.module.figures
+        study.module.figures = lambda *a, **k: {}  # time the analysis, not plotly figure building
+        try:
+            study.module.run(model, cfg)  # warm-up
+            totals, fwds = [], []
+            for _ in range(1 if quick else 3):
+                with ForwardTimer(model) as ft:
+                    t0 = time.perf_counter()
+                    study.module.run(model, cfg)
+                    totals.append(time.perf_counter() - t0)
+                fwds.append(ft.seconds)
+        finally:
+            study.module.figures = fig
+        total, fwd = statistics.median(totals), statistics.median(fwds)
+        ratio = (total - fwd) / fwd
+        rows.append({"item": "2", "what": f"{name} on {study.default_models[0]}: analysis / forward time",
+                     "value": ratio, "unit": "x", "target": "<= 0.25", "ok": ratio <= 0.25,
+                     "detail": f"forward {fwd:.2f} s, analysis {total - fwd:.2f} s"})  # fmt: skip
+    rows += loop_baselines(models, quick)
+    return rows
+
+
+def loop_baselines(models, quick: bool) -> list[dict]:
+    """Each vectorised analysis vs the original notebooks' loops, on identical inputs, equal results."""
+    import scipy.spatial.distance
+
+    from mechlens import encode, next_token_loss, run_cached
+    from mechlens.data import load_texts
+    from mechlens.ops import stack_layers, stats_by_position, vector_norm
+    from mechlens.stats.distance import pairwise_minkowski
+    from mechlens.studies import lens
+
+    rows = []
+    g = models["tiny-gpt2"]
+    # study 1: loss matrix -- loops over sequences and tokens vs one vectorised gather
+    batch = encode(g, load_texts("contexts")[:300], bos=False, max_tokens=6)
+    logits, _ = run_cached(g, batch, [], logits=True)
+
+    def loops():
+        out = np.zeros((len(batch), 5))
+        for i in range(len(batch)):
+            for t in range(5):
+                out[i, t] = -torch.log_softmax(logits[i, t], -1)[batch.tokens[i, t + 1]].item()
+        return out
+
+    ref = loops()
+    np.testing.assert_allclose(next_token_loss(logits, batch.tokens).numpy(), ref, atol=1e-5)
+    rows.append(_speedup("study 1 loss matrix (300 x 5)", median_time(loops, 3),
+                         median_time(lambda: next_token_loss(logits, batch.tokens), 5)))  # fmt: skip
+    # study 3: sliding mask -- one forward per masked variant vs one batch
+    m = models["tiny-mlm"]
+    one = encode(m, [lens.Config().text], bos=True)
+    variants, _, _ = lens.sliding_mask_batch(m, one)
+    names = [f"blocks.{m.cfg.n_layers - 1}.hook_resid_post"]
+
+    def per_variant():
+        return torch.cat([run_cached(m, variants.select(slice(i, i + 1)), names, logits=True)[0]
+                          for i in range(len(variants))])  # fmt: skip
+
+    batched = run_cached(m, variants, names, logits=True)[0]
+    assert (per_variant() - batched).abs().max() <= 1e-4
+    t_batched = median_time(lambda: run_cached(m, variants, names, logits=True), 3)
+    rows.append(_speedup(f"study 3 sliding mask ({len(variants)} variants): forward per variant vs one batch",
+                         median_time(per_variant, 3), t_batched))  # fmt: skip
+    # study 4: per-position mean norms -- loops over sequences and tokens vs scatter-add
+    rb = encode(g, load_texts("reviews"), bos=True)
+    names4 = [f"blocks.{i}.hook_attn_out" for i in range(g.cfg.n_layers)]
+    _, acts = run_cached(g, rb, names4)
+    norms = vector_norm(stack_layers(acts, names4))
+    valid, pos = rb.valid_mask(True), rb.positions
+
+    def loops4():
+        n_pos = int(pos.max()) + 1
+        s, c = np.zeros((len(norms), n_pos)), np.zeros(n_pos)
+        for b in range(valid.shape[0]):
+            for t in range(valid.shape[1]):
+                if valid[b, t]:
+                    c[pos[b, t]] += 1
+                    for layer in range(len(norms)):
+                        s[layer, pos[b, t]] += norms[layer, b, t].item()
+        return s / np.maximum(c, 1)
+
+    st = stats_by_position(norms, pos, valid)
+    np.testing.assert_allclose(np.nan_to_num(st.mean.numpy()), loops4(), rtol=1e-5)
+    rows.append(_speedup("study 4 per-position mean norms (68 reviews x 6 layers)", median_time(loops4, 3),
+                         median_time(lambda: stats_by_position(norms, pos, valid), 5)))  # fmt: skip
+    # study 5: pairwise L1/L2 over layers -- double loop over pairs vs cdist
+    acts5 = torch.randn(g.cfg.n_layers, 10, g.cfg.d_model, dtype=torch.float64)
+
+    def loops5():
+        out = np.zeros((len(acts5), 2, 10, 10))
+        for layer in range(len(acts5)):
+            for i in range(10):
+                for j in range(10):
+                    for k, p in enumerate((1, 2)):
+                        out[layer, k, i, j] = scipy.spatial.distance.minkowski(acts5[layer, i], acts5[layer, j], p)
+        return out
+
+    def vec5():
+        return np.stack([[pairwise_minkowski(a, p).numpy() for p in (1, 2)] for a in acts5])
+
+    np.testing.assert_allclose(vec5(), loops5(), atol=1e-10)
+    rows.append(_speedup("study 5 pairwise L1/L2 (6 layers x 10 targets)", median_time(loops5, 3),
+                         median_time(vec5, 5)))  # fmt: skip
+    return rows
+
+
+def _speedup(what: str, t_loop: float, t_vec: float) -> dict:
+    s = t_loop / t_vec
+    return {"item": "2", "what": f"{what}: speed-up, equal results", "value": s, "unit": "x", "target": ">= 10",
+            "ok": s >= 10, "detail": f"loops {t_loop * 1e3:.1f} ms, mechlens {t_vec * 1e3:.2f} ms"}  # fmt: skip
+
+
+# -- 3 and 6. lens memory and TransformerLens comparison (child processes) --------------------------
+
+
+def lens_job(n_layers: int, batch: int, seq: int, which: str = "mechlens", chunk_mb: int = 256):
+    def setup():
+        from mechlens import arch
+        from mechlens.run import run_cached
+        from mechlens.studies.lens import next_token_targets
+
+        m = bridge_of(gpt2_small(n_layers))
+        b = random_batch(m, batch, seq)
+        _, acts = run_cached(m, b, arch.readout_hook_names(m))  # the forward is not what is measured
+        return m, b, acts, next_token_targets(b)
+
+    def work(state):
+        from mechlens import arch
+        from mechlens.ops import lens_reduce, stack_layers
+
+        m, b, acts, targets = state
+        if which == "mechlens":
+            resid = stack_layers(acts, arch.readout_hook_names(m))
+            st = lens_reduce(resid, arch.readout(m), targets=targets, k=5, kl_to_final=True,
+                             max_chunk_bytes=chunk_mb * 2**20)  # fmt: skip
+            return st.target_logprob[:, 0, :8].tolist()
+        from transformer_lens.tools.analysis.logit_lens import logit_lens
+
+        with torch.no_grad():
+            res = logit_lens(m, b.tokens, positions=None, targets=targets.clamp(min=0), return_type="log_probs")
+        return res.readout.values[:, 0, :8, 0].tolist()
+
+    return setup, work
+
+
+def bench_lens_memory(quick: bool) -> list[dict]:
+    rows = []
+    batch = 8 if quick else 64
+    r = in_child("lens_job", n_layers=12, batch=batch, seq=128)
+    materialised = 13 * batch * 128 * 50257 * 4
+    rows.append({"item": "3", "what": f"chunked lens peak, 12 layers x {batch} x 128 (gpt2-small-sized)",
+                 "value": r["peak_bytes"] / GIB, "unit": "GiB",
+                 "target": f"<< {materialised / GIB:.1f} GiB materialised",
+                 "ok": r["peak_bytes"] < materialised / 10,
+                 "detail": f"{r['seconds']:.1f} s; chunk budget 0.25 GiB"})  # fmt: skip
+    peaks = {}
+    for n in (12, 24, 36):
+        peaks[n] = in_child("lens_job", n_layers=n, batch=8, seq=128)["peak_bytes"]
+    flat = max(peaks.values()) / min(peaks.values())
+    rows.append({"item": "3", "what": "lens peak vs depth, 8 x 128: 12 / 24 / 36 layers",
+                 "value": flat, "unit": "x (max/min)", "target": "flat (<= 1.5)", "ok": flat <= 1.5,
+                 "detail": ", ".join(f"{n}: {p / GIB:.2f} GiB" for n, p in peaks.items())})  # fmt: skip
+    return rows
+
+
+def bench_vs_transformer_lens(quick: bool) -> list[dict]:
+    batch = 2 if quick else 8
+    ours = in_child("lens_job", n_layers=12, batch=batch, seq=128, which="mechlens")
+    tl = in_child("lens_job", n_layers=12, batch=batch, seq=128, which="tl")
+    diff = float(np.abs(np.array(ours["out"]) - np.array(tl["out"])).max())
+    speed = tl["seconds"] / ours["seconds"]
+    mem = ours["peak_bytes"] / tl["peak_bytes"]
+    return [
+        {"item": "6", "what": f"causal lens vs TL logit_lens, gpt2-small-sized, {batch} x 128, all positions: "
+                              "speed-up (mechlens also computes top-5, entropy, KL)",
+         "value": speed, "unit": "x", "target": ">= 1.5", "ok": speed >= 1.5,
+         "detail": f"TL {tl['seconds']:.1f} s, mechlens {ours['seconds']:.1f} s; "
+                   f"max |target log-prob diff| {diff:.1e}"},
+        {"item": "6", "what": "  peak memory mechlens / TL", "value": mem, "unit": "x", "target": "<= 1.0",
+         "ok": mem <= 1.0,
+         "detail": f"TL {tl['peak_bytes'] / GIB:.2f} GiB, mechlens {ours['peak_bytes'] / GIB:.2f} GiB"},
+    ]  # fmt: skip
+
+
+# -- 4. streaming statistics -------------------------------------------------------------------------
+
+
+def magnitudes_job(n_sequences: int):
+    def setup():
+        from mechlens import load_model
+        from mechlens.data import load_texts
+
+        reviews = load_texts("reviews")
+        texts = (reviews * (n_sequences // len(reviews) + 1))[:n_sequences]
+        return load_model("tiny-gpt2"), texts
+
+    def work(state):
+        from mechlens.studies import magnitudes
+
+        model, texts = state
+        res = magnitudes.run(model, magnitudes.Config(n_texts=None, batch_size=64), texts=texts)
+        return res.metrics["lognorm_mean_by_layer"]
+
+    return setup, work
+
+
+def bench_streaming(quick: bool) -> list[dict]:
+    small, big = (200, 2000) if quick else (1000, 10000)
+    a, b = in_child("magnitudes_job", n_sequences=small), in_child("magnitudes_job", n_sequences=big)
+    ratio = b["peak_bytes"] / a["peak_bytes"]
+    same = np.allclose(a["out"], b["out"], atol=1e-6)  # the reviews repeat: same statistics
+    return [{"item": "4", "what": f"attention-magnitude study peak: {big:,} vs {small:,} sequences",
+             "value": ratio, "unit": "x", "target": "<= 1.10", "ok": ratio <= 1.10,
+             "detail": f"{a['peak_bytes'] / 2**20:.0f} MiB vs {b['peak_bytes'] / 2**20:.0f} MiB; "
+                       f"{b['seconds']:.1f} s for {big:,}; identical statistics: {same}"}]  # fmt: skip
+
+
+# -- report -------------------------------------------------------------------------------------------
+
+
+def write_results(rows: list[dict], seconds: float, quick: bool) -> str:
+    def v(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "-"
+
+    lines = [
+        "# mechlens benchmark results",
+        "",
+        f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; run time {seconds:.0f} s"
+        + (" (--quick sizes)" if quick else ""),
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+        f"{platform.platform()}",
+        f"- versions: python {platform.python_version()}, torch {torch.__version__}, transformer-lens "
+        f"{v('transformer-lens')}, transformers {v('transformers')}, numpy {np.__version__}",
+        "- command: `HF_HUB_OFFLINE=1 python benchmarks/bench.py`",
+        "",
+        "| item | measurement | value | target | met | detail |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        met = "-" if r["ok"] is None else ("yes" if r["ok"] else "**no**")
+        lines.append(
+            f"| {r['item']} | {r['what']} | {r['value']:.3g} {r['unit']} | {r['target']} | {met} | {r['detail']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+BENCHES = {"1": bench_hook_overhead, "2": bench_analysis, "3": bench_lens_memory, "4": bench_streaming,
+           "6": bench_vs_transformer_lens}  # fmt: skip
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke run); RESULTS.md not written")
+    ap.add_argument("--only", nargs="*", default=list(BENCHES), choices=list(BENCHES))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    t0 = time.perf_counter()
+    rows = []
+    for item in args.only:
+        print(f"[bench] item {item} ...", file=sys.stderr, flush=True)
+        new = BENCHES[item](args.quick)
+        for r in new:
+            print(f"  {r['what']}: {r['value']:.3g} {r['unit']} (target {r['target']}) {r['detail']}", flush=True)
+        rows += new
+    text = write_results(rows, time.perf_counter() - t0, args.quick)
+    print(text)
+    if not args.quick and args.only == list(BENCHES):
+        (ROOT / "RESULTS.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -172,8 +172,11 @@ def bench_analysis(quick: bool) -> list[dict]:
     for name, study in STUDIES.items():
         model = models[study.default_models[0]]
         cfg = study.module.Config()
-        fig = study.module.figures
-        study.module.figures = lambda *a, **k: {}  # time the analysis, not plotly figure building
+        # time the analysis, not plotly figure building
+        patched = {f: getattr(study.module, f) for f in ("figures", "text_heatmap", "_laminar_figure")
+                   if hasattr(study.module, f)}  # fmt: skip
+        for f in patched:
+            setattr(study.module, f, lambda *a, **k: {})
         try:
             study.module.run(model, cfg)  # warm-up
             totals, fwds = [], []
@@ -184,7 +187,8 @@ def bench_analysis(quick: bool) -> list[dict]:
                     totals.append(time.perf_counter() - t0)
                 fwds.append(ft.seconds)
         finally:
-            study.module.figures = fig
+            for f, fn in patched.items():
+                setattr(study.module, f, fn)
         total, fwd = statistics.median(totals), statistics.median(fwds)
         ratio = (total - fwd) / fwd
         rows.append({"item": "2", "what": f"{name} on {study.default_models[0]}: analysis / forward time",

@@ -104,7 +104,11 @@ def test_readout_on_intermediate_layers_equals_hf_head(any_pair):
             else:
                 head = hf.lm_head if hasattr(hf, "lm_head") else hf.cls
                 ref = head(hs)
-            assert _maxdiff(r(acts[name]), ref, valid) <= TOL, (any_pair.name, layer)
+            # early-layer readouts reach |logit| ~100 (tiny-gpt2): 5e-5 absolute + 1e-6 relative;
+            # measured worst 4.6e-5
+            got = r(acts[name])
+            excess = ((got - ref).abs() - (TOL + 1e-6 * ref.abs()))[valid]
+            assert excess.max() <= 0, (any_pair.name, layer, excess.max().item())
         assert _maxdiff(r(acts[names[-1]]), logits, valid) <= TOL  # last readout = the model's logits
         if arch.final_resid_is_normalized(hf):
             # HF's last hidden state is ln_f(resid_post): reading it out again would be wrong

@@ -128,12 +128,9 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    import shutil
-    import tempfile
-
     from mechlens.errors import MechlensError
     from mechlens.report import comparison_figures, render
-    from mechlens.runner import STUDIES
+    from mechlens.runner import STUDIES, atomic_dir
 
     merged: dict[str, dict[str, dict]] = {}
     for d in args.dirs:
@@ -150,17 +147,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
         for s, entries in merged.items()
     ]
     out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         (tmp / "results.json").write_text(json.dumps(merged, indent=1))
         (tmp / "report.html").write_text(render(sections, title="mechlens comparison"), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"wrote {out}/report.html comparing {len(args.dirs)} runs")
 
 

@@ -6,6 +6,7 @@ The command line (:mod:`mechlens.cli`), the experiment scripts and the notebooks
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -13,7 +14,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from mechlens.errors import MechlensError
@@ -93,24 +94,16 @@ def _slug(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)[-60:]
 
 
-def write_outputs(results: dict[str, list[StudyResult]], out: str | os.PathLike, notes: Sequence[str] = ()) -> None:
-    """``results.json``, tidy CSVs and ``report.html`` into ``out``, atomically: everything is written
-    to a temporary sibling directory that replaces ``out`` only once complete."""
-    from mechlens.report import write_report
-
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """Yield a temporary sibling of ``out`` to write into; on success it replaces ``out`` (two renames),
+    on any error it is removed and ``out`` is left as it was."""
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary directory
     try:
-        doc = {study: {r.model: r.to_json() for r in rs} for study, rs in results.items()}
-        doc["_notes"] = list(notes)
-        (tmp / "results.json").write_text(json.dumps(doc, indent=1, allow_nan=False))
-        for study, rs in results.items():
-            for r in rs:
-                for name, rows in r.tables.items():
-                    _csv(tmp / f"{study}__{_slug(r.model)}__{name}.csv", rows)
-        write_report(results, tmp / "report.html", notes)
+        yield tmp
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -121,6 +114,21 @@ def write_outputs(results: dict[str, list[StudyResult]], out: str | os.PathLike,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_outputs(results: dict[str, list[StudyResult]], out: str | os.PathLike, notes: Sequence[str] = ()) -> None:
+    """``results.json``, tidy CSVs and ``report.html`` into ``out``, atomically (:func:`atomic_dir`)."""
+    from mechlens.report import write_report
+
+    with atomic_dir(out) as tmp:
+        doc = {study: {r.model: r.to_json() for r in rs} for study, rs in results.items()}
+        doc["_notes"] = list(notes)
+        (tmp / "results.json").write_text(json.dumps(doc, indent=1, allow_nan=False))
+        for study, rs in results.items():
+            for r in rs:
+                for name, rows in r.tables.items():
+                    _csv(tmp / f"{study}__{_slug(r.model)}__{name}.csv", rows)
+        write_report(results, tmp / "report.html", notes)
 
 
 def summary_rows(results: dict[str, list[StudyResult]]) -> list[tuple[str, str, str]]:

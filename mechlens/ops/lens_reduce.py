@@ -51,7 +51,7 @@ def lens_reduce(
     rows: Bool[Tensor, "batch pos"] | None = None,
     k: int = 5,
     kl_to_final: bool = False,
-    max_chunk_bytes: int = 256 * 2**20,
+    max_chunk_bytes: int = 128 * 2**20,
 ) -> LensStats:
     """Apply ``readout`` (residual -> logits) to every layer and position and reduce over the vocabulary.
 

@@ -37,7 +37,7 @@ class Config:
     layer: int | None = None  # readout point for parts 1-2 (default: the middle one)
     top_k: int = 5
     batch_size: int = 64
-    max_chunk_bytes: int = 256 * 2**20
+    max_chunk_bytes: int = 128 * 2**20
     seed: int = 0
 
 
@@ -50,7 +50,7 @@ def lens_stats(
     k: int = 5,
     kl_to_final: bool = False,
     batch_size: int | None = None,
-    max_chunk_bytes: int = 256 * 2**20,
+    max_chunk_bytes: int = 128 * 2**20,
 ) -> LensStats:
     """Every readout point of ``batch`` through the model's head, reduced per (layer, position):
     one forward caching only the ``n_layers + 1`` residual-stream hook points."""

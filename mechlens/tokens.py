@@ -158,7 +158,3 @@ def single_token_id(model: TransformerBridge, token: str | int) -> int:
 def target_positions(batch: TokenBatch, token_id: int) -> Int[Tensor, "n 2"]:
     """(row, column) of every text occurrence of ``token_id``, in reading order."""
     return torch.nonzero((batch.tokens == token_id) & batch.text_mask)
-
-
-def provenance_fields(batch: TokenBatch) -> dict[str, str]:
-    return {"bos": batch.bos_policy(), "padding_side": batch.padding_side}

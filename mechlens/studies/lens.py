@@ -109,45 +109,43 @@ def run_masked(model, cfg: Config) -> tuple[dict, dict, dict]:
     layer = n_points // 2 if cfg.layer is None else cfg.layer
     col = int(cols[cfg.position])
     original = int(batch.tokens[0, col])
-    targets = batch.tokens.clone()
 
-    # parts 1-3: unmasked, and with the studied position masked (two sequences, one forward)
-    masked = batch.tokens.clone()
-    masked[0, col] = arch.mask_id(model)
-    pair = TokenBatch(
-        torch.cat([batch.tokens, masked]),
-        batch.attention_mask.expand(2, -1).clone(),
-        batch.text_mask.expand(2, -1).clone(),
-        True,
-        "right",
+    # one forward: row 0 the unmasked text (part 1), rows 1.. every text position masked in turn
+    # (parts 2-5; row 1 + position is part 2's variant); only the studied cells are read out
+    variants, vcols, originals = sliding_mask_batch(model, batch)
+    n = len(vcols)
+    both = TokenBatch(
+        torch.cat([batch.tokens, variants.tokens]),
+        torch.cat([batch.attention_mask, variants.attention_mask]),
+        torch.cat([batch.text_mask, variants.text_mask]),
+        bos=True,
+        padding_side="right",
     )
-    st = lens_stats(model, pair, targets.expand(2, -1), k=cfg.top_k, max_chunk_bytes=cfg.max_chunk_bytes)
+    rows = torch.zeros_like(both.tokens, dtype=torch.bool)
+    targets = torch.full_like(both.tokens, -1)
+    rows[0, col], targets[0, col] = True, original
+    rows[1 + torch.arange(n), vcols] = True
+    targets[1 + torch.arange(n), vcols] = originals
+    st = lens_stats(
+        model, both, targets, rows=rows, k=cfg.top_k, batch_size=cfg.batch_size, max_chunk_bytes=cfg.max_chunk_bytes
+    )
+    studied = 1 + cfg.position  # the row with the studied position masked
 
-    def point(variant: int, layer_: int) -> dict:
+    def point(row: int, layer_: int) -> dict:
         return {
-            "predicted": _decode(model, [st.predicted[layer_, variant, col]])[0],
-            "predicted_logprob": float(st.max_logprob[layer_, variant, col]),
-            "target_logprob": float(st.target_logprob[layer_, variant, col]),
-            "target_rank": int(st.target_rank[layer_, variant, col]),
+            "predicted": _decode(model, [st.predicted[layer_, row, col]])[0],
+            "predicted_logprob": float(st.max_logprob[layer_, row, col]),
+            "target_logprob": float(st.target_logprob[layer_, row, col]),
+            "target_rank": int(st.target_rank[layer_, row, col]),
         }
 
-    laminar_target = st.target_logprob[:, 1, col].numpy()
-    laminar_max = st.max_logprob[:, 1, col].numpy()
-
-    # parts 4-5: sliding mask, every text position masked in turn, all variants in one batch
-    variants, vcols, originals = sliding_mask_batch(model, batch)
-    rows = torch.zeros_like(variants.tokens, dtype=torch.bool)
-    rows[torch.arange(len(vcols)), vcols] = True
-    vt = torch.full_like(variants.tokens, -1)
-    vt[torch.arange(len(vcols)), vcols] = originals
-    sl = lens_stats(
-        model, variants, vt, rows=rows, k=cfg.top_k, batch_size=cfg.batch_size, max_chunk_bytes=cfg.max_chunk_bytes
-    )
-    idx = (slice(None), torch.arange(len(vcols)), vcols)
-    s_target, s_max = sl.target_logprob[idx].numpy(), sl.max_logprob[idx].numpy()  # [layer, n_pos]
-    s_rank, s_pred = sl.target_rank[idx].numpy(), sl.predicted[idx].numpy()
-    slopes_target = [sqrt_layer_fit(s_target[:, p])["slope"] for p in range(len(vcols))]
-    slopes_max = [sqrt_layer_fit(s_max[:, p])["slope"] for p in range(len(vcols))]
+    laminar_target = st.target_logprob[:, studied, col].numpy()
+    laminar_max = st.max_logprob[:, studied, col].numpy()
+    idx = (slice(None), 1 + torch.arange(n), vcols)
+    s_target, s_max = st.target_logprob[idx].numpy(), st.max_logprob[idx].numpy()  # [layer, n_pos]
+    s_rank, s_pred = st.target_rank[idx].numpy(), st.predicted[idx].numpy()
+    slopes_target = [sqrt_layer_fit(s_target[:, p])["slope"] for p in range(n)]
+    slopes_max = [sqrt_layer_fit(s_max[:, p])["slope"] for p in range(n)]
     words = _decode(model, originals)
     metrics = {
         "kind": "masked",
@@ -156,11 +154,11 @@ def run_masked(model, cfg: Config) -> tuple[dict, dict, dict]:
         "position_token": _decode(model, [original])[0],
         "layer": layer,
         "part1_unmasked": point(0, layer),
-        "part2_masked": point(1, layer),
-        "predicted_by_layer_masked": _decode(model, st.predicted[:, 1, col]),
+        "part2_masked": point(studied, layer),
+        "predicted_by_layer_masked": _decode(model, st.predicted[:, studied, col]),
         "target_logprob_by_layer": laminar_target.tolist(),
         "max_logprob_by_layer": laminar_max.tolist(),
-        "target_rank_by_layer": st.target_rank[:, 1, col].tolist(),
+        "target_rank_by_layer": st.target_rank[:, studied, col].tolist(),
         "target_logprob_by_layer_unmasked": st.target_logprob[:, 0, col].tolist(),
         "sqrt_layer_fit": sqrt_layer_fit(laminar_target),
         "sqrt_layer_fit_max": sqrt_layer_fit(laminar_max),
@@ -175,7 +173,7 @@ def run_masked(model, cfg: Config) -> tuple[dict, dict, dict]:
         "sliding": [
             {"layer": li, "position": p, "token": words[p], "predicted": metrics["predicted_tokens"][li][p],
              "target_logprob": float(s_target[li, p]), "max_logprob": float(s_max[li, p]), "rank": int(s_rank[li, p])}
-            for li in range(n_points) for p in range(len(vcols))
+            for li in range(n_points) for p in range(n)
         ],
     }  # fmt: skip
     figs = {

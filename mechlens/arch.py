@@ -26,10 +26,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
 from mechlens.errors import UnsupportedArchitectureError
+from mechlens.ops.lens_reduce import LinearReadout
 
 if TYPE_CHECKING:
     from transformer_lens import TransformerBridge
@@ -38,8 +38,6 @@ if TYPE_CHECKING:
 MASKED_ARCHITECTURES = frozenset({"BertForMaskedLM", "RobertaForMaskedLM"})
 TESTED_CAUSAL = frozenset({"GPT2LMHeadModel"})  # cross-checked against HF in the test suite
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
-
-Readout = Callable[[Float[Tensor, "... d_model"]], Float[Tensor, "... d_vocab"]]
 
 
 def model_kind(architecture: str) -> str:
@@ -141,27 +139,27 @@ def _mlm_activation(model: TransformerBridge) -> Callable[[Tensor], Tensor]:
     return ACT2FN[act]
 
 
-def readout(model: TransformerBridge) -> Readout:
-    """The function from a residual-stream vector to vocabulary logits.
+def readout(model: TransformerBridge) -> LinearReadout:
+    """The function from a residual-stream vector to vocabulary logits, as ``pre(x) @ W_U + b_U``.
 
-    Causal: the model's final LayerNorm (statistics recomputed on the given vector) then unembed.
-    Masked: the full MLM head, dense -> activation -> LayerNorm -> decoder. Built from the bridge's own
-    components, so it follows ``weights="processed"`` (folded LayerNorm, centred unembed) too. The
-    readout of the last point equals the model's logits (tested).
+    Causal: ``pre`` is the model's final LayerNorm (statistics recomputed on the given vector).
+    Masked: ``pre`` is the MLM head's dense -> activation -> LayerNorm, and ``W_U``/``b_U`` its decoder.
+    Built from the bridge's own components and weights, so it follows ``weights="processed"`` (folded
+    LayerNorm, centred unembed) too. The readout of the last point equals the model's logits (tested),
+    and ``x @ model.W_U + model.b_U`` equals ``model.unembed(x)`` exactly (tested), which lets
+    :func:`mechlens.ops.lens_reduce` tile the decoder over the vocabulary.
     """
-    ln, unembed = model.ln_final, model.unembed
+    ln = model.ln_final
     if kind_of(model) == "masked":
         dense, act = model.mlm_head, _mlm_activation(model)
 
         def masked(x: Tensor) -> Tensor:
-            return unembed(ln(act(dense(x))))
+            return ln(act(dense(x)))
 
-        return masked
-
-    def causal(x: Tensor) -> Tensor:
-        return unembed(ln(x))
-
-    return causal
+        pre = masked
+    else:
+        pre = ln
+    return LinearReadout(pre=pre, weight=model.W_U, bias=model.b_U)
 
 
 def final_resid_is_normalized(hf_model) -> bool:

@@ -97,6 +97,9 @@ def test_readout_on_intermediate_layers_equals_hf_head(any_pair):
     valid = batch.attention_mask.bool()
     n = m.cfg.n_layers
     with torch.no_grad():
+        # the lens tiles the decoder as pre(x) @ W_U + b_U: exactly the bridge's own unembed
+        h = r.pre(acts[names[1]])
+        assert torch.equal(r(acts[names[1]]), m.unembed(h))
         for layer, name in enumerate(names):
             hs = out.hidden_states[layer]
             if arch.kind_of(m) == "causal":
@@ -204,3 +207,7 @@ def test_processed_weights_keep_logprobs_and_change_norms():
     assert _maxdiff(l_raw.log_softmax(-1), l_proc.log_softmax(-1), valid) <= 1e-4
     assert a_proc[name][valid].mean(-1).abs().max() <= 1e-5
     assert a_raw[name][valid].mean(-1).abs().max() > 1e-3
+    # the lens' linear readout follows the processed (centred) unembed exactly
+    x = torch.randn(3, proc.cfg.d_model)
+    with torch.no_grad():
+        assert torch.equal(readout(proc)(x), proc.unembed(proc.ln_final(x)))

@@ -15,7 +15,7 @@ from mechlens.ops import (
     stats_by_position,
     vector_norm,
 )
-from mechlens.ops.lens_reduce import chunk_rows
+from mechlens.ops.lens_reduce import LinearReadout, tile_shape
 
 
 def _rng_mask(gen, shape, p=0.7):
@@ -84,7 +84,8 @@ def _materialised(resid, w, targets):
     return lp
 
 
-def test_lens_reduce_equals_materialised_readout_and_is_chunk_independent():
+@pytest.mark.parametrize("linear", [True, False], ids=["tiled-matmul", "callable"])
+def test_lens_reduce_equals_materialised_readout_and_is_chunk_independent(linear):
     g = torch.Generator().manual_seed(4)
     n_layers, batch, pos, d, v = 4, 3, 7, 8, 50
     resid = torch.randn(n_layers, batch, pos, d, generator=g)
@@ -95,11 +96,16 @@ def test_lens_reduce_equals_materialised_readout_and_is_chunk_independent():
     rows[2, 5:] = False
     lp = _materialised(resid, w, targets)
 
+    readout = LinearReadout(pre=lambda x: x, weight=w) if linear else (lambda x: x @ w)
+    # tiles of 1 position x 1 column; 1 x 21 (a partial last tile); 3 positions x all 50; one tile
+    budgets = (1, 3 * 4 * 4 * 21, 3 * 4 * 4 * 3 * 50, 10**9)
     results = [
-        lens_reduce(resid, lambda x: x @ w, targets=targets, rows=rows, k=3, kl_to_final=True, max_chunk_bytes=b)
-        for b in (1, 10**9)  # one row per chunk vs everything in one chunk
+        lens_reduce(resid, readout, targets=targets, rows=rows, k=3, kl_to_final=True, max_chunk_bytes=b)
+        for b in budgets
     ]
-    assert chunk_rows(n_layers, v, 1) == 1
+    assert tile_shape(n_layers, v, 1, "cpu") == (1, 1)
+    assert tile_shape(n_layers, v, budgets[1], "cpu") == (1, 21)
+    assert tile_shape(n_layers, v, budgets[2], "cpu") == (3, 50)
     for st in results:
         keep = rows[None].expand(n_layers, -1, -1)
         ref_lp, ref_id = lp.topk(3, -1)
@@ -119,7 +125,62 @@ def test_lens_reduce_equals_materialised_readout_and_is_chunk_independent():
         kl = scipy.special.rel_entr(lp[-1].exp().numpy(), lp.exp().numpy()).sum(-1)
         np.testing.assert_allclose(st.kl_to_final[keep].numpy(), kl[keep.numpy()], atol=1e-5)
         assert torch.isnan(st.entropy[:, 2, 5:]).all() and (st.topk_ids[:, 2, 5:] == -1).all()
-    assert torch.equal(results[0].topk_ids, results[1].topk_ids)
+    for other in results[1:]:
+        assert torch.equal(results[0].topk_ids, other.topk_ids)
+        assert torch.equal(results[0].target_rank, other.target_rank)
+
+
+@pytest.mark.parametrize("scale", [1 / 64, 1 / 8, 1.0, 8.0, 64.0])
+def test_lens_reduce_online_statistics_match_float64_on_exact_logits(scale):
+    """Small-integer inputs and power-of-two scales make every logit exact in fp32 whatever the
+    summation order, so only the online softmax itself is measured: near-uniform (scale 1/64: entropy
+    ~8 nats, KL ~1e-3) to one-hot (scale 64: entropy ~0, KL up to ~600 nats). Tolerance: 2e-6 absolute
+    + 1e-6 relative (measured worst: 1.4e-6 absolute at scale 1; 2.1e-5 at KL = 640, i.e. 3e-8
+    relative). The same fp32 statistics computed from materialised logits are no closer."""
+    g = torch.Generator().manual_seed(0)
+    n_layers, batch, pos, d, v = 5, 4, 9, 16, 3000
+    base = torch.randint(-3, 4, (1, batch, pos, d), generator=g).float()
+    differ = (
+        torch.rand(n_layers, batch, pos, d, generator=g) < 0.1 * torch.arange(n_layers).flip(0)[:, None, None, None]
+    )
+    resid = base + differ.float()  # earlier layers further from the final one
+    w = torch.randint(-3, 4, (d, v), generator=g).float() * scale
+    b = torch.randint(-3, 4, (v,), generator=g).float() * scale
+    targets = torch.randint(0, v, (batch, pos), generator=g)
+    z = resid.double() @ w.double() + b.double()
+    assert torch.equal((resid @ w + b).double(), z)  # exact in fp32
+    lp = torch.log_softmax(z, -1)
+    ent = -(lp.exp() * lp).sum(-1)
+    kl = (lp[-1].exp() * (lp[-1] - lp)).sum(-1)
+    t_lp = lp.gather(-1, targets[None, ..., None].expand(n_layers, -1, -1, 1))[..., 0]
+    st = lens_reduce(resid, LinearReadout(lambda x: x, w, b), targets=targets, k=3, kl_to_final=True,
+                     max_chunk_bytes=3 * 4 * n_layers * 2 * 256)  # 2 positions x 256 columns per tile  # fmt: skip
+
+    def close(got, ref):
+        torch.testing.assert_close(got.double(), ref, atol=2e-6, rtol=1e-6)
+
+    close(st.entropy, ent)
+    close(st.kl_to_final, kl)
+    assert (st.kl_to_final[-1] == 0).all()  # exactly, not just within rounding
+    close(st.target_logprob, t_lp)
+    close(st.max_logprob, lp.max(-1).values)
+    close(st.topk_logprobs, lp.topk(3, -1).values)
+
+
+def test_lens_reduce_computes_only_what_is_asked():
+    g = torch.Generator().manual_seed(1)
+    resid, w = torch.randn(3, 2, 4, 8, generator=g), torch.randn(8, 40, generator=g)
+    targets = torch.randint(0, 40, (2, 4), generator=g)
+    full = lens_reduce(resid, LinearReadout(lambda x: x, w), targets=targets, k=2)
+    bare = lens_reduce(resid, LinearReadout(lambda x: x, w), targets=targets, k=0, entropy=False)
+    assert bare.topk_ids is None and bare.entropy is None and bare.kl_to_final is None
+    assert torch.equal(bare.target_rank, full.target_rank)
+    torch.testing.assert_close(bare.target_logprob, full.target_logprob, atol=0, rtol=0)
+    torch.testing.assert_close(bare.max_logprob, full.max_logprob, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="k >= 1"):
+        _ = bare.predicted
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        lens_reduce(resid, LinearReadout(lambda x: x, w), k=-1)
 
 
 def test_shape_annotations_are_checked_at_runtime_under_pytest():

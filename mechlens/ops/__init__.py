@@ -1,12 +1,13 @@
 """Typed tensor utilities (einops + jaxtyping; axis names from :mod:`mechlens.axes`)."""
 
-from mechlens.ops.lens_reduce import LensStats, lens_reduce
+from mechlens.ops.lens_reduce import LensStats, LinearReadout, lens_reduce
 from mechlens.ops.loss import next_token_loss, next_token_mask
 from mechlens.ops.masked import PositionStats, RunningPositionStats, masked_mean_std, stats_by_position
 from mechlens.ops.norms import stack_layers, vector_norm
 
 __all__ = [
     "LensStats",
+    "LinearReadout",
     "PositionStats",
     "RunningPositionStats",
     "lens_reduce",

@@ -15,11 +15,11 @@ running statistics, as in an online softmax:
 - the number of logits strictly above the target's logit (its rank), the target logit being computed
   first by a small matmul on the chunk's distinct target columns.
 
-Running sums are kept in float64; logits are fp32 whatever the activations' dtype. Peak memory is the
-chunk's pre-activations plus ``_WORKING_COPIES`` tile buffers, bounded by ``max_chunk_bytes``; the tile
-shape also follows the device (cache-sized tiles on CPU, large ones on GPUs). A readout given as a
-plain callable (residual -> logits) is materialised one row chunk at a time and then reduced by the
-same tile code.
+Running sums are kept in float64; logit tiles and outputs are fp32 (float64 for a float64 readout).
+Peak memory is the chunk's pre-activations plus ``_WORKING_COPIES`` tile buffers, bounded by
+``max_chunk_bytes``; the tile shape also follows the device (cache-sized tiles on CPU, large ones on
+GPUs). A readout given as a plain callable (residual -> logits) is materialised one row chunk at a
+time and then reduced by the same tile code.
 """
 
 from __future__ import annotations
@@ -86,13 +86,15 @@ class LensStats:
         return self.topk_logprobs[..., 0]
 
 
-def tile_shape(n_layers: int, d_vocab: int, max_chunk_bytes: int, device: torch.device | str) -> tuple[int, int]:
+def tile_shape(
+    n_layers: int, d_vocab: int, max_chunk_bytes: int, device: torch.device | str, itemsize: int = 4
+) -> tuple[int, int]:
     """``(positions per chunk, vocabulary columns per tile)``: a tile is ``[n_layers * positions,
-    columns]`` fp32, and ``_WORKING_COPIES`` of it fit in ``max_chunk_bytes`` (at least one position
-    and one column)."""
+    columns]`` of ``itemsize``-byte floats, and ``_WORKING_COPIES`` of it fit in ``max_chunk_bytes``
+    (at least one position and one column)."""
     kind = torch.device(device).type
     preferred = _PREFERRED_TILE_BYTES.get(kind, _PREFERRED_TILE_BYTES_ACCELERATOR)
-    tile_elems = max(1, min(max_chunk_bytes // _WORKING_COPIES, preferred) // 4)
+    tile_elems = max(1, min(max_chunk_bytes // _WORKING_COPIES, preferred) // itemsize)
     cols = min(d_vocab, _PREFERRED_VOCAB_TILE.get(kind, _PREFERRED_VOCAB_TILE_ACCELERATOR))
     if n_layers * cols > tile_elems:
         cols = max(1, tile_elems // n_layers)
@@ -102,17 +104,17 @@ def tile_shape(n_layers: int, d_vocab: int, max_chunk_bytes: int, device: torch.
 class _Running:
     """Online statistics of ``[layer, r]`` rows over vocabulary tiles (see the module docstring)."""
 
-    def __init__(self, n_layers: int, r: int, dev, *, k: int, entropy: bool, kl: bool, t_logit: Tensor | None):
+    def __init__(self, n_layers: int, r: int, dev, dtype, *, k: int, entropy: bool, kl: bool, t_logit: Tensor | None):
         f64 = dict(dtype=torch.float64, device=dev)
-        self.m = torch.full((n_layers, r), -math.inf, device=dev)
+        self.m = torch.full((n_layers, r), -math.inf, dtype=dtype, device=dev)
         self.s = torch.zeros(n_layers, r, **f64)
         self.a = torch.zeros(n_layers, r, **f64) if entropy else None
         self.b = torch.zeros(n_layers, r, **f64) if kl else None
         self.k = k
-        self.top_v = torch.full((n_layers, r, k), -math.inf, device=dev) if k else None
+        self.top_v = torch.full((n_layers, r, k), -math.inf, dtype=dtype, device=dev) if k else None
         self.top_i = torch.full((n_layers, r, k), -1, dtype=torch.long, device=dev) if k else None
-        self.t_logit = t_logit  # [layer, r] fp32, the target's logit (NaN where no target)
-        self.above = torch.zeros(n_layers, r, device=dev) if t_logit is not None else None
+        self.t_logit = t_logit  # [layer, r], the target's logit (NaN where no target)
+        self.above = torch.zeros(n_layers, r, dtype=dtype, device=dev) if t_logit is not None else None
 
     def update(
         self, z: Tensor, v0: int, exp_buf: Tensor, tmp_buf: Tensor, local_t: Tensor | None, in_tile: Tensor | None
@@ -130,7 +132,7 @@ class _Running:
             # than a bool mask); the target's own column is taken out again below
             self.above += torch.gt(z, self.t_logit[..., None], out=tmp).sum(-1)
             own = z.gather(-1, local_t[None, :, None].expand(z.shape[0], -1, 1))[..., 0]
-            self.above -= (in_tile[None] & (own > self.t_logit)).float()
+            self.above -= (in_tile[None] & (own > self.t_logit)).to(self.above.dtype)
         if self.k:
             self._merge_topk(z, v0, tile_max)
         zm = z.sub_(m_new[..., None])  # z - m <= 0
@@ -173,7 +175,7 @@ class _Running:
 
 
 def _matmul_into(out: Tensor, x: Tensor, w: Tensor, b: Tensor | None) -> None:
-    """``out = x @ w + b`` in fp32 ``out`` (computed in the weights' dtype)."""
+    """``out = x @ w + b`` into the tile buffer ``out`` (computed in the weights' dtype)."""
     if w.dtype == out.dtype:
         if b is None:
             torch.mm(x, w, out=out)
@@ -215,7 +217,14 @@ def lens_reduce(
     tgt_flat = None if targets is None else targets.reshape(-1).to(dev)
     linear = isinstance(readout, LinearReadout)
 
-    nan = dict(fill_value=float("nan"), device=dev)
+    if len(keep) == 0:
+        acc = torch.float32
+    else:
+        probe = readout.weight if linear else readout(flat[:1, keep[:1]])  # a callable: one probe row
+        d_vocab = probe.shape[-1]
+        acc = torch.float64 if probe.dtype == torch.float64 else torch.float32  # tiles and outputs
+
+    nan = dict(fill_value=float("nan"), dtype=acc, device=dev)
     out_max = torch.full((n_layers, n_rows), **nan)
     topk_ids = torch.full((n_layers, n_rows, k), -1, dtype=torch.long, device=dev) if k else None
     topk_lp = torch.full((n_layers, n_rows, k), **nan) if k else None
@@ -225,14 +234,13 @@ def lens_reduce(
     kl = torch.full((n_layers, n_rows), **nan) if kl_to_final else None
 
     if len(keep):
-        d_vocab = readout.d_vocab if linear else readout(flat[:1, keep[:1]]).shape[-1]
-        r_step, cols = tile_shape(n_layers, d_vocab, max_chunk_bytes, dev)
-        exp_buf = torch.empty(n_layers * r_step * cols, device=dev)
-        z_buf = torch.empty(n_layers * r_step * cols, device=dev)
-        tmp_buf = torch.empty(n_layers * r_step * cols, device=dev)
+        r_step, cols = tile_shape(n_layers, d_vocab, max_chunk_bytes, dev, acc.itemsize)
+        exp_buf = torch.empty(n_layers * r_step * cols, dtype=acc, device=dev)
+        z_buf = torch.empty(n_layers * r_step * cols, dtype=acc, device=dev)
+        tmp_buf = torch.empty(n_layers * r_step * cols, dtype=acc, device=dev)
         if linear:
             weight = readout.weight
-            bias = readout.bias.float() if readout.bias is not None else None
+            bias = readout.bias.to(acc) if readout.bias is not None else None
         starts = range(0, len(keep), r_step)
         if progress:
             from tqdm.auto import tqdm
@@ -246,7 +254,7 @@ def lens_reduce(
                 x = einops.rearrange(h, "layer r d -> (layer r) d").to(weight.dtype)
                 full = None
             else:
-                full = readout(flat[:, idx]).float()  # [layer, r, d_vocab], one row chunk materialised
+                full = readout(flat[:, idx]).to(acc)  # [layer, r, d_vocab], one row chunk materialised
             t_logit = local_t = None
             if tgt_flat is not None:
                 t = tgt_flat[idx]
@@ -254,14 +262,14 @@ def lens_reduce(
                 tc = t.clamp(min=0)
                 if linear:
                     uniq, inv = torch.unique(tc, return_inverse=True)
-                    tl = (x @ weight[:, uniq]).float()
+                    tl = (x @ weight[:, uniq]).to(acc)
                     if bias is not None:
                         tl += bias[uniq]
                     tl = tl.reshape(n_layers, r, -1).gather(-1, inv[None, :, None].expand(n_layers, -1, 1))[..., 0]
                 else:
                     tl = full.gather(-1, tc[None, :, None].expand(n_layers, -1, 1))[..., 0]
                 t_logit = torch.where(has[None], tl, torch.full_like(tl, float("nan")))
-            run = _Running(n_layers, r, dev, k=k, entropy=entropy, kl=kl_to_final, t_logit=t_logit)
+            run = _Running(n_layers, r, dev, acc, k=k, entropy=entropy, kl=kl_to_final, t_logit=t_logit)
             for v0 in range(0, d_vocab, cols):
                 c = min(cols, d_vocab - v0)
                 if linear:
@@ -277,16 +285,16 @@ def lens_reduce(
                     in_tile = None
                 run.update(z, v0, exp_buf, tmp_buf, local_t, in_tile)
             lse = run.lse()
-            out_max[:, idx] = (run.m.double() - lse).float() if not k else (run.top_v[..., 0].double() - lse).float()
+            out_max[:, idx] = (run.m.double() - lse).to(acc) if not k else (run.top_v[..., 0].double() - lse).to(acc)
             if k:
-                topk_lp[:, idx] = (run.top_v.double() - lse[..., None]).float()
+                topk_lp[:, idx] = (run.top_v.double() - lse[..., None]).to(acc)
                 topk_ids[:, idx] = run.top_i
             if entropy:
-                ent[:, idx] = (run.s.log() - run.a / run.s).float()
+                ent[:, idx] = (run.s.log() - run.a / run.s).to(acc)
             if kl is not None:
-                kl[:, idx] = (run.b / run.s[-1:] - lse[-1:] + lse).float()
+                kl[:, idx] = (run.b / run.s[-1:] - lse[-1:] + lse).to(acc)
             if t_logit is not None:
-                t_lp[:, idx] = (t_logit.double() - lse).float()
+                t_lp[:, idx] = (t_logit.double() - lse).to(acc)
                 t_rank[:, idx] = torch.where(has[None], run.above.long(), torch.full_like(run.above, -1).long())
 
     def unflat(x: Tensor | None) -> Tensor | None:

@@ -48,6 +48,7 @@ def lens_stats(
     *,
     rows: torch.Tensor | None = None,
     k: int = 5,
+    entropy: bool = True,
     kl_to_final: bool = False,
     batch_size: int | None = None,
     max_chunk_bytes: int = 128 * 2**20,
@@ -64,6 +65,7 @@ def lens_stats(
         targets=targets,
         rows=rows,
         k=k,
+        entropy=entropy,
         kl_to_final=kl_to_final,
         max_chunk_bytes=max_chunk_bytes,
     )
@@ -127,7 +129,14 @@ def run_masked(model, cfg: Config) -> tuple[dict, dict, dict]:
     rows[1 + torch.arange(n), vcols] = True
     targets[1 + torch.arange(n), vcols] = originals
     st = lens_stats(
-        model, both, targets, rows=rows, k=cfg.top_k, batch_size=cfg.batch_size, max_chunk_bytes=cfg.max_chunk_bytes
+        model,
+        both,
+        targets,
+        rows=rows,
+        k=cfg.top_k,
+        entropy=False,  # the masked parts report top-k, target and max log-probs and ranks only
+        batch_size=cfg.batch_size,
+        max_chunk_bytes=cfg.max_chunk_bytes,
     )
     studied = 1 + cfg.position  # the row with the studied position masked
 

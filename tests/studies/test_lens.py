@@ -1,6 +1,6 @@
 """Study 3 vs the HF original (head applied to ``output_hidden_states``) and vs TransformerLens'
-own causal lens. fp32 tolerances: 5e-5 on log-probs vs HF; 1e-5 vs TransformerLens (same weights,
-same forward)."""
+own causal lens. fp32 tolerances: 5e-5 on log-probs vs HF and TransformerLens (whose own fp32 error
+is 2.6e-5 on tiny-gpt2), 1e-5 vs HF in float64; float64 models: 1e-10 vs HF in float64."""
 
 from __future__ import annotations
 
@@ -108,6 +108,36 @@ def test_causal_lens_equals_hf_and_transformer_lens(causal_pair):
     tl_rank = tl.readout.target_ranks[:, 0, :n, 0]
     np.testing.assert_allclose(res["target_logprob"], tl_lp.numpy(), atol=5e-5)
     assert np.array_equal(res["rank"], tl_rank.numpy())
+
+
+def test_causal_lens_in_float64_equals_hf_float64(gpt2_pair):
+    """A float64 model gets a float64 lens: target log-prob, entropy and KL equal HF's float64 head on
+    ``hidden_states`` to 1e-10 (measured ~5e-15); ranks equal TransformerLens' (whose log-softmax runs
+    in fp32 even for a float64 model: 1.8e-6 from HF float64, so it is not the reference here)."""
+    from transformer_lens.tools.analysis.logit_lens import logit_lens
+
+    from mechlens import load_model
+
+    hf64 = copy.deepcopy(gpt2_pair.hf).double()
+    m = load_model(copy.deepcopy(hf64), tokenizer=gpt2_pair.bridge.tokenizer, dtype=torch.float64)
+    batch = encode(m, [TEXT], bos=True)
+    targets = lens.next_token_targets(batch)
+    n = batch.tokens.shape[1] - 1
+    st = lens.lens_stats(m, batch, targets, k=3, kl_to_final=True)
+    assert st.target_logprob.dtype == torch.float64
+    with torch.no_grad():
+        out = hf64(input_ids=batch.tokens, output_hidden_states=True)
+        hs = out.hidden_states
+        lp = torch.stack([hf64.lm_head(hf64.transformer.ln_f(h)) for h in hs[:-1]] + [out.logits]).log_softmax(-1)
+    lp = lp[:, 0, :n]
+    ref_t = lp.gather(-1, targets[0, :n][None, :, None].expand(len(hs), -1, 1))[..., 0]
+    ent = -(lp.exp() * lp).sum(-1)
+    kl = (lp[-1].exp() * (lp[-1] - lp)).sum(-1)
+    for got, ref in ((st.target_logprob, ref_t), (st.entropy, ent), (st.kl_to_final, kl)):
+        torch.testing.assert_close(got[:, 0, :n], ref, atol=1e-10, rtol=0)
+    assert torch.equal(st.topk_ids[:, 0, :n], lp.topk(3, -1).indices)
+    tl = logit_lens(m, batch.tokens, positions=None, targets=targets.clamp(min=0), return_type="log_probs")
+    assert torch.equal(st.target_rank[:, 0, :n], tl.readout.target_ranks[:, 0, :n, 0])
 
 
 def test_masked_lens_refuses_a_position_outside_the_text(roberta_pair):

@@ -206,6 +206,7 @@ def lens_reduce(
     larger than the target's); with ``kl_to_final``, KL(final layer || layer) in nats. Rows outside
     ``rows`` (e.g. padding) are skipped and get id -1 / NaN. Work is tiled (see the module docstring),
     so memory stays within ``max_chunk_bytes`` plus the chunk's pre-activations and the outputs.
+    ``progress``: a tqdm bar over row chunks (shown when there are at least two).
     """
     n_layers, batch, pos, _ = resid.shape
     if k < 0:
@@ -245,7 +246,7 @@ def lens_reduce(
         if progress:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc="lens readout", unit="chunk")
+            starts = tqdm(starts, desc="lens readout", unit="chunk", disable=len(starts) < 2, leave=False)
         for start in starts:
             idx = keep[start : start + r_step]
             r = len(idx)

@@ -68,6 +68,7 @@ def lens_stats(
         entropy=entropy,
         kl_to_final=kl_to_final,
         max_chunk_bytes=max_chunk_bytes,
+        progress=True,
     )
 
 

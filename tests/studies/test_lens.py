@@ -104,6 +104,12 @@ def test_causal_lens_equals_hf_and_transformer_lens(causal_pair):
         ).log_softmax(-1)[:, 0, :n]
     ref64 = lp64.gather(-1, tgt[None, :, None].expand(L + 1, -1, 1))[..., 0]
     np.testing.assert_allclose(res["target_logprob"], ref64.numpy(), atol=1e-5)
+    # entropy and KL too (online float64 accumulators). Measured on tiny-gpt2: entropy 6.1e-6, KL 1.3e-5
+    # at KL = 99 nats; TL's fp32 entropy is 1.2e-4 off there
+    ent64 = -(lp64.exp() * lp64).sum(-1)
+    kl64 = (lp64[-1].exp() * (lp64[-1] - lp64)).sum(-1)
+    np.testing.assert_allclose(res["entropy"], ent64.numpy(), atol=1e-5)
+    np.testing.assert_allclose(res["kl_to_final"], kl64.numpy(), atol=1e-5, rtol=1e-6)
     # TransformerLens 4.3's own chunked causal lens: same ranks, log-probs within 1e-5 plus TL's own
     # error. TL's log-softmax runs in fp32 even on a float64 model, so its error is measured here on a
     # float64 copy against HF float64: 1.8e-6 on the random fixture, 2.3e-5 on tiny-gpt2 (where

@@ -106,6 +106,9 @@ def test_lens_reduce_equals_materialised_readout_and_is_chunk_independent(linear
     assert tile_shape(n_layers, v, 1, "cpu") == (1, 1)
     assert tile_shape(n_layers, v, budgets[1], "cpu") == (1, 21)
     assert tile_shape(n_layers, v, budgets[2], "cpu") == (3, 50)
+    # few positions in all: wider vocabulary tiles within the same 4 MiB CPU tile (tiny-mlm's lens)
+    assert tile_shape(7, 50262, 128 * 2**20, "cpu") == (146, 1024)
+    assert tile_shape(7, 50262, 128 * 2**20, "cpu", n_positions=16) == (16, 2**20 // (7 * 16))
     for st in results:
         keep = rows[None].expand(n_layers, -1, -1)
         ref_lp, ref_id = lp.topk(3, -1)

@@ -87,18 +87,28 @@ class LensStats:
 
 
 def tile_shape(
-    n_layers: int, d_vocab: int, max_chunk_bytes: int, device: torch.device | str, itemsize: int = 4
+    n_layers: int,
+    d_vocab: int,
+    max_chunk_bytes: int,
+    device: torch.device | str,
+    itemsize: int = 4,
+    n_positions: int | None = None,
 ) -> tuple[int, int]:
     """``(positions per chunk, vocabulary columns per tile)``: a tile is ``[n_layers * positions,
     columns]`` of ``itemsize``-byte floats, and ``_WORKING_COPIES`` of it fit in ``max_chunk_bytes``
-    (at least one position and one column)."""
+    (at least one position and one column). With few positions in all (``n_positions``), tiles widen
+    over the vocabulary instead, so that small lenses run few, larger tiles."""
     kind = torch.device(device).type
     preferred = _PREFERRED_TILE_BYTES.get(kind, _PREFERRED_TILE_BYTES_ACCELERATOR)
     tile_elems = max(1, min(max_chunk_bytes // _WORKING_COPIES, preferred) // itemsize)
     cols = min(d_vocab, _PREFERRED_VOCAB_TILE.get(kind, _PREFERRED_VOCAB_TILE_ACCELERATOR))
     if n_layers * cols > tile_elems:
         cols = max(1, tile_elems // n_layers)
-    return max(1, tile_elems // (n_layers * cols)), cols
+    positions = max(1, tile_elems // (n_layers * cols))
+    if n_positions is not None and 0 < n_positions < positions:
+        positions = n_positions
+        cols = max(cols, min(d_vocab, tile_elems // (n_layers * n_positions)))
+    return positions, cols
 
 
 class _Running:
@@ -235,7 +245,7 @@ def lens_reduce(
     kl = torch.full((n_layers, n_rows), **nan) if kl_to_final else None
 
     if len(keep):
-        r_step, cols = tile_shape(n_layers, d_vocab, max_chunk_bytes, dev, acc.itemsize)
+        r_step, cols = tile_shape(n_layers, d_vocab, max_chunk_bytes, dev, acc.itemsize, n_positions=len(keep))
         exp_buf = torch.empty(n_layers * r_step * cols, dtype=acc, device=dev)
         z_buf = torch.empty(n_layers * r_step * cols, dtype=acc, device=dev)
         tmp_buf = torch.empty(n_layers * r_step * cols, dtype=acc, device=dev)

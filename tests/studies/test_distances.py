@@ -13,7 +13,7 @@ from sklearn.metrics import mutual_info_score
 from mechlens import DataError, TokenError, encode
 from mechlens.data import load_texts
 from mechlens.stats.distance import minkowski, pairwise_minkowski
-from mechlens.stats.information import mi_histogram, mi_knn, pairwise_mi
+from mechlens.stats.information import mi_histogram, mi_knn, mi_knn_many, pairwise_mi
 from mechlens.studies import distances as ds
 
 
@@ -39,11 +39,33 @@ def test_mutual_information_estimators():
         lx, ly = np.clip(np.digitize(x, ex[1:-1]), 0, bins - 1), np.clip(np.digitize(y, ey[1:-1]), 0, bins - 1)
         assert abs(mi_histogram(x, y, bins) - mutual_info_score(lx, ly) / np.log(2)) <= 1e-9
     assert mi_knn(x, y, 0) == mutual_info_regression(x[:, None], y, random_state=0)[0]
-    rows = rng.normal(size=(5, 64))
+    assert abs(scipy.stats.pearsonr(x, y)[0]) < 0.1 < mi_knn(x, y, 0)  # dependence Pearson misses
+
+
+@pytest.mark.parametrize("n", [4, 10, 128, 500])
+def test_vectorised_knn_mi_equals_sklearn_pair_by_pair(n):
+    """mi_knn_many (dense distances, all pairs at once) reproduces sklearn's mutual_info_regression
+    to the last bit (measured: identical), including a constant row and tied values."""
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(12, n))
+    y = x * rng.uniform(0, 2, (12, 1)) + rng.normal(size=(12, n)) * rng.uniform(0.1, 3, (12, 1))
+    x[3] = 5.0
+    y[5] = np.round(y[5])
+    ref = [mutual_info_regression(x[p][:, None], y[p], random_state=7)[0] for p in range(12)]
+    np.testing.assert_array_equal(mi_knn_many(x, y, 7), ref)
+    rows = rng.normal(size=(5, n))
+    pm = pairwise_mi(rows, 0)
+    for i, j in [(0, 1), (1, 3), (2, 4)]:
+        assert pm[i, j] == pm[j, i] == mutual_info_regression(rows[i][:, None], rows[j], random_state=0)[0]
+    with pytest.raises(ValueError, match="too few"):
+        mi_knn_many(x[:, :3], y[:, :3])
+
+
+def test_pairwise_mi_on_long_rows_uses_sklearn_serially_or_in_parallel():
+    rows = np.random.default_rng(2).normal(size=(3, 2100))
     serial, parallel = pairwise_mi(rows, 0, 1), pairwise_mi(rows, 0, 2)
     np.testing.assert_array_equal(serial, parallel)
-    assert serial[1, 3] == mutual_info_regression(rows[1][:, None], rows[3], random_state=0)[0]
-    assert abs(scipy.stats.pearsonr(x, y)[0]) < 0.1 < mi_knn(x, y, 0)  # dependence Pearson misses
+    assert serial[0, 2] == mutual_info_regression(rows[0][:, None], rows[2], random_state=0)[0]
 
 
 def _hf_outputs(hf, tokens, cols):

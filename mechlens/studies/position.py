@@ -19,7 +19,7 @@ from torch import Tensor
 from mechlens.data import load_texts, split_train_test
 from mechlens.loading import provenance_of
 from mechlens.ops import next_token_loss
-from mechlens.run import run_cached
+from mechlens.run import iter_cached
 from mechlens.stats.regression import LogisticConfig, logistic, ols
 from mechlens.studies.result import StudyResult
 from mechlens.tokens import TokenBatch, encode
@@ -42,10 +42,16 @@ class Config:
 
 def loss_matrix(model, texts: list[str], cfg: Config) -> tuple[Float[Tensor, "n seqlen_m1"], TokenBatch]:
     """Next-token loss at positions 0..seqlen-2 for the first ``seqlen`` text tokens of each text
-    (one batched forward per mini-batch; no loop over sequences or tokens)."""
+    (one batched forward per mini-batch, reduced to losses at once: no loop over sequences or tokens,
+    and never more than one mini-batch of logits)."""
     batch = encode(model, texts, bos=cfg.bos, max_tokens=cfg.seqlen, min_tokens=cfg.seqlen)
-    logits, _ = run_cached(model, batch, [], logits=True, batch_size=cfg.batch_size, progress="study 1 forward")
-    loss = next_token_loss(logits, batch.tokens, batch.valid_mask())
+    chunks = []
+    for rows, logits, _ in iter_cached(
+        model, batch, [], logits=True, batch_size=cfg.batch_size, progress="study 1 forward"
+    ):
+        sub = batch.select(rows)
+        chunks.append(next_token_loss(logits, sub.tokens.to(logits.device), sub.valid_mask().to(logits.device)).cpu())
+    loss = torch.cat(chunks)
     if cfg.bos:  # drop the prediction made from BOS: rows are then text positions 0..seqlen-2 as without BOS
         loss = loss[:, 1:]
     return loss, batch

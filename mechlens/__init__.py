@@ -36,6 +36,7 @@ _EXPORTS = {
     "stack_layers": "mechlens.ops",
     "lens_reduce": "mechlens.ops",
     "LensStats": "mechlens.ops",
+    "LinearReadout": "mechlens.ops",
     # errors
     "MechlensError": "mechlens.errors",
     "ModelNotAvailableError": "mechlens.errors",
@@ -70,6 +71,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from mechlens.loading import load_model, provenance_of
     from mechlens.ops import (
         LensStats,
+        LinearReadout,
         RunningPositionStats,
         lens_reduce,
         masked_mean_std,

@@ -63,27 +63,22 @@ class LinearReadout:
 
 @dataclasses.dataclass
 class LensStats:
-    topk_ids: Int[Tensor, "layer batch pos k"] | None
-    topk_logprobs: Float[Tensor, "layer batch pos k"] | None
-    entropy: Float[Tensor, "layer batch pos"] | None
+    """Per (readout point, batch row, position) statistics from :func:`lens_reduce`; a field is
+    ``None`` when it was not asked for. Log-probs and entropy/KL in nats; skipped rows hold NaN / -1."""
+
+    max_logprob: Float[Tensor, "layer batch pos"]
+    topk_ids: Int[Tensor, "layer batch pos k"] | None = None
+    topk_logprobs: Float[Tensor, "layer batch pos k"] | None = None
+    entropy: Float[Tensor, "layer batch pos"] | None = None
     target_logprob: Float[Tensor, "layer batch pos"] | None = None
     target_rank: Int[Tensor, "layer batch pos"] | None = None
     kl_to_final: Float[Tensor, "layer batch pos"] | None = None
-    max_logprob_values: Float[Tensor, "layer batch pos"] | None = None
 
     @property
     def predicted(self) -> Int[Tensor, "layer batch pos"]:
         if self.topk_ids is None:
             raise ValueError("this reduction ran with k=0: pass k >= 1 to lens_reduce for predicted tokens")
         return self.topk_ids[..., 0]
-
-    @property
-    def max_logprob(self) -> Float[Tensor, "layer batch pos"]:
-        if self.max_logprob_values is not None:
-            return self.max_logprob_values
-        if self.topk_logprobs is None:
-            raise ValueError("this reduction ran with k=0: pass k >= 1 to lens_reduce for max log-probs")
-        return self.topk_logprobs[..., 0]
 
 
 def tile_shape(
@@ -296,7 +291,7 @@ def lens_reduce(
                     in_tile = None
                 run.update(z, v0, exp_buf, tmp_buf, local_t, in_tile)
             lse = run.lse()
-            out_max[:, idx] = (run.m.double() - lse).to(acc) if not k else (run.top_v[..., 0].double() - lse).to(acc)
+            out_max[:, idx] = (run.m.double() - lse).to(acc)  # m is the largest logit (= the top-1)
             if k:
                 topk_lp[:, idx] = (run.top_v.double() - lse[..., None]).to(acc)
                 topk_ids[:, idx] = run.top_i
@@ -312,11 +307,11 @@ def lens_reduce(
         return None if x is None else x.reshape(n_layers, batch, pos, *x.shape[2:]).cpu()
 
     return LensStats(
+        max_logprob=unflat(out_max),
         topk_ids=unflat(topk_ids),
         topk_logprobs=unflat(topk_lp),
         entropy=unflat(ent),
         target_logprob=unflat(t_lp),
         target_rank=unflat(t_rank),
         kl_to_final=unflat(kl),
-        max_logprob_values=unflat(out_max),
     )

@@ -61,12 +61,16 @@ def _status(field: str) -> int:
     raise RuntimeError(field)
 
 
-def _child(target: str, kwargs: dict, queue) -> None:
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    setup, work = globals()[target](**kwargs)
-    state = setup()
+def _child(target: str, kwargs: dict, queue, exact_peak: bool = False) -> None:
     import ctypes
     import gc
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    if exact_peak:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD: see in_child
+    setup, work = globals()[target](**kwargs)
+    state = setup()
 
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
@@ -88,17 +92,8 @@ def in_child(target: str, *, exact_peak: bool = False, **kwargs) -> dict:
     for memory (``timed_and_peak`` does both, in two processes)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    if exact_peak:
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(256 * 1024)
-    try:
-        p = ctx.Process(target=_child, args=(target, kwargs, q))
-        p.start()
-    finally:
-        if exact_peak and old is None:
-            del os.environ["MALLOC_MMAP_THRESHOLD_"]
-        elif exact_peak:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = old
+    p = ctx.Process(target=_child, args=(target, kwargs, q, exact_peak))
+    p.start()
     res = q.get()
     p.join()
     return res

@@ -171,15 +171,20 @@ def test_lens_reduce_online_statistics_match_float64_on_exact_logits(scale):
 
 
 def test_lens_reduce_computes_only_what_is_asked():
+    """k=0 / entropy=False skip those statistics; what remains still equals the float64 materialised
+    readout (target log-prob and max log-prob 1e-5; rank by sorting, exactly)."""
     g = torch.Generator().manual_seed(1)
     resid, w = torch.randn(3, 2, 4, 8, generator=g), torch.randn(8, 40, generator=g)
     targets = torch.randint(0, 40, (2, 4), generator=g)
-    full = lens_reduce(resid, LinearReadout(lambda x: x, w), targets=targets, k=2)
     bare = lens_reduce(resid, LinearReadout(lambda x: x, w), targets=targets, k=0, entropy=False)
-    assert bare.topk_ids is None and bare.entropy is None and bare.kl_to_final is None
-    assert torch.equal(bare.target_rank, full.target_rank)
-    torch.testing.assert_close(bare.target_logprob, full.target_logprob, atol=0, rtol=0)
-    torch.testing.assert_close(bare.max_logprob, full.max_logprob, atol=1e-6, rtol=0)
+    assert bare.topk_ids is None and bare.topk_logprobs is None and bare.entropy is None
+    assert bare.kl_to_final is None
+    lp = _materialised(resid, w, targets)
+    t = targets[None, ..., None].expand(3, -1, -1, 1)
+    torch.testing.assert_close(bare.target_logprob.double(), lp.gather(-1, t)[..., 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(bare.max_logprob.double(), lp.max(-1).values, atol=1e-5, rtol=0)
+    rank = (lp.argsort(-1, descending=True) == t).nonzero()[:, -1].reshape(3, 2, 4)
+    assert torch.equal(bare.target_rank, rank)
     with pytest.raises(ValueError, match="k >= 1"):
         _ = bare.predicted
     with pytest.raises(ValueError, match="k must be >= 0"):

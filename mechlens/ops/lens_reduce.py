@@ -109,7 +109,19 @@ def tile_shape(
 class _Running:
     """Online statistics of ``[layer, r]`` rows over vocabulary tiles (see the module docstring)."""
 
-    def __init__(self, n_layers: int, r: int, dev, dtype, *, k: int, entropy: bool, kl: bool, t_logit: Tensor | None):
+    def __init__(
+        self,
+        n_layers: int,
+        r: int,
+        dev,
+        dtype,
+        *,
+        k: int,
+        entropy: bool,
+        kl: bool,
+        t_logit: Tensor | None,
+        t_ids: Tensor | None,
+    ):
         f64 = dict(dtype=torch.float64, device=dev)
         self.m = torch.full((n_layers, r), -math.inf, dtype=dtype, device=dev)
         self.s = torch.zeros(n_layers, r, **f64)
@@ -119,11 +131,10 @@ class _Running:
         self.top_v = torch.full((n_layers, r, k), -math.inf, dtype=dtype, device=dev) if k else None
         self.top_i = torch.full((n_layers, r, k), -1, dtype=torch.long, device=dev) if k else None
         self.t_logit = t_logit  # [layer, r], the target's logit (NaN where no target)
+        self.t_ids = t_ids  # [r], the target's vocabulary id (any id where no target)
         self.above = torch.zeros(n_layers, r, dtype=dtype, device=dev) if t_logit is not None else None
 
-    def update(
-        self, z: Tensor, v0: int, exp_buf: Tensor, tmp_buf: Tensor, local_t: Tensor | None, in_tile: Tensor | None
-    ) -> None:
+    def update(self, z: Tensor, v0: int, exp_buf: Tensor, tmp_buf: Tensor) -> None:
         """Fold the logits tile ``z`` ``[layer, r, cols]`` (vocabulary ids ``v0..``) in; ``z`` is
         overwritten. ``exp_buf`` and ``tmp_buf`` are flat scratch buffers of at least ``z.numel()``."""
         tile_max = z.amax(-1)
@@ -136,7 +147,9 @@ class _Running:
             # logits strictly above the target's (a float compare-and-sum: exact, and much faster on CPU
             # than a bool mask); the target's own column is taken out again below
             self.above += torch.gt(z, self.t_logit[..., None], out=tmp).sum(-1)
-            own = z.gather(-1, local_t[None, :, None].expand(z.shape[0], -1, 1))[..., 0]
+            in_tile = (self.t_ids >= v0) & (self.t_ids < v0 + z.shape[-1])
+            local = (self.t_ids - v0).clamp(0, z.shape[-1] - 1)
+            own = z.gather(-1, local[None, :, None].expand(z.shape[0], -1, 1))[..., 0]
             self.above -= (in_tile[None] & (own > self.t_logit)).to(self.above.dtype)
         if self.k:
             self._merge_topk(z, v0, tile_max)
@@ -261,7 +274,7 @@ def lens_reduce(
                 full = None
             else:
                 full = readout(flat[:, idx]).to(acc)  # [layer, r, d_vocab], one row chunk materialised
-            t_logit = local_t = None
+            t_logit = tc = None
             if tgt_flat is not None:
                 t = tgt_flat[idx]
                 has = t >= 0
@@ -275,7 +288,7 @@ def lens_reduce(
                 else:
                     tl = full.gather(-1, tc[None, :, None].expand(n_layers, -1, 1))[..., 0]
                 t_logit = torch.where(has[None], tl, torch.full_like(tl, float("nan")))
-            run = _Running(n_layers, r, dev, acc, k=k, entropy=entropy, kl=kl_to_final, t_logit=t_logit)
+            run = _Running(n_layers, r, dev, acc, k=k, entropy=entropy, kl=kl_to_final, t_logit=t_logit, t_ids=tc)
             for v0 in range(0, d_vocab, cols):
                 c = min(cols, d_vocab - v0)
                 if linear:
@@ -284,12 +297,7 @@ def lens_reduce(
                     z = z2.view(n_layers, r, c)
                 else:
                     z = z_buf[: n_layers * r * c].view(n_layers, r, c).copy_(full[..., v0 : v0 + c])
-                if t_logit is not None:
-                    in_tile = (tc >= v0) & (tc < v0 + c)
-                    local_t = (tc - v0).clamp(0, c - 1)
-                else:
-                    in_tile = None
-                run.update(z, v0, exp_buf, tmp_buf, local_t, in_tile)
+                run.update(z, v0, exp_buf, tmp_buf)
             lse = run.lse()
             out_max[:, idx] = (run.m.double() - lse).to(acc)  # m is the largest logit (= the top-1)
             if k:

@@ -212,3 +212,48 @@ def test_lens_reduce_reads_each_row_once():
 
     lens_reduce(resid, readout, max_chunk_bytes=3 * 20 * 4 * 3 * 6)  # 6 rows per chunk
     assert seen[0] == 1 and sum(seen[1:]) == 4 * 5 and max(seen[1:]) == 6
+
+
+@pytest.mark.parametrize("budget", [3 * 4 * 4 * 21, 10**9], ids=["partial-tiles", "one-tile"])
+def test_lens_reduce_applies_the_softcap_to_every_logit(budget):
+    """``LinearReadout(softcap=c)``: logits ``c * tanh((x @ w + b) / c)`` (Gemma2). Every statistic
+    equals the float64 materialised capped readout (1e-5 absolute: fp32 tiles of logits up to ~10
+    nats, the same bound as the uncapped test; ranks and top-k ids exactly, no ties in random data),
+    and the cap moves the log-probs by nats, so skipping it anywhere fails these checks."""
+    g = torch.Generator().manual_seed(7)
+    n_layers, batch, pos, d, v, cap = 4, 3, 7, 8, 50, 6.0
+    resid = torch.randn(n_layers, batch, pos, d, generator=g)
+    w = 3 * torch.randn(d, v, generator=g)  # raw logits of std ~8: tanh(z / 6) bends them by nats
+    b = torch.randn(v, generator=g)
+    targets = torch.randint(0, v, (batch, pos), generator=g)
+    targets[1, 2] = -1
+    rows = torch.ones(batch, pos, dtype=torch.bool)
+    rows[0, 4:] = False
+    raw = torch.einsum("lbpd,dv->lbpv", resid.double(), w.double()) + b.double()
+    z = cap * torch.tanh(raw / cap)
+    lp = torch.log_softmax(z, -1)
+    assert (lp - torch.log_softmax(raw, -1)).abs().amax() > 1.0  # the cap matters here
+    readout = LinearReadout(pre=lambda x: x, weight=w, bias=b, softcap=cap)
+    torch.testing.assert_close(readout(resid).double(), z, atol=1e-5, rtol=0)
+    st = lens_reduce(resid, readout, targets=targets, rows=rows, k=3, kl_to_final=True, max_chunk_bytes=budget)
+
+    keep = rows[None].expand(n_layers, -1, -1)
+    ref_lp, ref_id = lp.topk(3, -1)
+    assert torch.equal(st.topk_ids[keep], ref_id[keep])
+    torch.testing.assert_close(st.topk_logprobs[keep].double(), ref_lp[keep], atol=1e-5, rtol=0)
+    torch.testing.assert_close(st.max_logprob[keep].double(), ref_lp[..., 0][keep], atol=1e-5, rtol=0)
+    ent = -(lp.exp() * lp).sum(-1)
+    torch.testing.assert_close(st.entropy[keep].double(), ent[keep], atol=1e-5, rtol=0)
+    t = targets.clamp(min=0)[None, ..., None].expand(n_layers, -1, -1, 1)
+    has = keep & (targets >= 0)[None]
+    torch.testing.assert_close(st.target_logprob[has].double(), lp.gather(-1, t)[..., 0][has], atol=1e-5, rtol=0)
+    rank = (lp.argsort(-1, descending=True) == t).nonzero()[:, -1].reshape(n_layers, batch, pos)
+    assert torch.equal(st.target_rank[has], rank[has])
+    kl = (lp[-1].exp() * (lp[-1] - lp)).sum(-1)
+    torch.testing.assert_close(st.kl_to_final[keep].double(), kl[keep], atol=1e-5, rtol=0)
+    assert torch.isnan(st.entropy[:, 0, 4:]).all() and (st.target_rank[:, 1, 2] == -1).all()
+
+
+def test_linear_readout_refuses_a_non_positive_softcap():
+    with pytest.raises(ValueError, match="softcap"):
+        LinearReadout(pre=lambda x: x, weight=torch.zeros(2, 3), softcap=0.0)

@@ -2,7 +2,8 @@
 the vocabulary, never holding ``[layer, batch, pos, d_vocab]`` -- nor even ``[rows, d_vocab]`` -- logits.
 
 The readout of a residual vector is ``pre(x) @ weight + bias`` (:class:`LinearReadout`: final LayerNorm
-+ unembed for causal LMs, the MLM head's dense/activation/LayerNorm + decoder for masked LMs). Rows
++ unembed for causal LMs, the MLM head's dense/activation/LayerNorm + decoder for masked LMs), optionally
+soft-capped (``softcap * tanh(z / softcap)``, Gemma2) tile by tile before any statistic. Rows
 (flattened ``batch x pos``, all layers of a position together so that KL to the final layer is
 available) are taken in chunks; for each chunk ``pre`` runs once and the decoder matmul runs one
 vocabulary tile at a time into a reused buffer small enough to stay in cache. Each tile updates
@@ -42,19 +43,29 @@ _PREFERRED_VOCAB_TILE_ACCELERATOR = 16384
 
 @dataclasses.dataclass(frozen=True)
 class LinearReadout:
-    """``readout(x) = pre(x) @ weight + bias``: a head whose last step is a linear map to the vocabulary.
+    """``readout(x) = pre(x) @ weight + bias``: a head whose last step is a linear map to the vocabulary,
+    optionally soft-capped: ``softcap * tanh((pre(x) @ weight + bias) / softcap)``.
 
     ``pre`` maps ``[..., d_model]`` residual vectors to the decoder's input (identity, a final
-    LayerNorm, an MLM transform); ``weight`` is ``[d_in, d_vocab]``."""
+    LayerNorm, an MLM transform); ``weight`` is ``[d_in, d_vocab]``. ``softcap`` is Gemma2's
+    ``final_logit_softcapping`` (``None``: no cap); :func:`lens_reduce` applies it to every logit
+    before any softmax statistic."""
 
     pre: Callable[[Tensor], Tensor]
     weight: Float[Tensor, "d_in vocab"]
     bias: Float[Tensor, " vocab"] | None = None
+    softcap: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.softcap is not None and not self.softcap > 0:
+            raise ValueError(f"softcap must be a positive number or None, got {self.softcap}")
 
     def __call__(self, x: Tensor) -> Tensor:
         h = self.pre(x)
         out = h @ self.weight.to(h.dtype)
-        return out if self.bias is None else out + self.bias.to(h.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(h.dtype)
+        return out if self.softcap is None else _softcap_(out, self.softcap)
 
     @property
     def d_vocab(self) -> int:
@@ -192,6 +203,11 @@ class _Running:
         return self.m.double() + self.s.log()
 
 
+def _softcap_(z: Tensor, cap: float) -> Tensor:
+    """``cap * tanh(z / cap)`` in place (``z`` is a fresh tensor or a tile buffer)."""
+    return z.div_(cap).tanh_().mul_(cap)
+
+
 def _matmul_into(out: Tensor, x: Tensor, w: Tensor, b: Tensor | None) -> None:
     """``out = x @ w + b`` into the tile buffer ``out`` (computed in the weights' dtype)."""
     if w.dtype == out.dtype:
@@ -257,9 +273,11 @@ def lens_reduce(
         exp_buf = torch.empty(n_layers * r_step * cols, dtype=acc, device=dev)
         z_buf = torch.empty(n_layers * r_step * cols, dtype=acc, device=dev)
         tmp_buf = torch.empty(n_layers * r_step * cols, dtype=acc, device=dev)
+        softcap = None
         if linear:
             weight = readout.weight
             bias = readout.bias.to(acc) if readout.bias is not None else None
+            softcap = readout.softcap
         starts = range(0, len(keep), r_step)
         if progress:
             from tqdm.auto import tqdm
@@ -284,6 +302,8 @@ def lens_reduce(
                     tl = (x @ weight[:, uniq]).to(acc)
                     if bias is not None:
                         tl += bias[uniq]
+                    if softcap is not None:
+                        _softcap_(tl, softcap)
                     tl = tl.reshape(n_layers, r, -1).gather(-1, inv[None, :, None].expand(n_layers, -1, 1))[..., 0]
                 else:
                     tl = full.gather(-1, tc[None, :, None].expand(n_layers, -1, 1))[..., 0]
@@ -294,6 +314,8 @@ def lens_reduce(
                 if linear:
                     z2 = z_buf[: n_layers * r * c].view(n_layers * r, c)
                     _matmul_into(z2, x, weight[:, v0 : v0 + c], None if bias is None else bias[v0 : v0 + c])
+                    if softcap is not None:
+                        _softcap_(z2, softcap)
                     z = z2.view(n_layers, r, c)
                 else:
                     z = z_buf[: n_layers * r * c].view(n_layers, r, c).copy_(full[..., v0 : v0 + c])

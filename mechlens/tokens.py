@@ -88,12 +88,14 @@ def encode(
     padding_side: str = "right",
     max_tokens: int | None = None,
     min_tokens: int | None = None,
+    fix: str | None = None,
 ) -> TokenBatch:
     """Tokenise ``texts`` (strings, or lists of token ids) into a padded :class:`TokenBatch`.
 
     ``max_tokens`` keeps the first ``max_tokens`` text tokens of each text; ``min_tokens`` refuses
     texts with fewer text tokens (naming them). ``bos`` is the BOS policy for causal LMs; masked LMs
-    always get their ``<s> ... </s>`` and need ``bos=True``.
+    always get their ``<s> ... </s>`` and need ``bos=True``. ``fix``: what the error for a sequence
+    longer than the model's context tells the user to do (e.g. "lower --max-tokens").
     """
     if padding_side not in PADDING_SIDES:
         raise MechlensError(f"padding_side={padding_side!r}: expected 'right' or 'left'")
@@ -101,7 +103,7 @@ def encode(
         raise DataError("no texts to encode: pass at least one text")
     kind = arch.kind_of(model)
     if kind == "masked" and not bos:
-        raise MechlensError("masked LMs need their special tokens (<s> ... </s>): use bos=True")
+        raise MechlensError("masked LMs need their special tokens (<s> ... </s>): use --bos (bos=True in Python)")
     if isinstance(texts[0], str):
         ids = model.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     else:
@@ -113,7 +115,7 @@ def encode(
         if short:
             raise DataError(
                 f"{len(short)} of {len(ids)} texts have fewer than {min_tokens} tokens (first: #{short[0]} "
-                f"{texts[short[0]]!r}): drop them or lower the length"
+                f"{texts[short[0]]!r}): {fix or 'drop them or lower the length'}"
             )
     if any(len(t) == 0 for t in ids):
         raise DataError("an empty text cannot be encoded: drop empty texts")
@@ -124,7 +126,8 @@ def encode(
     width = max(map(len, seqs))
     if width > model.cfg.n_ctx:
         raise DataError(
-            f"a sequence of {width} tokens exceeds the model's context of {model.cfg.n_ctx}: use max_tokens"
+            f"a sequence of {width} tokens (special tokens included) exceeds the model's context of "
+            f"{model.cfg.n_ctx}: {fix or 'pass shorter texts (max_tokens=... in Python)'}"
         )
     pad = arch.pad_id(model)
     tokens = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -138,18 +141,18 @@ def encode(
     return TokenBatch(tokens=tokens, attention_mask=attn, text_mask=text, bos=bos, padding_side=padding_side)
 
 
-def single_token_id(model: TransformerBridge, token: str | int) -> int:
+def single_token_id(model: TransformerBridge, token: str | int, *, flag: str = "--target") -> int:
     """The id of a string that is exactly one token (e.g. ``" coffee"``); a clear error otherwise."""
     if isinstance(token, int):
         if not 0 <= token < model.cfg.d_vocab:
-            raise TokenError(f"token id {token} is outside the vocabulary (0..{model.cfg.d_vocab - 1})")
+            raise TokenError(f"{flag} {token}: token id outside the vocabulary (0..{model.cfg.d_vocab - 1})")
         return token
     ids = model.tokenizer(token, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         pieces = [model.tokenizer.decode([i]) for i in ids]
         hint = " (GPT-2-style tokenizers fold the leading space into the word: try ' " + token.strip() + "')"
         raise TokenError(
-            f"{token!r} is {len(ids)} tokens {pieces}, not one: pass a string that is a single token"
+            f"{flag} {token!r} is {len(ids)} tokens {pieces}, not one: pass a string that is a single token"
             + (hint if not token.startswith(" ") else "")
         )
     return int(ids[0])

@@ -36,7 +36,9 @@ HUB = {
 }
 SOURCES = {**BUILTIN, **{k: f"Hugging Face dataset {v[0]} ({v[1]} {v[2]}); needs the hub" for k, v in HUB.items()}}
 SOURCES["wikipedia:<title>"] = "plain text of an English Wikipedia page; needs the web"
-SOURCES["<file>.txt|.jsonl|.csv"] = "local texts (txt: one per line, or #document; jsonl/csv: #column, default text)"
+SOURCES["<file>.txt|.jsonl|.csv"] = (
+    "local texts (txt: one per line, or #document; jsonl/csv: #COLUMN, default text; #encoding=NAME, default utf-8)"
+)
 
 
 def _builtin(name: str) -> list[str]:
@@ -76,26 +78,72 @@ def _wikipedia(title: str) -> list[str]:
     return [page["extract"]]
 
 
+def _options(path: pathlib.Path, opt: str) -> tuple[str | None, bool, str]:
+    """``FILE#opt,opt``: ``document`` (a .txt file is one text), ``encoding=NAME`` (default utf-8), and
+    for .jsonl/.csv a column name (``column=NAME`` or just ``NAME``; default ``text``)."""
+    column, document, encoding = None, False, "utf-8"
+    for o in filter(None, (x.strip() for x in opt.split(","))):
+        key, eq, value = o.partition("=")
+        if o == "document":
+            document = True
+        elif key == "encoding" and eq:
+            encoding = value
+        elif key == "column" and eq:
+            column = value
+        elif not eq:
+            column = o
+        else:
+            raise DataError(f"--data {path}#{opt}: unknown option {o!r}; use #document, #encoding=NAME or #COLUMN")
+    try:
+        "".encode(encoding)
+    except LookupError:
+        raise DataError(f"--data {path}#{opt}: unknown text encoding {encoding!r}; e.g. #encoding=latin-1") from None
+    return column, document, encoding
+
+
+def _read_text(path: pathlib.Path, encoding: str) -> str:
+    try:
+        return path.read_bytes().decode(encoding)
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"--data {path}: byte {e.start} is not valid {encoding} ({e.reason}); name the file's encoding, "
+            f"e.g. --data '{path}#encoding=latin-1'"
+        ) from None
+    except OSError as e:
+        raise DataError(f"--data {path}: cannot read the file ({e.strerror})") from None
+
+
 def _file(spec: str) -> list[str]:
     path_s, _, opt = spec.partition("#")
     path = pathlib.Path(path_s).expanduser()
     if not path.is_file():
         raise DataError(f"no such file {path}: pass an existing .txt, .jsonl or .csv file or a built-in source")
     suffix = path.suffix.lower()
-    if suffix == ".txt":
-        text = path.read_text(encoding="utf-8")
-        return [text.strip()] if opt == "document" else [ln.strip() for ln in text.splitlines() if ln.strip()]
-    column = opt or "text"
-    if suffix == ".jsonl":
-        rows = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    elif suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    else:
+    if suffix not in (".txt", ".jsonl", ".csv"):
         raise DataError(f"unsupported file type {suffix!r}: use .txt, .jsonl or .csv")
+    column, document, encoding = _options(path, opt)
+    text = _read_text(path, encoding)
+    if suffix == ".txt":
+        return [text.strip()] if document else [ln.strip() for ln in text.splitlines() if ln.strip()]
+    column = column or "text"
+    if suffix == ".jsonl":
+        rows = []
+        for i, ln in enumerate(text.splitlines()):
+            if ln.strip():
+                try:
+                    row = json.loads(ln)
+                except ValueError as e:
+                    raise DataError(
+                        f"--data {path}: line {i + 1} is not JSON ({e.msg}): one JSON object per line"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise DataError(f"--data {path}: line {i + 1} is not a JSON object: one object per line")
+                rows.append(row)
+    else:
+        rows = list(csv.DictReader(text.splitlines()))
     if rows and column not in rows[0]:
         raise DataError(f"{path} has no column {column!r} (columns: {sorted(rows[0])}): use {path}#<column>")
-    return [str(r[column]).strip() for r in rows if str(r[column]).strip()]
+    return [str(r[column]).strip() for r in rows if r.get(column) is not None and str(r[column]).strip()]
 
 
 def load_texts(source: str) -> list[str]:
@@ -112,8 +160,24 @@ def load_texts(source: str) -> list[str]:
     else:
         raise DataError(f"unknown data source {source!r}: expected one of {', '.join(SOURCES)}")
     if not texts:
-        raise DataError(f"data source {source!r} holds no text")
+        raise DataError(f"--data {source}: the source holds no text (only empty or whitespace lines)")
     return texts
+
+
+def check_source(source: str) -> None:
+    """Check a data source before any model is loaded: a local file is read (encoding, columns, at
+    least one text), an online source needs the network (it fails at once offline); built-ins pass."""
+    if source in BUILTIN:
+        return
+    if source in HUB:
+        if not hub.reachable():
+            _hub_dataset(source)  # raises the offline error naming the built-in alternative
+        return
+    if source.startswith("wikipedia:"):
+        if not hub.reachable("en.wikipedia.org"):
+            _wikipedia(source.removeprefix("wikipedia:"))  # raises the offline error
+        return
+    load_texts(source)
 
 
 def split_train_test(texts: list[str], n_train: int, n_test: int) -> tuple[list[str], list[str]]:

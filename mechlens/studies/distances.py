@@ -19,10 +19,12 @@ import scipy.stats
 import torch
 from plotly.subplots import make_subplots
 
+from mechlens import arch
 from mechlens.data import load_texts
 from mechlens.errors import DataError, TokenError
 from mechlens.loading import provenance_of
 from mechlens.ops import stack_layers, vector_norm
+from mechlens.options import Options, check_layer, option
 from mechlens.run import run_cached
 from mechlens.stats.distance import minkowski, pairwise_minkowski
 from mechlens.stats.information import mi_histogram, mi_knn, pairwise_mi
@@ -34,17 +36,23 @@ KINDS = {"attn": "hook_attn_out", "mlp": "hook_mlp_out"}
 
 
 @dataclasses.dataclass
-class Config:
-    data: str = "coffee"
-    target: str = " coffee"
-    n_targets: int = 10
-    layer: int | None = None  # layer of parts 4-5 (default: the middle block)
-    n_context: int = 12  # part 7: tokens per context ending at each target
-    bos: bool = True
-    mi_bins: tuple[int, ...] = (4, 6, 8, 10, 12, 16, 20, 24)
-    n_synthetic: int = 2000
-    n_jobs: int = 1
-    seed: int = 0
+class Config(Options):
+    data: str = option("coffee", "text source; its first text is the document studied (mechlens list)",
+                       nonempty=True)  # fmt: skip
+    target: str = option(" coffee", "the token whose occurrences are compared (exactly one token)", nonempty=True)
+    n_targets: int = option(10, "occurrences of the target used (kNN mutual information needs >= 4)", ge=4)
+    layer: int | None = option(None, "block of parts 4-5 (default: the middle one)", ge=0)
+    n_context: int = option(12, "part 7: tokens per context ending at each target", ge=1)
+    bos: bool = option(True, "prepend BOS")
+    mi_bins: tuple[int, ...] = option((4, 6, 8, 10, 12, 16, 20, 24), "bin counts of the histogram MI (each >= 2)",
+                                      ge=2, nonempty=True)  # fmt: skip
+    n_synthetic: int = option(2000, "points of the synthetic MI example", ge=20)
+    n_jobs: int = option(1, "parallel jobs for scikit-learn's kNN MI", ge=1)
+    seed: int = option(0, "random seed", ge=0)
+
+    def check_model(self, model) -> None:
+        check_layer("layer", self.layer, model.cfg.n_layers, "blocks")
+        single_token_id(model, self.target, flag="--target")
 
 
 def synthetic_mi(cfg: Config) -> dict:
@@ -87,12 +95,19 @@ def run(model, cfg: Config | None = None, texts: list[str] | None = None) -> Stu
     torch.manual_seed(cfg.seed)
     text = (load_texts(cfg.data) if texts is None else texts)[0]
     target = single_token_id(model, cfg.target)
-    batch = encode(model, [text], bos=cfg.bos, max_tokens=model.cfg.n_ctx - int(cfg.bos))
+    special = int(cfg.bos) + (1 if arch.kind_of(model) == "masked" else 0)  # BOS/<s> and </s> count too
+    batch = encode(model, [text], bos=cfg.bos, max_tokens=model.cfg.n_ctx - special)
     found = target_positions(batch, target)[:, 1]
     if len(found) < 2:
-        raise TokenError(f"{cfg.target!r} occurs {len(found)} time(s) in the text: it needs at least 2 occurrences")
+        raise TokenError(
+            f"--target {cfg.target!r} occurs {len(found)} time(s) in --data {cfg.data}: it needs at least "
+            f"{cfg.n_targets}; choose another --target or --data"
+        )
     if len(found) < cfg.n_targets:
-        raise DataError(f"{cfg.target!r} occurs {len(found)} times but n_targets={cfg.n_targets}: lower --n-targets")
+        raise DataError(
+            f"--target {cfg.target!r} occurs {len(found)} times in --data {cfg.data}, fewer than --n-targets "
+            f"{cfg.n_targets}: lower --n-targets"
+        )
     cols = found[: cfg.n_targets]
     n_layers = model.cfg.n_layers
     layer = n_layers // 2 if cfg.layer is None else cfg.layer

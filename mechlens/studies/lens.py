@@ -21,9 +21,10 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
-from mechlens import arch
+from mechlens import arch, progress
 from mechlens.loading import provenance_of
 from mechlens.ops import LensStats, lens_reduce, stack_layers
+from mechlens.options import Options, check_layer, fail, option
 from mechlens.run import run_cached
 from mechlens.stats.regression import sqrt_layer_fit
 from mechlens.studies.result import StudyResult
@@ -31,14 +32,29 @@ from mechlens.tokens import TokenBatch, encode
 
 
 @dataclasses.dataclass
-class Config:
-    text: str = "She opened the fridge, took out the eggs, and started cooking breakfast."
-    position: int = 8  # text-token index studied in masked parts 1-3 (" eggs" in the default text)
-    layer: int | None = None  # readout point for parts 1-2 (default: the middle one)
-    top_k: int = 5
-    batch_size: int = 64
-    max_chunk_bytes: int = 128 * 2**20
-    seed: int = 0
+class Config(Options):
+    text: str = option("She opened the fridge, took out the eggs, and started cooking breakfast.",
+                       "the text read out at every layer", nonempty=True)  # fmt: skip
+    position: int = option(8, "masked LMs: text-token index studied in parts 1-3 (8 = ' eggs' in the default text)",
+                           ge=0)  # fmt: skip
+    layer: int | None = option(None, "masked LMs: readout point of parts 1-2, 0 = embeddings (default: the middle one)",
+                               ge=0)  # fmt: skip
+    top_k: int = option(5, "top-k predictions kept per layer and position", ge=1)
+    batch_size: int = option(64, "sequences per forward pass", ge=1)
+    max_chunk_bytes: int = option(128 * 2**20, "memory budget of the vocabulary readout in bytes (>= 1 MiB)",
+                                  ge=2**20)  # fmt: skip
+    seed: int = option(0, "random seed", ge=0)
+
+    def check_model(self, model) -> None:
+        check_layer("layer", self.layer, model.cfg.n_layers + 1, "readout points")
+        n_text = len(model.tokenizer(self.text, add_special_tokens=False)["input_ids"])
+        if arch.kind_of(model) == "masked" and self.position >= n_text:
+            fail("position", f"must be in 0..{n_text - 1} (the text has {n_text} tokens), got {self.position}")
+        room = model.cfg.n_ctx - 1 - (1 if arch.kind_of(model) == "masked" else 0)
+        if n_text > room:
+            fail("text", f"is {n_text} tokens, more than the {room} that fit the model's context: shorten it")
+        if self.top_k > model.cfg.d_vocab:
+            fail("top_k", f"must be <= {model.cfg.d_vocab} (the vocabulary size), got {self.top_k}")
 
 
 def lens_stats(
@@ -68,7 +84,7 @@ def lens_stats(
         entropy=entropy,
         kl_to_final=kl_to_final,
         max_chunk_bytes=max_chunk_bytes,
-        progress=True,
+        progress=not progress.QUIET,
     )
 
 
@@ -107,7 +123,7 @@ def run_masked(model, cfg: Config) -> tuple[dict, dict, dict]:
     batch = encode(model, [cfg.text], bos=True)
     cols = torch.nonzero(batch.text_mask[0]).squeeze(-1)
     if not 0 <= cfg.position < len(cols):
-        raise ValueError(f"position {cfg.position} is outside the text's {len(cols)} tokens: use 0..{len(cols) - 1}")
+        fail("position", f"must be in 0..{len(cols) - 1} (the text has {len(cols)} tokens), got {cfg.position}")
     n_points = model.cfg.n_layers + 1
     layer = n_points // 2 if cfg.layer is None else cfg.layer
     col = int(cols[cfg.position])

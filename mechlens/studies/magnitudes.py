@@ -17,28 +17,44 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
+from mechlens import arch
 from mechlens.data import load_texts
+from mechlens.errors import DataError
 from mechlens.loading import provenance_of
 from mechlens.ops import RunningPositionStats, stack_layers, vector_norm
+from mechlens.options import Options, fail, option
 from mechlens.run import iter_cached
 from mechlens.stats.regression import lstsq_line
-from mechlens.studies.result import StudyResult
+from mechlens.studies.result import StudyResult, none_where
 from mechlens.tokens import encode
 
 
 @dataclasses.dataclass
-class Config:
-    data: str = "reviews"
-    n_texts: int | None = 64  # None: every text of the source
-    padding_side: str = "right"
-    bos: bool = True
-    exclude_first: bool = True  # position 0 (BOS: the attention sink) is not a valid token
-    max_tokens: int | None = 128
-    batch_size: int = 16
-    n_fit_positions: int = 30
-    hist_bins: int = 60
-    hist_range: tuple[float, float] = (-4.0, 8.0)  # log-norm range of the fixed-bin histograms
-    seed: int = 0
+class Config(Options):
+    data: str = option("reviews", "text source: a built-in name, a local file or an online dataset (mechlens list)",
+                       nonempty=True)  # fmt: skip
+    n_texts: int | None = option(64, "texts taken from the source (None in Python: all of them)", ge=1)
+    padding_side: str = option("right", "side on which batches are padded (statistics do not depend on it)",
+                               choices=("right", "left"))  # fmt: skip
+    bos: bool = option(True, "prepend BOS")
+    exclude_first: bool = option(True, "exclude position 0 (BOS: the attention sink) from every statistic")
+    max_tokens: int | None = option(128, "text tokens kept per text (None in Python: all that fit the context)", ge=1)
+    batch_size: int = option(16, "texts per forward pass", ge=1)
+    n_fit_positions: int = option(30, "positions used by the fit of log mean norm on position", ge=2)
+    hist_bins: int = option(60, "bins of the log-norm histograms", ge=1)
+    hist_range: tuple[float, float] = option((-4.0, 8.0), "LOW HIGH: log-norm range of the histograms")
+    seed: int = option(0, "random seed", ge=0)
+
+    def check(self) -> None:
+        lo, hi = self.hist_range
+        if not lo < hi:
+            fail("hist_range", f"must be LOW HIGH with LOW < HIGH, got {lo:g} {hi:g}")
+
+    def check_model(self, model) -> None:
+        room = model.cfg.n_ctx - int(self.bos) - (1 if arch.kind_of(model) == "masked" else 0)
+        if self.max_tokens is not None and self.max_tokens > room:
+            fail("max_tokens", f"must be <= {room} (the model's context is {model.cfg.n_ctx} tokens with its "
+                               f"special tokens), got {self.max_tokens}")  # fmt: skip
 
 
 def attn_out_names(model) -> list[str]:
@@ -86,11 +102,18 @@ def run(model, cfg: Config | None = None, texts: list[str] | None = None) -> Stu
     torch.manual_seed(cfg.seed)
     texts = load_texts(cfg.data) if texts is None else texts
     texts = texts[: cfg.n_texts] if cfg.n_texts else texts
-    batch = encode(model, texts, bos=cfg.bos, padding_side=cfg.padding_side, max_tokens=cfg.max_tokens)
+    batch = encode(model, texts, bos=cfg.bos, padding_side=cfg.padding_side, max_tokens=cfg.max_tokens,
+                   fix="lower --max-tokens")  # fmt: skip
     names = attn_out_names(model)
     n_layers = model.cfg.n_layers
     acc = MagnitudeAccumulator(n_layers, batch.max_position + 1, cfg)
     positions, valid = batch.positions, batch.valid_mask(exclude_first=cfg.exclude_first)
+    n_trip = int((valid[:, 2:] & valid[:, 1:-1] & valid[:, :-2]).sum())
+    if n_trip < 3:  # the previous-norm regression has 3 coefficients
+        raise DataError(
+            f"--data {cfg.data}: only {n_trip} tokens have two valid predecessors, and the previous-norm regression "
+            "needs at least 3; use more or longer texts (each needs >= 3 tokens after position 0)"
+        )
     for rows, _, acts in iter_cached(model, batch, names, batch_size=cfg.batch_size, progress="study 4 forward"):
         norms = vector_norm(stack_layers(acts, names))  # [layer, batch, pos]
         acc.update(norms, positions[rows], valid[rows], batch.text_mask[rows].sum(-1))
@@ -106,8 +129,14 @@ def finish(model, acc: MagnitudeAccumulator, cfg: Config, batch) -> StudyResult:
     n_fit = min(cfg.n_fit_positions, norm.mean.shape[1])
     pos = np.arange(n_fit)
     mean_np = norm.mean.numpy()
+    empty = norm.count.numpy() == 0  # [pos]
     fits = [lstsq_line(pos, np.log(mean_np[layer, :n_fit])) for layer in range(len(mean_np))]
-    betas = torch.linalg.solve(acc.xtx, acc.xty.unsqueeze(-1)).squeeze(-1).numpy()  # [layer, 3]
+    try:
+        betas = torch.linalg.solve(acc.xtx, acc.xty.unsqueeze(-1)).squeeze(-1).numpy()  # [layer, 3]
+    except torch.linalg.LinAlgError:
+        raise DataError(
+            f"--data {cfg.data}: the previous-norm regression is singular (too few distinct tokens): use more texts"
+        ) from None
     lo, hi = cfg.hist_range
     edges = np.linspace(lo, hi, cfg.hist_bins + 1)
     metrics = {
@@ -118,10 +147,11 @@ def finish(model, acc: MagnitudeAccumulator, cfg: Config, batch) -> StudyResult:
         "lognorm_std_by_layer": ln_std.tolist(),
         "lognorm_hist_edges": edges.tolist(),
         "lognorm_hist_counts": acc.hist.tolist(),
-        "norm_mean_by_layer_position": mean_np.tolist(),
+        # None at positions no valid token reached (position 0 when it is excluded)
+        "norm_mean_by_layer_position": none_where(mean_np, empty),
         "norm_count_by_position": norm.count.tolist(),
-        "lognorm_mean_by_layer_position": logn.mean.tolist(),
-        "norm_mean_by_position": _mean_over_layers(mean_np).tolist(),
+        "lognorm_mean_by_layer_position": none_where(logn.mean, empty),
+        "norm_mean_by_position": none_where(_mean_over_layers(mean_np), empty),
         "position_fit_by_layer": [{"intercept": b0, "slope": b1} for b0, b1 in fits],
         "previous_norm_betas_by_layer": [{"const": b[0], "t-2": b[1], "t-1": b[2]} for b in betas],
         "n_regression_triplets": acc.n_triplets,

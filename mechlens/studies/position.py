@@ -19,32 +19,43 @@ from torch import Tensor
 from mechlens.data import load_texts, split_train_test
 from mechlens.loading import provenance_of
 from mechlens.ops import next_token_loss
+from mechlens.options import Options, fail, option
 from mechlens.run import iter_cached
 from mechlens.stats.regression import LogisticConfig, logistic, ols
 from mechlens.studies.result import StudyResult
 from mechlens.tokens import TokenBatch, encode
 
+SOLVERS = ("lbfgs", "newton-cg", "newton-cholesky", "sag", "saga")  # sklearn's multinomial solvers
+
 
 @dataclasses.dataclass
-class Config:
-    data: str = "contexts"
-    seqlen: int = 6
-    n_train: int | None = None  # default: min(500, half the texts)
-    n_test: int | None = None
-    bos: bool = False  # as the original study: the first text token is position 0
-    batch_size: int = 64
-    solver: str = "lbfgs"
-    C: float = 1.0
-    tol: float = 1e-6
-    max_iter: int = 2000
-    seed: int = 0
+class Config(Options):
+    data: str = option("contexts", "text source: a built-in name, a local file or an online dataset (mechlens list)",
+                       nonempty=True)  # fmt: skip
+    seqlen: int = option(6, "text tokens per text; losses are predicted at positions 0..seqlen-2", ge=2)
+    n_train: int | None = option(None, "training texts (default: min(500, half the texts))", ge=1)
+    n_test: int | None = option(None, "fresh test texts (default: min(500, half the texts))", ge=1)
+    bos: bool = option(False, "prepend BOS; the original study did not (the first text token is position 0)")
+    batch_size: int = option(64, "texts per forward pass", ge=1)
+    solver: str = option("lbfgs", "scikit-learn solver of the multinomial logistic regression", choices=SOLVERS)
+    C: float = option(1.0, "inverse regularisation strength of the logistic regression", gt=0)
+    tol: float = option(1e-6, "stopping tolerance of the logistic regression", gt=0)
+    max_iter: int = option(2000, "iteration limit of the logistic regression", ge=1)
+    seed: int = option(0, "random seed", ge=0)
+
+    def check_model(self, model) -> None:
+        n_ctx = model.cfg.n_ctx
+        if self.seqlen + int(self.bos) > n_ctx:
+            fail("seqlen", f"must be <= {n_ctx - int(self.bos)} (the model's context is {n_ctx} tokens), "
+                           f"got {self.seqlen}")  # fmt: skip
 
 
 def loss_matrix(model, texts: list[str], cfg: Config) -> tuple[Float[Tensor, "n seqlen_m1"], TokenBatch]:
     """Next-token loss at positions 0..seqlen-2 for the first ``seqlen`` text tokens of each text
     (one batched forward per mini-batch, reduced to losses at once: no loop over sequences or tokens,
     and never more than one mini-batch of logits)."""
-    batch = encode(model, texts, bos=cfg.bos, max_tokens=cfg.seqlen, min_tokens=cfg.seqlen)
+    batch = encode(model, texts, bos=cfg.bos, max_tokens=cfg.seqlen, min_tokens=cfg.seqlen,
+                   fix="lower --seqlen or use longer texts")  # fmt: skip
     chunks = []
     for rows, logits, _ in iter_cached(
         model, batch, [], logits=True, batch_size=cfg.batch_size, progress="study 1 forward"
@@ -66,9 +77,9 @@ def analyse(loss_train: np.ndarray, loss_test: np.ndarray, cfg: Config) -> dict:
     lcfg = LogisticConfig(cfg.solver, cfg.C, cfg.tol, cfg.max_iter, cfg.seed)
     logit = logistic(loss_train.reshape(-1), pos_train, loss_test.reshape(-1), pos_test, lcfg)
     return {
-        "loss_mean_by_position": loss_train.mean(0).tolist(),
-        "loss_std_by_position": loss_train.std(0).tolist(),
-        "loss_mean_by_position_test": loss_test.mean(0).tolist(),
+        "loss_mean_by_position": loss_train.mean(0, dtype=np.float64).tolist(),  # float64 sums of fp32 losses
+        "loss_std_by_position": loss_train.std(0, dtype=np.float64).tolist(),
+        "loss_mean_by_position_test": loss_test.mean(0, dtype=np.float64).tolist(),
         "ols": {k: lin[k] for k in ("params", "bse", "tvalues", "pvalues", "r2", "r2_adj", "nobs", "summary")},
         "sklearn_linear": {"intercept": lin["sklearn_intercept"], "slope": lin["sklearn_coef"][0]},
         "linear_predictions": lin["predictions"],

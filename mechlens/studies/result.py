@@ -29,6 +29,15 @@ def to_jsonable(x: Any) -> Any:
     return x
 
 
+def none_where(x: Any, undefined: Any) -> list:
+    """``x`` as nested lists with ``None`` where ``undefined`` (broadcast against ``x``) is true: the
+    explicit form of "no value here by construction" (e.g. a position no valid token reached), so that
+    any NaN left in a result is an error (:func:`mechlens.runner.check_finite`), never a silent gap."""
+    x = np.asarray(x, dtype=np.float64)
+    und = np.broadcast_to(np.asarray(undefined, dtype=bool), x.shape)
+    return np.where(und, None, x.astype(object)).tolist()
+
+
 @dataclasses.dataclass
 class StudyResult:
     study: str

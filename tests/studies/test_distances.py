@@ -130,7 +130,7 @@ def test_distance_study_equals_recomputation_from_hf(causal_pair):
 def test_distance_study_errors(gpt2_pair):
     with pytest.raises(TokenError, match="occurs 0"):
         ds.run(gpt2_pair.bridge, ds.Config(target=" piano"))
-    with pytest.raises(DataError, match="n_targets"):
+    with pytest.raises(DataError, match="--n-targets"):
         ds.run(gpt2_pair.bridge, ds.Config(n_targets=50))
     with pytest.raises(TokenError, match="not one"):
         ds.run(gpt2_pair.bridge, ds.Config(target=" coffee beans"))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mechlens import encode
+from mechlens.errors import ConfigError
 from mechlens.studies import lens
 
 TEXT = lens.Config().text
@@ -155,7 +156,7 @@ def test_causal_lens_in_float64_equals_hf_float64(gpt2_pair):
 
 
 def test_masked_lens_refuses_a_position_outside_the_text(roberta_pair):
-    with pytest.raises(ValueError, match="outside the text"):
+    with pytest.raises(ConfigError, match="--position"):
         lens.run(roberta_pair.bridge, lens.Config(position=99))
 
 

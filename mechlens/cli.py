@@ -2,13 +2,18 @@
 
     mechlens list
     mechlens run STUDY|all [--model SPEC ...] [--data SOURCE] [--out DIR] [--device D] [--seed N]
-                 [--weights raw|processed] [--allow-different-tokenizers] [study options]
+                 [--weights raw|processed] [--allow-different-tokenizers] [--quiet] [study options]
     mechlens compare DIR DIR ... --out DIR
 
-Study options are the fields of the study's dataclass ``Config`` as flags (``mechlens run position
---help`` lists them). Exit codes: 0 success; 2 bad input (unknown study or model, hub unreachable,
-data too short, target token absent, vocabulary mismatch, NaN activations), with a one-line error
-and no output written.
+Options may come before or after the study name. Study options are the fields of the study's
+dataclass ``Config`` as flags (``mechlens run position --help`` lists them with their meaning,
+default and valid range). ``--out`` must be a new directory or an earlier mechlens run: anything else
+is refused, never deleted.
+
+Exit codes: 0 success; 2 bad input (an option out of range, an unknown study, model or data source,
+an output directory mechlens may not write, a study that does not apply to the model, NaN in the
+weights, activations or results), with one line on stderr naming the flag or the fix, before any
+output is written; 1 a bug in mechlens, with its traceback.
 """
 
 from __future__ import annotations
@@ -20,70 +25,111 @@ import os
 import pathlib
 import sys
 import time
-import types
 import typing
 from collections.abc import Sequence
 
 EXIT_BAD_INPUT = 2
+COMMON = {"data", "seed"}  # study fields that are global flags
+GLOBAL_VALUE_FLAGS = {"--model", "--data", "--out", "--device", "--seed", "--weights"}
 
 
-def _add_config_flags(parser: argparse._ActionsContainer, config_cls, skip: set[str]) -> None:
-    """One flag per field of a study's dataclass config (bools get --x/--no-x, tuples take lists)."""
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (exit 2), naming where help is."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"mechlens: error: {message} (see '{self.prog} --help')\n")
+
+
+def _add_config_flags(parser: argparse._ActionsContainer, config_cls, skip: set[str], seen: set[str]) -> None:
+    """One flag per field of a study's dataclass config (bools get --x/--no-x, tuples take lists); the
+    help text is the field's documentation, default and valid range."""
+    from mechlens.options import _base_type, describe, flag
+
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
-        if f.name in skip:
+        if f.name in skip or f.name in seen:
             continue
-        t = hints[f.name]
-        args = typing.get_args(t)
-        if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
-            t = next(a for a in args if a is not type(None))
-        flag = "--" + f.name.replace("_", "-")
-        helptext = f"default: {f.default!r}"
+        seen.add(f.name)
+        t, _ = _base_type(hints[f.name])
+        name = flag(f.name)
+        helptext = describe(f).replace("%", "%%")
         if t is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
         elif typing.get_origin(t) is tuple:
-            inner = typing.get_args(t)[0]
-            parser.add_argument(flag, type=inner, nargs="+", default=None, help=helptext)
-        else:
-            parser.add_argument(flag, type=t, default=None, help=helptext)
+            args = typing.get_args(t)
+            nargs = "+" if args[-1] is Ellipsis else len(args)
+            parser.add_argument(name, type=args[0], nargs=nargs, default=None, help=helptext, metavar="X")
+        elif isinstance(t, type):
+            parser.add_argument(name, type=t, default=None, help=helptext)
+        else:  # pragma: no cover - every config field is a bool, number, string or tuple
+            raise TypeError(f"unsupported option type {t!r} for {f.name}")
 
 
-COMMON = {"data", "seed"}
+def _find_study(argv: Sequence[str]) -> str | None:
+    """The study named after ``run``, wherever it stands among the options."""
+    from mechlens.studies import STUDIES
+
+    rest = list(argv[1:])
+    for a in rest:
+        if a in STUDIES or a == "all":
+            return a
+    i = 0
+    while i < len(rest):  # no known name: the first word that is not an option or a global option's value
+        a = rest[i]
+        if a.startswith("-"):
+            i += 2 if a in GLOBAL_VALUE_FLAGS else 1
+            continue
+        return a
+    return None
 
 
 def build_parser(study: str | None = None) -> argparse.ArgumentParser:
-    from mechlens.runner import STUDIES
+    from mechlens.studies import STUDIES
 
-    p = argparse.ArgumentParser(
-        prog="mechlens", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = p.add_subparsers(dest="command", required=True)
+    p = Parser(prog="mechlens", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     sub.add_parser("list", help="studies, embedded models and data sources")
-    r = sub.add_parser("run", help="run a study (or all) and write results.json, CSVs and report.html")
-    r.add_argument("study", help=f"one of {', '.join(STUDIES)} or 'all'")
-    r.add_argument("--model", action="append", default=None, help="model spec; repeat to compare models")
-    r.add_argument("--data", default=None, help="data source (see 'mechlens list'); default: the study's built-in")
-    r.add_argument("--out", default="runs/latest", help="output directory (replaced atomically)")
-    r.add_argument("--device", default="cpu")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--weights", choices=("raw", "processed"), default="raw")
-    r.add_argument("--allow-different-tokenizers", action="store_true")
-    if study in STUDIES:
-        _add_config_flags(r.add_argument_group(f"{study} options"), STUDIES[study].module.Config, COMMON)
+    r = sub.add_parser(
+        "run",
+        help="run a study (or all) and write results.json, CSVs and report.html",
+        description="Run a study (or all) on one or more models; options may come before or after STUDY.",
+    )
+    r.add_argument("study", metavar="STUDY", help=f"one of {', '.join(STUDIES)} or 'all'")
+    r.add_argument("--model", action="append", default=None,
+                   help="model: an embedded name (tiny-gpt2, tiny-mlm), a save_pretrained directory or a hub name; "
+                        "repeat to compare models (default: the study's own)")  # fmt: skip
+    r.add_argument("--data", default=None, help="text source (see 'mechlens list'; default: the study's built-in)")
+    r.add_argument("--out", default="runs/latest",
+                   help="output directory: a new one, or an earlier mechlens run, which is replaced "
+                        "(default: runs/latest)")  # fmt: skip
+    r.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    r.add_argument("--seed", type=int, default=0, help="random seed (default: 0; >= 0)")
+    r.add_argument("--weights", choices=("raw", "processed"), default="raw",
+                   help="raw: Hugging Face weights; processed: TransformerLens' folded and centred weights "
+                        "(default: raw)")  # fmt: skip
+    r.add_argument("--allow-different-tokenizers", action="store_true",
+                   help="compare models whose tokenizers differ (same texts, different token ids)")  # fmt: skip
+    r.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
+    seen: set[str] = set()
+    names = list(STUDIES) if study == "all" else [study] if study in STUDIES else []
+    for name in names:
+        group = r.add_argument_group(f"{name} options")
+        _add_config_flags(group, STUDIES[name].module.Config, COMMON, seen)
     c = sub.add_parser("compare", help="combine earlier runs into one comparison report")
-    c.add_argument("dirs", nargs="+")
-    c.add_argument("--out", required=True)
+    c.add_argument("dirs", nargs="+", metavar="DIR", help="directories written by 'mechlens run'")
+    c.add_argument("--out", required=True, help="output directory: a new one, or an earlier mechlens run")
     return p
 
 
 def cmd_list() -> None:
     from mechlens.data import SOURCES
-    from mechlens.runner import STUDIES
+    from mechlens.studies import STUDIES
     from mechlens.zoo import EMBEDDED
 
     print("studies:")
     for s in STUDIES.values():
-        print(f"  {s.name:<12} {s.title} (default models: {', '.join(s.default_models)})")
+        kinds = " and ".join(sorted(s.kinds))
+        print(f"  {s.name:<12} {s.title} ({kinds} LMs; default models: {', '.join(s.default_models)})")
     print("embedded models:")
     for m in EMBEDDED.values():
         print(f"  {m.name:<12} {m.description}")
@@ -92,86 +138,171 @@ def cmd_list() -> None:
         print(f"  {name:<24} {desc}")
 
 
+def _log(args: argparse.Namespace, message: str) -> None:
+    from mechlens import progress
+
+    progress.QUIET = args.quiet
+    progress.status(message)
+
+
 def cmd_run(args: argparse.Namespace) -> None:
-    import torch
+    from mechlens.data import check_source
+    from mechlens.errors import ConfigError
+    from mechlens.outputs import prepare_output
+    from mechlens.studies import STUDIES, get_study
 
-    from mechlens.loading import load_model
-    from mechlens.runner import STUDIES, check_vocabularies, get_study, run_study, summary_rows, write_outputs
-
+    # 1. everything that needs no model: the options, the device, the data, the output directory
     studies = list(STUDIES) if args.study == "all" else [get_study(args.study).name]
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "study", "model", "out")}
+    if args.seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {args.seed}", flag="--seed")
+    if args.model and len(set(args.model)) != len(args.model):
+        dup = next(m for m in args.model if args.model.count(m) > 1)
+        raise ConfigError(f"--model {dup} is given twice: name each model once", flag="--model")
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "study", "model", "out", "quiet")}
     if overrides.get("data") is None:
         overrides.pop("data")
     overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items()}
-    torch.manual_seed(args.seed)
-    cache: dict[str, object] = {}
-    notes: list[str] = []
-    results = {}
+
+    from mechlens.runner import make_config
+
+    configs = {s: make_config(STUDIES[s], overrides) for s in studies}
+    if args.data is not None and not any(hasattr(c, "data") for c in configs.values()):
+        raise ConfigError(f"--data does not apply to study {args.study!r}: it reads no data source", flag="--data")
+    for cfg in configs.values():
+        if getattr(cfg, "data", None):
+            check_source(cfg.data)
+    from mechlens.loading import check_device
+
+    check_device(args.device)
+    dest = prepare_output(args.out)
+    try:
+        _run_checked(args, studies, configs, overrides, dest)
+    except BaseException:
+        dest.abort()
+        raise
+
+
+def _run_checked(args, studies, configs, overrides, dest) -> None:
+    import torch
+    import transformers
+
+    from mechlens import arch, progress
+    from mechlens.loading import load_model
+    from mechlens.runner import check_vocabularies, run_study, summary_rows, write_outputs
+    from mechlens.studies import STUDIES
+
+    progress.QUIET = args.quiet
+    transformers.utils.logging.disable_progress_bar()  # one bar per long step: mechlens' own
+    transformers.utils.logging.set_verbosity_error()
     t0 = time.perf_counter()
+    # 2. load every model, then check every study against every model before any forward pass
+    cache: dict[str, object] = {}
     for study in studies:
-        specs = args.model or list(STUDIES[study].default_models)
-        for spec in specs:
+        for spec in args.model or STUDIES[study].default_models:
             if spec not in cache:
+                _log(args, f"loading {spec}")
                 cache[spec] = load_model(spec, device=args.device, weights=args.weights)
-        models = {spec: cache[spec] for spec in specs}
+    notes: list[str] = []
+    plan: dict[str, dict[str, object]] = {}
+    for study in studies:
+        info = STUDIES[study]
+        specs = args.model or list(info.default_models)
+        models = {spec: cache[spec] for spec in specs if info.applies_to(arch.kind_of(cache[spec]))}
+        if len(models) < len(specs):
+            skipped = [s for s in specs if s not in models]
+            if args.study != "all":
+                from mechlens.runner import check_applicable
+
+                check_applicable(info, {s: cache[s] for s in skipped})
+            notes.append(f"{study}: skipped for {', '.join(skipped)} (it applies to {' and '.join(sorted(info.kinds))}"
+                         " LMs only)")  # fmt: skip
+            _log(args, notes[-1])
+            if not models:
+                continue
+        for m in models.values():
+            configs[study].check_model(m)
         allow = args.allow_different_tokenizers or not args.model  # defaults (tiny-mlm + tiny-gpt2) are meant to differ
         note = check_vocabularies(models, allow)
         if note:
             notes.append(f"{study}: {note}")
-        print(f"[mechlens] {study}: {', '.join(specs)}", file=sys.stderr)
+        plan[study] = models
+    # 3. compute
+    torch.manual_seed(args.seed)
+    results = {}
+    for study, models in plan.items():
+        _log(args, f"{study}: {', '.join(models)}")
         results[study] = run_study(study, models, overrides)
-    write_outputs(results, args.out, notes)
-    width = max(len(r[1]) for r in summary_rows(results))
-    for study, model, line in summary_rows(results):
+    write_outputs(results, dest, notes)
+    rows = summary_rows(results)
+    width = max((len(r[1]) for r in rows), default=0)
+    for study, model, line in rows:
         print(f"{study:<11} {model:<{width}}  {line}")
     print(f"wrote {args.out}/results.json, CSVs and report.html in {time.perf_counter() - t0:.1f} s")
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
     from mechlens.errors import MechlensError
-    from mechlens.report import comparison_figures, render
-    from mechlens.runner import STUDIES, atomic_dir
+    from mechlens.outputs import prepare_output
 
-    merged: dict[str, dict[str, dict]] = {}
+    runs = []
     for d in args.dirs:
         path = pathlib.Path(d) / "results.json"
         if not path.is_file():
             raise MechlensError(f"{d} has no results.json: pass directories written by 'mechlens run'")
-        for study, entries in json.loads(path.read_text()).items():
-            if study.startswith("_"):
-                continue
-            for model, e in entries.items():
-                merged.setdefault(study, {})[f"{model} ({d})"] = e
-    sections = [
-        (s, STUDIES[s].title, entries, {"comparison across runs": comparison_figures(s, entries)})
-        for s, entries in merged.items()
-    ]
-    out = pathlib.Path(args.out)
-    with atomic_dir(out) as tmp:
-        (tmp / "results.json").write_text(json.dumps(merged, indent=1))
-        (tmp / "report.html").write_text(render(sections, title="mechlens comparison"), encoding="utf-8")
-    print(f"wrote {out}/report.html comparing {len(args.dirs)} runs")
+        try:
+            runs.append((d, json.loads(path.read_text())))
+        except (OSError, ValueError) as e:
+            raise MechlensError(f"{path} cannot be read ({e}): pass directories written by 'mechlens run'") from None
+    dest = prepare_output(args.out, inputs=args.dirs)
+    try:
+        from mechlens.report import comparison_figures, render
+        from mechlens.studies import STUDIES
+
+        merged: dict[str, dict[str, dict]] = {}
+        for d, doc in runs:
+            for study, entries in doc.items():
+                if study.startswith("_") or study not in STUDIES:
+                    continue
+                for model, e in entries.items():
+                    merged.setdefault(study, {})[f"{model} ({d})"] = e
+        sections = [
+            (s, STUDIES[s].title, entries, {"comparison across runs": comparison_figures(s, entries)})
+            for s, entries in merged.items()
+        ]
+        with dest.writing() as tmp:
+            (tmp / "results.json").write_text(json.dumps(merged, indent=1))
+            (tmp / "report.html").write_text(render(sections, title="mechlens comparison"), encoding="utf-8")
+    except BaseException:
+        dest.abort()
+        raise
+    print(f"wrote {args.out}/report.html comparing {len(args.dirs)} runs")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    study = argv[1] if len(argv) > 1 and argv[0] == "run" else None
-    args = build_parser(study).parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    study = _find_study(argv) if argv and argv[0] == "run" else None
     from mechlens.errors import MechlensError
 
     try:
+        if study is not None and study != "all":
+            from mechlens.studies import get_study
+
+            get_study(study)  # an unknown study is named as such, whatever options follow it
+        args = build_parser(study).parse_args(argv)
         if args.command == "list":
             cmd_list()
         elif args.command == "run":
             cmd_run(args)
         else:
             cmd_compare(args)
-    except (MechlensError, ValueError) as e:
+    except MechlensError as e:
         print(f"mechlens: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except SystemExit as e:  # argparse: --help (0) and usage errors (2, already one line)
+        return int(e.code or 0)
     return 0
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main())

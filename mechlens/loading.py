@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mechlens import arch, hub
-from mechlens.errors import MechlensError, ModelNotAvailableError
+from mechlens.errors import MechlensError, ModelNotAvailableError, NonFiniteError
 from mechlens.provenance import Provenance
 from mechlens.tokenizer import check_tokenizer
 from mechlens.zoo import EMBEDDED
@@ -46,8 +46,10 @@ def load_model(
     The model carries a :class:`~mechlens.provenance.Provenance` (see :func:`provenance_of`).
     """
     if weights not in WEIGHTS:
-        raise MechlensError(f"weights={weights!r}: expected one of {WEIGHTS}")
+        raise MechlensError(f"--weights {weights} (weights={weights!r}): expected one of {', '.join(WEIGHTS)}")
+    device = check_device(device)
     label, hf_model, tokenizer = _resolve(spec, tokenizer, dtype)
+    check_finite_weights(label, hf_model)
     arch.normalize_config(hf_model)
     architecture = arch.architecture_of(hf_model)
     kind = arch.model_kind(architecture)
@@ -86,6 +88,42 @@ def load_model(
     return bridge
 
 
+GPU_INSTALL = (
+    "install a CUDA build of torch first (README, 'GPU users': pip install torch --index-url "
+    "https://download.pytorch.org/whl/cu126) or use --device cpu"
+)
+
+
+def check_device(device: str | torch.device) -> str:
+    """A torch device this machine has, as a string; a clear error (naming ``--device``) otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MechlensError(f"--device {device}: not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only torch build" if torch.version.cuda is None else "no usable CUDA GPU"
+            raise MechlensError(f"--device {device}: this torch ({torch.__version__}) has {build}: {GPU_INSTALL}")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MechlensError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise MechlensError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise MechlensError(f"--device {device}: unsupported device type {dev.type!r}; use cpu, cuda or mps")
+    return str(dev)
+
+
+def check_finite_weights(label: str, hf_model: torch.nn.Module) -> None:
+    """Refuse a model with NaN or infinite weights, naming the first such parameter."""
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            if p.is_floating_point() and not torch.isfinite(p).all():
+                raise NonFiniteError(
+                    f"model {label!r} has NaN or infinite weights in {name}: the checkpoint is broken; "
+                    "re-save or re-download it"
+                )
+
+
 def provenance_of(model: TransformerBridge) -> Provenance:
     """The provenance record of a model loaded by :func:`load_model`."""
     try:
@@ -97,6 +135,20 @@ def provenance_of(model: TransformerBridge) -> Provenance:
 
 
 def _resolve(spec: Any, tokenizer, dtype) -> tuple[str, PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model and tokenizer of a spec, read without transformers' own progress bars (mechlens shows
+    one bar per long step; reading a checkpoint is not one)."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _resolve_spec(spec, tokenizer, dtype)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def _resolve_spec(spec: Any, tokenizer, dtype) -> tuple[str, PreTrainedModel, PreTrainedTokenizerBase]:
     from transformers import PreTrainedModel
 
     if isinstance(spec, PreTrainedModel):
@@ -144,16 +196,36 @@ def _load_dir(path: pathlib.Path, tokenizer, dtype):
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise ModelNotAvailableError(f"{path} has no config.json: save the model there with model.save_pretrained(dir)")
-    archs = json.loads(cfg_file.read_text()).get("architectures") or ["?"]
+    try:
+        archs = json.loads(cfg_file.read_text()).get("architectures") or ["?"]
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelNotAvailableError(
+            f"{cfg_file} cannot be read as a model config ({e}): save the model again"
+        ) from None
     cls = _model_class(archs[0])
     if tokenizer is None:
         if not any((path / f).exists() for f in _TOKENIZER_FILES):
             raise ModelNotAvailableError(
-                f"{path} holds a model but no tokenizer: save it there with tokenizer.save_pretrained(dir), "
-                "or pass load_model(dir, tokenizer=tok)"
+                f"{path} holds a model but no tokenizer: save it there with tokenizer.save_pretrained(dir) "
+                "(in Python you can also pass load_model(dir, tokenizer=tok))"
             )
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    return cls.from_pretrained(path, dtype=dtype), tokenizer
+        tokenizer = _read(path, lambda: AutoTokenizer.from_pretrained(path), "its tokenizer files")
+    return _read(path, lambda: cls.from_pretrained(path, dtype=dtype), "its weights"), tokenizer
+
+
+def _read(path: pathlib.Path, load, what: str):
+    """``load()``, turning unreadable or corrupt files under ``path`` into a one-line error."""
+    from safetensors import SafetensorError
+
+    try:
+        return load()
+    except PermissionError as e:
+        raise ModelNotAvailableError(f"{path}: cannot read {e.filename or what} (permission denied)") from None
+    except (SafetensorError, OSError, EOFError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelNotAvailableError(
+            f"{path}: {what} are corrupt or truncated ({first[:160]}): save the model again with save_pretrained"
+        ) from None
 
 
 def _load_hub(name: str, tokenizer, dtype):

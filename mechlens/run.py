@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from mechlens.errors import MechlensError
+from mechlens import progress as _progress
+from mechlens.errors import MechlensError, NonFiniteError
 from mechlens.tokens import TokenBatch
 
 if TYPE_CHECKING:
@@ -40,7 +40,8 @@ def iter_cached(
     if unknown:
         raise MechlensError(f"unknown hook point(s) {unknown}: see model.hook_dict for the names this model has")
     starts = range(0, n, size)
-    bar = tqdm(starts, desc=progress if isinstance(progress, str) else "forward", disable=not progress, leave=False)
+    desc = progress if isinstance(progress, str) else "forward"
+    bar = _progress.bar(starts, desc, show=bool(progress) and len(starts) > 1, unit="batch")
     with torch.no_grad():
         for start in bar:
             rows = slice(start, min(start + size, n))
@@ -52,10 +53,24 @@ def iter_cached(
                 return_type="logits" if logits else None,
             )
             acts = {w: cache[w] for w in wanted}
-            for w, a in acts.items():
-                if not torch.isfinite(a).all():
-                    raise MechlensError(f"non-finite values in {w}: check the model's dtype and weights")
+            if not all(torch.isfinite(a).all() for a in acts.values()) or (
+                out is not None and not torch.isfinite(out).all()
+            ):
+                raise NonFiniteError(_nonfinite_message(model, sub))
             yield rows, out, acts
+
+
+def _nonfinite_message(model: TransformerBridge, batch: TokenBatch) -> str:
+    """Name the model and the first hook point (in forward order) whose activation is not finite:
+    one more forward of the offending mini-batch, caching every hook point."""
+    label = getattr(getattr(model, "_mechlens_provenance", None), "model", None) or model.cfg.model_name
+    with torch.no_grad():
+        _, cache = model.run_with_cache(batch.tokens, attention_mask=batch.attention_mask)
+    first = next((name for name, a in cache.items() if not torch.isfinite(a).all()), "the logits")
+    return (
+        f"NaN or infinite activations in model {label!r}, first at {first}: check the model's weights "
+        "and dtype (float16 overflows; load in float32)"
+    )
 
 
 def run_cached(

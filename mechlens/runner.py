@@ -6,52 +6,80 @@ The command line (:mod:`mechlens.cli`), the experiment scripts and the notebooks
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import json
+import math
 import os
-import pathlib
-import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from mechlens.errors import MechlensError
-from mechlens.studies import distances, lens, logits, magnitudes, position
+from mechlens.errors import MechlensError, NonFiniteError, NotApplicableError
+from mechlens.outputs import Destination, prepare_output
+from mechlens.studies import STUDIES, StudyInfo, get_study
 from mechlens.studies.result import StudyResult, to_jsonable
 
-
-@dataclasses.dataclass(frozen=True)
-class Study:
-    name: str
-    module: Any
-    title: str
-    default_models: tuple[str, ...]
+Study = StudyInfo  # the registry entry (kept under its earlier name)
 
 
-STUDIES = {
-    s.name: s
-    for s in (
-        Study("position", position, "1. Token position from next-token loss", ("tiny-gpt2",)),
-        Study("logits", logits, "2. Logits, next-token prediction and a logit intervention", ("tiny-gpt2",)),
-        Study("lens", lens, "3. Logit lens (masked and causal)", ("tiny-mlm", "tiny-gpt2")),
-        Study("magnitudes", magnitudes, "4. Attention-output magnitudes", ("tiny-gpt2",)),
-        Study("distances", distances, "5. Distances, mutual information and token position", ("tiny-gpt2",)),
-    )
-}
-
-
-def get_study(name: str) -> Study:
-    if name not in STUDIES:
-        raise MechlensError(f"unknown study {name!r}: choose one of {', '.join(STUDIES)} or 'all'")
-    return STUDIES[name]
-
-
-def make_config(study: Study, overrides: dict[str, Any]):
-    """The study's dataclass config with ``overrides`` (unknown keys are ignored: shared options)."""
+def make_config(study: StudyInfo, overrides: dict[str, Any]):
+    """The study's dataclass config with ``overrides`` (unknown keys are ignored: shared options).
+    Building it checks every option (:class:`mechlens.options.Options`)."""
     fields = {f.name for f in dataclasses.fields(study.module.Config)}
     return study.module.Config(**{k: v for k, v in overrides.items() if k in fields and v is not None})
+
+
+def check_applicable(study: StudyInfo, models: dict[str, Any]) -> None:
+    """Refuse, before any forward pass, a model whose kind the study does not apply to."""
+    from mechlens import arch
+
+    for name, model in models.items():
+        kind = arch.kind_of(model)
+        if not study.applies_to(kind):
+            others = [s.name for s in STUDIES.values() if s.applies_to(kind)]
+            raise NotApplicableError(
+                f"study {study.name!r} does not apply to {name!r}, a {kind} LM (it needs a "
+                f"{' or '.join(sorted(study.kinds))} LM): studies for {kind} LMs are {', '.join(others)}"
+            )
+
+
+def first_nonfinite(x: Any, path: str = "") -> str | None:
+    """The path of the first NaN or infinity in a nested metrics structure, or ``None``.
+
+    ``None`` entries are allowed: a study writes ``None`` where a value is undefined by construction
+    (e.g. a position with no valid token); a NaN is always a computation gone wrong."""
+    import numpy as np
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind in "fc" and not np.isfinite(x).all():
+            return f"{path}[{tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])}]"
+        return None
+    if isinstance(x, float | np.floating):
+        return None if math.isfinite(float(x)) else path
+    if isinstance(x, dict):
+        for k, v in x.items():
+            found = first_nonfinite(v, f"{path}.{k}" if path else str(k))
+            if found:
+                return found
+    elif isinstance(x, list | tuple):
+        for i, v in enumerate(x):
+            found = first_nonfinite(v, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def check_finite(result: StudyResult) -> None:
+    """NaN or infinity in a reported statistic is an error, never a result."""
+    where = first_nonfinite(result.metrics)
+    if where:
+        raise NonFiniteError(
+            f"{result.study} on {result.model!r}: the statistic {where} is NaN or infinite; check the model's "
+            "weights and dtype (e.g. --device cpu in float32)"
+        )
 
 
 def vocab_signature(model) -> tuple[int, tuple[int, ...]]:
@@ -75,10 +103,18 @@ def check_vocabularies(models: dict[str, Any], allow_different: bool) -> str | N
 
 
 def run_study(study: str, models: dict[str, Any], overrides: dict[str, Any] | None = None) -> list[StudyResult]:
-    """Run one study with the same config on every model (same inputs)."""
+    """Run one study with the same config on every model (same inputs): the config is checked, the
+    study's applicability and the model-dependent options are checked for every model before any
+    forward pass, and every result is checked for NaN."""
     s = get_study(study)
     cfg = make_config(s, overrides or {})
-    return [s.module.run(model, cfg) for model in models.values()]
+    check_applicable(s, models)
+    for model in models.values():
+        cfg.check_model(model)
+    results = [s.module.run(model, cfg) for model in models.values()]
+    for r in results:
+        check_finite(r)
+    return results
 
 
 def _csv(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
@@ -94,33 +130,16 @@ def _slug(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)[-60:]
 
 
-@contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike) -> Iterator[pathlib.Path]:
-    """Yield a temporary sibling of ``out`` to write into; on success it replaces ``out`` (two renames),
-    on any error it is removed and ``out`` is left as it was."""
-    out = pathlib.Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary directory
-    try:
-        yield tmp
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_outputs(results: dict[str, list[StudyResult]], out: str | os.PathLike, notes: Sequence[str] = ()) -> None:
-    """``results.json``, tidy CSVs and ``report.html`` into ``out``, atomically (:func:`atomic_dir`)."""
+def write_outputs(
+    results: dict[str, list[StudyResult]], out: str | os.PathLike | Destination, notes: Sequence[str] = ()
+) -> None:
+    """``results.json``, tidy CSVs and ``report.html`` into ``out``, atomically. ``out`` is a path or
+    a :class:`~mechlens.outputs.Destination` prepared (checked) before the run; a path is checked now
+    (:func:`~mechlens.outputs.prepare_output`: only a new directory or an earlier mechlens run)."""
     from mechlens.report import write_report
 
-    with atomic_dir(out) as tmp:
+    dest = out if isinstance(out, Destination) else prepare_output(out)
+    with dest.writing() as tmp:
         doc = {study: {r.model: r.to_json() for r in rs} for study, rs in results.items()}
         doc["_notes"] = list(notes)
         (tmp / "results.json").write_text(json.dumps(doc, indent=1, allow_nan=False))

@@ -1,27 +1,69 @@
-"""Architecture quirks, quarantined: every place where causal and masked LMs (or GPT-2, BERT and
-RoBERTa) differ is decided here and nowhere else.
+"""Architecture quirks, quarantined: every place where causal and masked LMs (or model families)
+differ is decided here and nowhere else.
 
-* which architectures are supported, and whether a model is ``causal`` or ``masked``;
-* the readout (logit-lens) function: final LayerNorm + unembed for causal LMs; the full MLM head
-  (dense -> activation -> LayerNorm -> decoder) for masked LMs;
+* which architectures are supported, and whether a model is ``causal`` or ``masked``
+  (:func:`model_kind`; ``Gemma3ForConditionalGeneration`` is analysed through its text model,
+  :func:`text_model_of`);
+* the readout (logit-lens) function, :func:`readout`: the model's own logit map. Causal: final norm +
+  unembed + whatever the HF model applies after ``lm_head`` (:func:`logit_map`: Granite divides by
+  ``logits_scaling``, Cohere multiplies by ``logit_scale``, Falcon-H1 by ``lm_head_multiplier``, Gemma2/3
+  soft-cap with ``final_logit_softcapping``). Masked: the full MLM head (dense -> activation ->
+  LayerNorm -> decoder). :mod:`mechlens.validate` checks at load that it reproduces the model's logits;
 * the residual-stream readout points (after the embeddings and after every block);
+* what each family's hook points mean (:data:`FAMILIES`, the table below), and the normalisation
+  placement recorded in provenance;
 * special tokens: BOS for causal LMs, ``<s> ... </s>`` / ``[CLS] ... [SEP]`` and the mask token for
   masked LMs;
 * how a tokenizer must be prepared so the bridge does not try to reload it from the hub.
 
-Known hook semantics (checked in tests/test_hf_crosscheck.py):
+Hook semantics per family (TransformerLens 4.3 ``TransformerBridge``, raw weights; every row is checked
+against the HF modules in ``tests/test_architectures.py``). "Adds" means: the tensor the block adds
+to the residual stream, so ``resid_post = resid_pre + hook_attn_out + hook_mlp_out`` for every
+pre-LN, sandwich and output-norm family, sequential or parallel:
 
-* GPT-2 (pre-LN): ``hook_attn_out`` is what attention adds to the residual stream (the HF attention
-  module's first output), ``resid_mid = resid_pre + attn_out``, ``resid_post = resid_mid + mlp_out``.
-* BERT / RoBERTa (post-LN): ``hook_attn_out`` is the HF ``*Attention`` module's output, i.e. *after*
-  its residual add and LayerNorm; ``hook_mlp_out`` is ``output.dense`` (before residual and LayerNorm);
-  ``hook_resid_pre``/``hook_resid_post`` equal HF ``hidden_states``. The additive decomposition of the
-  residual stream does not hold for post-LN models.
+=========  ===========  ==========  ======================================================================
+family     norms        block       ``hook_attn_out`` / ``hook_mlp_out`` equal (HF modules)
+=========  ===========  ==========  ======================================================================
+GPT-2      pre-LN       sequential  ``attn`` / ``mlp`` outputs (what is added)
+GPT-Neo    pre-LN       sequential  ``attn`` / ``mlp`` outputs (what is added)
+GPT-J      pre-LN       parallel    ``attn`` / ``mlp`` outputs, both from ``ln_1(resid_pre)``; no ``hook_resid_mid``
+GPT-NeoX   pre-LN       parallel    ``attention`` / ``mlp`` outputs (two input LNs); no ``hook_resid_mid``
+OPT        pre-LN       sequential  ``self_attn`` / ``fc2`` outputs (``do_layer_norm_before=True``; OPT-350m is post-LN)
+Llama,     pre-LN       sequential  ``self_attn`` / ``mlp`` outputs (RMSNorm)
+Mistral,
+Qwen2/3,
+Gemma,
+Phi3,
+StableLM,
+OLMo
+Granite    pre-LN       sequential  ``self_attn`` / ``mlp`` outputs times ``residual_multiplier`` (the scaled
+                                    contribution, not the raw module output)
+Gemma2/3   sandwich     sequential  ``post_attention_layernorm`` / ``post_feedforward_layernorm`` outputs: the
+                                    sublayer output *after* its own norm (norms ~ sqrt(d_model) x weight)
+OLMo2      output-norm  sequential  ``post_attention_layernorm`` / ``post_feedforward_layernorm`` outputs (no
+                                    input norm: attention and MLP read the raw residual stream)
+Phi        pre-LN       parallel    ``self_attn`` / ``mlp`` outputs, one shared input LN
+Falcon     pre-LN       parallel    ``self_attention`` / ``mlp`` outputs (HF adds them in place: ``mlp_output +=
+                                    attention_output``; the hooks hold the separate terms)
+Cohere     pre-LN       parallel    ``self_attn`` / ``mlp`` outputs, one shared input LN
+BLOOM      pre-LN       sequential  ``self_attention.dense`` / ``mlp.dense_4h_to_h`` outputs: HF's attention and MLP
+                                    modules add the residual themselves; the hooks hold only the added term
+BERT,      post-LN      sequential  ``hook_attn_out`` is the HF ``*Attention`` module output, i.e. *after* its
+RoBERTa                             residual add and LayerNorm; ``hook_mlp_out`` is ``output.dense`` (before the
+                                    residual add and LayerNorm); ``hook_resid_pre``/``hook_resid_post`` equal HF
+                                    ``hidden_states``. There is no additive decomposition of the residual stream.
+=========  ===========  ==========  ======================================================================
+
+Norm placements (:func:`norm_placement`): ``pre-LN`` normalises each sublayer's input; ``post-LN``
+normalises after the residual add; ``sandwich`` both before the sublayer and on its output before the
+add; ``output-norm`` only on the sublayer's output before the add. Architectures TransformerBridge
+supports but mechlens has not checked get ``"unchecked"``; their readout is still validated at load.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -36,25 +78,134 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 MASKED_ARCHITECTURES = frozenset({"BertForMaskedLM", "RobertaForMaskedLM"})
-TESTED_CAUSAL = frozenset({"GPT2LMHeadModel"})  # cross-checked against HF in the test suite
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+# multimodal checkpoints whose text model TransformerBridge loads as a causal LM (see text_model_of)
+TEXT_MODEL_OF = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family checked against Hugging Face in ``tests/test_architectures.py``."""
+
+    name: str
+    special: str  # what is special about it, for the architecture table
+
+
+# Every architecture here is in the HF cross-check matrix (tests/test_architectures.py): readout, hook
+# semantics, padding and studies are tested against HF on a seeded random model.
+FAMILIES: dict[str, Family] = {
+    "GPT2LMHeadModel": Family("GPT-2", "learned positions, tied unembed"),
+    "GPTNeoForCausalLM": Family("GPT-Neo", "alternating global/local attention, unscaled attention scores"),
+    "GPTJForCausalLM": Family("GPT-J", "parallel attention+MLP, partial rotary, lm_head bias, untied"),
+    "GPTNeoXForCausalLM": Family("GPT-NeoX", "parallel residual with two input LNs, partial rotary, untied"),
+    "OPTForCausalLM": Family("OPT", "learned positions offset by 2, ReLU MLP"),
+    "LlamaForCausalLM": Family("Llama", "RMSNorm, gated MLP, grouped-query attention, untied"),
+    "MistralForCausalLM": Family("Mistral", "as Llama, sliding-window attention"),
+    "Qwen2ForCausalLM": Family("Qwen2", "q/k/v biases, tied"),
+    "Qwen3ForCausalLM": Family("Qwen3", "q/k RMSNorm per head, tied"),
+    "GemmaForCausalLM": Family("Gemma", "embeddings x sqrt(d_model), RMSNorm weight 1+w, GeGLU"),
+    "Gemma2ForCausalLM": Family("Gemma2", "sandwich norms, attention and final-logit soft-capping"),
+    "Gemma3ForCausalLM": Family("Gemma3 (text)", "sandwich norms, q/k norm, local/global layers, logit soft-cap"),
+    "PhiForCausalLM": Family("Phi", "parallel attention+MLP, partial rotary, lm_head bias, untied"),
+    "Phi3ForCausalLM": Family("Phi3", "fused qkv and gate/up projections, untied"),
+    "StableLmForCausalLM": Family("StableLM", "LayerNorm, partial rotary, untied"),
+    "BloomForCausalLM": Family("BLOOM", "ALiBi, embedding LayerNorm, residual added inside attention/MLP"),
+    "FalconForCausalLM": Family("Falcon", "parallel attention+MLP, in-place sum in HF, tied"),
+    "OlmoForCausalLM": Family("OLMo", "non-parametric LayerNorm, untied"),
+    "Olmo2ForCausalLM": Family("OLMo2", "norms on sublayer outputs only, q/k norm, untied"),
+    "GraniteForCausalLM": Family("Granite", "embedding/residual/attention multipliers, logits / logits_scaling"),
+    "CohereForCausalLM": Family("Cohere", "parallel attention+MLP, LayerNorm without bias, logits x logit_scale"),
+    "BertForMaskedLM": Family("BERT", "post-LN encoder, MLM head dense -> GELU -> LayerNorm -> decoder"),
+    "RobertaForMaskedLM": Family("RoBERTa", "post-LN encoder, padding-offset positions, MLM head"),
+}
+
+# masked LMs TransformerBridge 4.3 has no adapter for (named in the refusal)
+_UNSUPPORTED_MASKED_HINT = "DistilBERT, ALBERT, ModernBERT, ELECTRA, DeBERTa, XLM-RoBERTa, ..."
+
+
+def _bridge_architectures() -> dict:
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+
+    return SUPPORTED_ARCHITECTURES
+
+
+def _supported_message() -> str:
+    checked = ", ".join(f.name for f in FAMILIES.values())
+    return (
+        f"mechlens analyses the causal LMs (*ForCausalLM / *LMHeadModel) that TransformerLens' TransformerBridge "
+        f"supports, Gemma3ForConditionalGeneration (its text model), and the masked LMs "
+        f"{', '.join(sorted(MASKED_ARCHITECTURES))}; checked against Hugging Face: {checked}"
+    )
 
 
 def model_kind(architecture: str) -> str:
-    """``"causal"`` or ``"masked"``; raises for anything mechlens cannot analyse."""
+    """``"causal"`` or ``"masked"``; raises for anything mechlens cannot analyse, naming what is supported."""
     if architecture in MASKED_ARCHITECTURES:
         return "masked"
-    if architecture.endswith(CAUSAL_SUFFIXES) and architecture != "BertLMHeadModel":
-        from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
-
-        if architecture in SUPPORTED_ARCHITECTURES:
-            return "causal"
+    if architecture in TEXT_MODEL_OF:
+        return "causal"
+    supported = _bridge_architectures()
+    if architecture.endswith(CAUSAL_SUFFIXES) and architecture != "BertLMHeadModel" and architecture in supported:
+        return "causal"
+    if architecture.endswith("ForMaskedLM"):
+        why = (
+            f"architecture {architecture!r} is a masked LM that TransformerLens {_tl_version()}' TransformerBridge "
+            f"does not support (no architecture adapter; unsupported include {_UNSUPPORTED_MASKED_HINT})"
+        )
+    elif architecture.endswith(CAUSAL_SUFFIXES):
+        why = (
+            f"architecture {architecture!r} is not supported by TransformerLens {_tl_version()}' TransformerBridge "
+            "(no architecture adapter)"
+        )
+    elif architecture in supported:
+        why = (
+            f"architecture {architecture!r} is supported by TransformerBridge but is not a causal or masked "
+            "language model mechlens can analyse (encoder-decoder, multimodal, audio or vision)"
+        )
+    else:
+        why = f"architecture {architecture!r} is not supported by mechlens"
     raise UnsupportedArchitectureError(
-        f"architecture {architecture!r} is not supported by mechlens. Supported: causal LMs that "
-        f"TransformerLens' TransformerBridge supports (tested: {', '.join(sorted(TESTED_CAUSAL))}; also "
-        f"Pythia/GPT-NeoX, Llama, ...) and masked LMs {', '.join(sorted(MASKED_ARCHITECTURES))}. Load the "
-        "model's *ForCausalLM / *ForMaskedLM class (not the bare encoder or a classification head)."
+        f"{why}. {_supported_message()}. Load the model's *ForCausalLM / *ForMaskedLM class (not the bare "
+        "encoder or a classification head)."
     )
+
+
+def _tl_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("transformer-lens")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+        return "?"
+
+
+def text_model_of(hf_model):
+    """The causal text model of a multimodal checkpoint (:data:`TEXT_MODEL_OF`); other models as given.
+
+    ``Gemma3ForConditionalGeneration`` -> a ``Gemma3ForCausalLM`` sharing its language model and
+    ``lm_head`` (no weights are copied; the vision tower is dropped). HF's multimodal forward applies
+    no final-logit soft-cap whatever ``text_config.final_logit_softcapping`` says, so the text model's
+    config gets ``final_logit_softcapping=None``: its logits on text equal the multimodal model's
+    (tested in ``tests/test_architectures.py``).
+    """
+    target = TEXT_MODEL_OF.get(architecture_of(hf_model))
+    if target is None:
+        return hf_model
+    import transformers
+
+    cfg = copy.deepcopy(hf_model.config.get_text_config())
+    cfg.architectures = [target]
+    cfg.final_logit_softcapping = None
+    cfg._attn_implementation = hf_model.config.get_text_config()._attn_implementation
+    with torch.device("meta"):
+        text = getattr(transformers, target)(cfg)
+    text.model = hf_model.model.language_model
+    text.lm_head = hf_model.lm_head
+    text.config.name_or_path = getattr(hf_model.config, "name_or_path", "") or ""
+    left = [n for n, p in text.named_parameters() if p.is_meta]
+    if left:  # pragma: no cover - a transformers version with another module layout
+        raise UnsupportedArchitectureError(f"cannot take the text model of {architecture_of(hf_model)}: {left[:3]}")
+    return text.to(next(hf_model.parameters()).dtype).train(hf_model.training)
 
 
 def architecture_of(hf_model) -> str:
@@ -139,15 +290,93 @@ def _mlm_activation(model: TransformerBridge) -> Callable[[Tensor], Tensor]:
     return ACT2FN[act]
 
 
-def readout(model: TransformerBridge) -> LinearReadout:
-    """The function from a residual-stream vector to vocabulary logits, as ``pre(x) @ W_U + b_U``.
+@dataclasses.dataclass(frozen=True)
+class LogitMap:
+    """What the HF model applies to ``lm_head``'s output: ``logits = softcap(scale * (h @ W_U + b_U))``
+    with ``softcap(z) = c * tanh(z / c)`` (no cap when ``softcap`` is None)."""
 
-    Causal: ``pre`` is the model's final LayerNorm (statistics recomputed on the given vector).
+    scale: float = 1.0
+    softcap: float | None = None
+    source: str = ""  # the HF attribute(s) the values come from
+
+    def describe(self) -> str:
+        steps = []
+        if self.scale != 1.0:
+            steps.append(f"x {self.scale:.6g}")
+        if self.softcap is not None:
+            steps.append(f"softcap {self.softcap:g}")
+        return " then ".join(steps) + (f" ({self.source})" if self.source else "") if steps else "none"
+
+
+def _granite(hf) -> LogitMap:
+    return LogitMap(scale=1.0 / float(hf.config.logits_scaling), source="config.logits_scaling (divides)")
+
+
+def _cohere(hf) -> LogitMap:
+    # the module attribute, not the config: TransformerLens' processed weights fold the scale into W_U and
+    # set the attribute to 1.0, which is then what HF's forward multiplies by
+    return LogitMap(scale=float(hf.logit_scale), source="logit_scale (multiplies)")
+
+
+def _falcon_h1(hf) -> LogitMap:
+    return LogitMap(scale=float(hf.model.lm_head_multiplier), source="model.lm_head_multiplier (multiplies)")
+
+
+def _final_softcap(hf) -> LogitMap:
+    cap = getattr(hf.config, "final_logit_softcapping", None)
+    return LogitMap(softcap=None if cap is None else float(cap), source="config.final_logit_softcapping")
+
+
+def _recurrent_gemma(hf) -> LogitMap:
+    return LogitMap(softcap=float(hf.config.logits_soft_cap), source="config.logits_soft_cap")
+
+
+# What each *ForCausalLM.forward of transformers 5.x does after ``logits = self.lm_head(hidden_states)``,
+# read from the modelling code of every causal architecture TransformerBridge 4.3 supports. Every other
+# supported causal LM applies nothing after lm_head (casts such as Mamba's ``.float()`` change no value
+# in fp32). A family missing here is still caught at load: mechlens.validate compares the readout with
+# the model's own logits and refuses a mismatch.
+_LOGIT_MAPS: dict[str, Callable[[torch.nn.Module], LogitMap]] = {
+    "GraniteForCausalLM": _granite,
+    "GraniteMoeForCausalLM": _granite,
+    "GraniteMoeHybridForCausalLM": _granite,
+    "CohereForCausalLM": _cohere,
+    "Cohere2ForCausalLM": _cohere,
+    "FalconH1ForCausalLM": _falcon_h1,
+    "Gemma2ForCausalLM": _final_softcap,
+    "Gemma3ForCausalLM": _final_softcap,
+    "Gemma4ForCausalLM": _final_softcap,
+    "VaultGemmaForCausalLM": _final_softcap,
+    "NanoChatForCausalLM": _final_softcap,
+    "RecurrentGemmaForCausalLM": _recurrent_gemma,
+}
+
+
+def hf_model_of(model: TransformerBridge) -> torch.nn.Module:
+    """The HF model the bridge wraps (modified in place by the bridge)."""
+    return model.original_model
+
+
+def logit_map(model: TransformerBridge) -> LogitMap:
+    """The post-``lm_head`` step of ``model`` (identity for masked LMs and most causal LMs)."""
+    fn = _LOGIT_MAPS.get(model.cfg.architecture)
+    return LogitMap() if fn is None else fn(hf_model_of(model))
+
+
+def readout(model: TransformerBridge) -> LinearReadout:
+    """The function from a residual-stream vector to vocabulary logits: the model's own logit map.
+
+    Causal: ``softcap(scale * (ln_final(x) @ W_U + b_U))``: the model's final norm (statistics
+    recomputed on the given vector), its unembedding (tied or untied, with its bias if any) and the
+    post-``lm_head`` step of :func:`logit_map`. A scale is folded into ``pre`` and ``b_U``
+    (``(s h) @ W_U + s b_U``: no copy of the ``[d_model, d_vocab]`` unembedding is made); a soft-cap
+    is :class:`LinearReadout`'s ``softcap``, applied by :func:`mechlens.ops.lens_reduce` to every
+    vocabulary tile before any softmax statistic.
     Masked: ``pre`` is the MLM head's dense -> activation -> LayerNorm, and ``W_U``/``b_U`` its decoder.
     Built from the bridge's own components and weights, so it follows ``weights="processed"`` (folded
-    LayerNorm, centred unembed) too. The readout of the last point equals the model's logits (tested),
-    and ``x @ model.W_U + model.b_U`` equals ``model.unembed(x)`` exactly (tested), which lets
-    :func:`mechlens.ops.lens_reduce` tile the decoder over the vocabulary.
+    LayerNorm, centred unembed) too. The readout of the last point equals the model's logits (checked at
+    load by :mod:`mechlens.validate`, and tested for every family in :data:`FAMILIES`); with scale 1,
+    ``pre(x) @ model.W_U + model.b_U`` equals ``model.unembed(pre(x))`` exactly (tested).
     """
     ln = model.ln_final
     if kind_of(model) == "masked":
@@ -156,10 +385,62 @@ def readout(model: TransformerBridge) -> LinearReadout:
         def masked(x: Tensor) -> Tensor:
             return ln(act(dense(x)))
 
-        pre = masked
-    else:
-        pre = ln
-    return LinearReadout(pre=pre, weight=model.W_U, bias=model.b_U)
+        return LinearReadout(pre=masked, weight=model.W_U, bias=model.b_U)
+    lm = logit_map(model)
+    pre, bias = ln, model.b_U
+    if lm.scale != 1.0:
+        scale = lm.scale
+
+        def scaled(x: Tensor) -> Tensor:
+            return ln(x) * scale
+
+        pre = scaled
+        bias = None if bias is None else bias * scale
+    return LinearReadout(pre=pre, weight=model.W_U, bias=bias, softcap=lm.softcap)
+
+
+def readout_description(model: TransformerBridge) -> str:
+    """One line for provenance: the readout mechlens applies to a residual vector."""
+    if kind_of(model) == "masked":
+        return "MLM head: LayerNorm(act(dense(x))) @ W_U + b_U"
+    lm = logit_map(model)
+    post = "" if lm.describe() == "none" else f"; then {lm.describe()}"
+    return f"ln_final(x) @ W_U + b_U{post}"
+
+
+def norm_placement(hf_config, architecture: str) -> str:
+    """``"pre-LN"``, ``"post-LN"``, ``"sandwich"``, ``"output-norm"`` (see the module docstring) for the
+    families in :data:`FAMILIES`, from the config where it decides; ``"unchecked"`` otherwise."""
+    if architecture not in FAMILIES:
+        return "unchecked"
+    if architecture in MASKED_ARCHITECTURES:
+        return "post-LN"
+    if architecture in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
+        return "sandwich"
+    if architecture == "Olmo2ForCausalLM":
+        return "output-norm"
+    if architecture == "OPTForCausalLM" and not getattr(hf_config, "do_layer_norm_before", True):
+        return "post-LN"  # OPT-350m
+    if architecture == "BloomForCausalLM" and getattr(hf_config, "apply_residual_connection_post_layernorm", False):
+        return "unchecked"  # the residual branch starts from the LayerNorm output: not in the matrix
+    return "pre-LN"
+
+
+def block_layout(hf_config, architecture: str) -> str:
+    """``"parallel"`` (attention and MLP read the same input and are added together) or
+    ``"sequential"`` for the families in :data:`FAMILIES`; ``"unchecked"`` otherwise."""
+    if architecture not in FAMILIES:
+        return "unchecked"
+    parallel = {
+        "GPTJForCausalLM": True,
+        "PhiForCausalLM": True,
+        "CohereForCausalLM": True,
+        "GPTNeoXForCausalLM": getattr(hf_config, "use_parallel_residual", True),
+        "StableLmForCausalLM": getattr(hf_config, "use_parallel_residual", False),
+        "FalconForCausalLM": getattr(hf_config, "parallel_attn", True)
+        or getattr(hf_config, "new_decoder_architecture", False),
+    }.get(architecture, False)
+    return "parallel" if parallel else "sequential"
 
 
 def final_resid_is_normalized(hf_model) -> bool:

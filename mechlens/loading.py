@@ -36,6 +36,7 @@ def load_model(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     weights: str = "raw",
+    allow_readout_mismatch: bool = False,
 ) -> TransformerBridge:
     """Load a causal or masked LM as a ``TransformerBridge`` (eval mode) with a working tokenizer.
 
@@ -44,12 +45,20 @@ def load_model(
     log-probs unchanged, norms and raw logits changed). An in-memory ``hf_model`` is adopted by the
     bridge and modified in place: pass a copy if you need the original.
     The model carries a :class:`~mechlens.provenance.Provenance` (see :func:`provenance_of`).
+    A multimodal Gemma3 is analysed through its text model (:func:`mechlens.arch.text_model_of`).
+
+    Load-time check (:func:`mechlens.validate.validate_readout`): one short probe forward; the lens
+    readout of the last residual must equal the model's own log-probs, else
+    :class:`~mechlens.errors.UnsupportedArchitectureError`, unless ``allow_readout_mismatch=True``
+    (recorded in provenance).
     """
     if weights not in WEIGHTS:
         raise MechlensError(f"--weights {weights} (weights={weights!r}): expected one of {', '.join(WEIGHTS)}")
     device = check_device(device)
     label, hf_model, tokenizer = _resolve(spec, tokenizer, dtype)
     check_finite_weights(label, hf_model)
+    source_architecture = arch.architecture_of(hf_model)
+    hf_model = arch.text_model_of(hf_model)
     arch.normalize_config(hf_model)
     architecture = arch.architecture_of(hf_model)
     kind = arch.model_kind(architecture)
@@ -70,6 +79,9 @@ def load_model(
     if weights == "processed":
         bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()
+    from mechlens.validate import validate_readout
+
+    check = validate_readout(bridge, allow_mismatch=allow_readout_mismatch)
     prov = Provenance(
         model=label,
         architecture=architecture,
@@ -83,6 +95,14 @@ def load_model(
         padding_side=bridge.tokenizer.padding_side,
         dtype=str(dtype).removeprefix("torch."),
         device=str(device),
+        source_architecture=None if source_architecture == architecture else source_architecture,
+        norm_placement=arch.norm_placement(hf_model.config, architecture),
+        block_layout=arch.block_layout(hf_model.config, architecture),
+        family_checked=architecture in arch.FAMILIES,
+        readout=check.readout,
+        readout_max_logprob_diff=check.max_logprob_diff,
+        readout_tolerance=check.tolerance,
+        readout_mismatch_allowed=allow_readout_mismatch,
     )
     object.__setattr__(bridge, _PROVENANCE_ATTR, prov)
     return bridge

@@ -29,6 +29,15 @@ class Provenance:
     dtype: str
     device: str
     seed: int | None = None
+    # architecture quirks (mechlens.arch) and the load-time readout check (mechlens.validate)
+    source_architecture: str | None = None  # the class given when its text model is analysed (Gemma3 multimodal)
+    norm_placement: str = "unchecked"  # "pre-LN", "post-LN", "sandwich", "output-norm" or "unchecked"
+    block_layout: str = "unchecked"  # "sequential", "parallel" or "unchecked"
+    family_checked: bool = False  # the family is in mechlens' HF cross-check matrix (arch.FAMILIES)
+    readout: str = ""  # the lens readout, e.g. "ln_final(x) @ W_U + b_U; then softcap 30 (...)"
+    readout_max_logprob_diff: float | None = None  # readout vs the model's log-probs on the load probe (nats)
+    readout_tolerance: float | None = None  # the tolerance it was checked against (nats)
+    readout_mismatch_allowed: bool = False  # load_model(..., allow_readout_mismatch=True) was given
     transformer_lens: str = dataclasses.field(default_factory=lambda: _version("transformer-lens"))
     transformers: str = dataclasses.field(default_factory=lambda: _version("transformers"))
     torch: str = dataclasses.field(default_factory=lambda: _version("torch"))

@@ -203,6 +203,28 @@ class _Running:
         return self.m.double() + self.s.log()
 
 
+_BACKENDS = ("auto", "eager", "triton")
+
+
+def _use_triton(backend: str, readout, device: torch.device) -> bool:
+    """Whether :func:`lens_reduce` runs the fused Triton kernel (see its ``backend`` argument)."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "eager" or (backend == "auto" and device.type != "cuda"):
+        return False
+    linear = isinstance(readout, LinearReadout)
+    if backend == "triton" and not linear:
+        raise ValueError("backend='triton' needs a LinearReadout (pre + weight [+ bias, softcap]), not a callable")
+    if not linear:
+        return False
+    from mechlens.ops import lens_triton
+
+    if backend == "triton":
+        lens_triton.check_usable(device, readout.weight.dtype)
+        return True
+    return lens_triton.available() and readout.weight.dtype in lens_triton.AUTO_DTYPES
+
+
 def _softcap_(z: Tensor, cap: float) -> Tensor:
     """``cap * tanh(z / cap)`` in place (``z`` is a fresh tensor or a tile buffer)."""
     return z.div_(cap).tanh_().mul_(cap)
@@ -231,6 +253,7 @@ def lens_reduce(
     kl_to_final: bool = False,
     max_chunk_bytes: int = 128 * 2**20,
     progress: bool = False,
+    backend: str = "auto",
 ) -> LensStats:
     """Apply ``readout`` (residual -> logits) to every layer and position and reduce over the vocabulary.
 
@@ -241,10 +264,17 @@ def lens_reduce(
     ``rows`` (e.g. padding) are skipped and get id -1 / NaN. Work is tiled (see the module docstring),
     so memory stays within ``max_chunk_bytes`` plus the chunk's pre-activations and the outputs.
     ``progress``: a tqdm bar over row chunks (shown when there are at least two).
+
+    ``backend``: ``"eager"`` the tiled torch code above (the reference, and the CPU implementation);
+    ``"triton"`` the fused kernel of :mod:`mechlens.ops.lens_triton` (a :class:`LinearReadout` with
+    16/32-bit weights; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``, for tests);
+    ``"auto"`` the kernel on CUDA when triton is installed and the readout is a :class:`LinearReadout`
+    with bf16/fp16 weights (``lens_triton.AUTO_DTYPES``), else eager.
     """
     n_layers, batch, pos, _ = resid.shape
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
+    use_triton = _use_triton(backend, readout, resid.device)
     dev = resid.device
     flat = einops.rearrange(resid, "layer batch pos d_model -> layer (batch pos) d_model")
     n_rows = batch * pos
@@ -268,7 +298,25 @@ def lens_reduce(
     t_rank = torch.full((n_layers, n_rows), -1, dtype=torch.long, device=dev) if targets is not None else None
     kl = torch.full((n_layers, n_rows), **nan) if kl_to_final else None
 
-    if len(keep):
+    if len(keep) and use_triton:
+        from mechlens.ops import lens_triton
+
+        res = lens_triton.reduce_rows(
+            flat,
+            readout,
+            None if rows is None else keep,
+            tgt_flat,
+            k=k,
+            entropy=entropy,
+            kl_to_final=kl_to_final,
+            max_chunk_bytes=max_chunk_bytes,
+        )
+        out_max[:, keep] = res["max"]
+        for name, out in (("entropy", ent), ("target_logprob", t_lp), ("target_rank", t_rank), ("kl_to_final", kl),
+                          ("topk_logprobs", topk_lp), ("topk_ids", topk_ids)):  # fmt: skip
+            if out is not None:
+                out[:, keep] = res[name]
+    elif len(keep):
         r_step, cols = tile_shape(n_layers, d_vocab, max_chunk_bytes, dev, acc.itemsize, n_positions=len(keep))
         exp_buf = torch.empty(n_layers * r_step * cols, dtype=acc, device=dev)
         z_buf = torch.empty(n_layers * r_step * cols, dtype=acc, device=dev)

@@ -1,0 +1,372 @@
+"""The architecture matrix (issue #14): every family mechlens checks, against Hugging Face.
+
+For each family of :data:`arch_matrix.CASES` (a 2-layer, d_model-64 seeded random model with the real
+GPT-2 vocabulary and realistic logit sizes, exact parameter count asserted):
+
+* the lens (``lens_reduce`` over :func:`mechlens.arch.readout`, soft-cap and logit scales included) at
+  the last readout point equals the model's own log-probs, and at every earlier point equals HF's own
+  final norm + head + post-processing applied to ``output_hidden_states[l]``;
+* ``hook_attn_out`` / ``hook_mlp_out`` equal what the HF block adds to the residual stream (forward
+  hooks on the HF reference copy; BERT/RoBERTa: the documented post-LN semantics);
+* the provenance records the norm placement, block layout and readout, and the load-time check passed;
+* left and right padding give the same log-probs and activations;
+* every applicable study runs.
+
+The HF references are independent of mechlens.arch: the HF modules to hook and the final norm are
+named in tests/arch_matrix.py from transformers' modelling code, and the head's post-processing is
+whatever HF's own forward does.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from arch_matrix import CASES, TEXTS, L, build, hf_logits_from, hf_run
+
+from mechlens import UnsupportedArchitectureError, arch, encode, load_model, provenance_of, run_cached
+from mechlens.studies import lens
+
+# -- tolerances ----------------------------------------------------------------------------------
+# Lens vs HF log-probs. Both sides compute fp32 logits from the same residual and weights in a different
+# summation order (tiled h @ W_U vs HF's F.linear): dot products of length 64 whose largest logits are
+# ~10-60 here carry ~sqrt(64) * 2**-24 relative rounding, ~1e-6 of the largest logit; a log-softmax at
+# most doubles it. Allowed: 2e-6 x max|logit| + 5e-5 nats (5e-5 is TransformerLens' own fp32 HF-parity
+# floor). Measured worst over the matrix: 1.2e-5 (GPT-J). A missing post-processing step is 50-500 nats
+# here (docs/architectures.md), a missing bias or norm far above the bound too.
+REL_LOGIT, ABS_LP = 2e-6, 5e-5
+# Activations (hook values vs HF module outputs): the same fp32 ops in the same order except where the
+# bridge reimplements attention (measured <= 3.4e-8); allowed 5e-5 + 1e-6 x max|value|.
+REL_ACT, ABS_ACT = 1e-6, 5e-5
+# Additivity (resid_post vs resid_pre + attn + mlp): two fp32 additions in another order, <= 2 ulp of the
+# largest |residual| (2 x 2**-24 relative); allowed 1e-6 relative (8 ulp) + 1e-7.
+REL_SUM, ABS_SUM = 1e-6, 1e-7
+# Left vs right padding: the same rows at other offsets of the padded matrices, so GEMM blocking and
+# attention sums run in other orders: TransformerLens measured 5e-6 relative on logits for padded vs
+# unpadded GPT-2 (tests/test_hf_crosscheck.py). Allowed 1e-5 x max|logit| + 5e-5 on log-probs
+# (x2 for the log-softmax), 1e-5 x max|activation| + 5e-5 on activations.
+REL_PAD, ABS_PAD = 1e-5, 5e-5
+
+NAMES = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
+
+# norm placement and block layout per family, written from the transformers modelling code (what
+# provenance must record)
+EXPECTED_LAYOUT = {
+    "gpt-j": ("pre-LN", "parallel"), "gpt-neox": ("pre-LN", "parallel"), "phi": ("pre-LN", "parallel"),
+    "falcon": ("pre-LN", "parallel"), "cohere": ("pre-LN", "parallel"), "gemma2": ("sandwich", "sequential"),
+    "gemma3": ("sandwich", "sequential"), "olmo2": ("output-norm", "sequential"),
+    "bert": ("post-LN", "sequential"), "roberta": ("post-LN", "sequential"),
+}  # fmt: skip
+
+
+class Loaded:
+    """A case's HF reference model, the same weights through mechlens, one batch, and both runs."""
+
+    def __init__(self, case, tmp_dir):
+        self.case = case
+        self.hf, self.tok = build(case, tmp_dir)
+        self.model = load_model(copy.deepcopy(self.hf), tokenizer=self.tok)
+        m = self.model
+        self.batch = encode(m, TEXTS, bos=True)
+        self.valid = self.batch.attention_mask.bool()
+        names = [f"blocks.{i}.{h}" for i in range(L) for h in NAMES]
+        self.logits, self.acts = run_cached(m, self.batch, names, logits=True)
+        self.ref = hf_run(case, self.hf, self.batch.tokens, self.batch.attention_mask)
+        self._refs: dict[int, torch.Tensor] = {}
+
+    def ref_logits(self, point: int) -> torch.Tensor:
+        """HF's logits read out at ``point`` (0 = embeddings, L = the model's own output), computed once."""
+        if point not in self._refs:
+            self._refs[point] = (
+                self.ref.logits
+                if point == L
+                else hf_logits_from(
+                    self.case, self.hf, self.ref.hidden_states[point], self.batch.tokens, self.batch.attention_mask
+                )
+            )
+        return self._refs[point]
+
+
+_LOADED: dict[str, Loaded] = {}
+
+
+@pytest.fixture(params=list(CASES), scope="module")
+def loaded(request, tmp_path_factory):
+    name = request.param
+    if name not in _LOADED:
+        _LOADED.clear()  # one family in memory at a time (the params run in order)
+        _LOADED[name] = Loaded(CASES[name], str(tmp_path_factory.mktemp(name)))
+    return _LOADED[name]
+
+
+def _maxdiff(a, b, mask):
+    return (a - b).abs()[mask].max().item()
+
+
+def test_parameter_count_and_provenance(loaded):
+    case, m = loaded.case, loaded.model
+    p = provenance_of(m)
+    assert p.n_params == case.n_params  # build() asserted it on the HF model too
+    assert (p.architecture, p.kind, p.n_layers, p.d_model) == (case.model, case.kind, L, 64)
+    assert (p.norm_placement, p.block_layout) == EXPECTED_LAYOUT.get(case.name, ("pre-LN", "sequential"))
+    assert p.family_checked and not p.readout_mismatch_allowed
+    assert p.readout_max_logprob_diff <= p.readout_tolerance
+    # the logits are not flat: a lens that skipped a post-processing step would be far off
+    lp = loaded.ref.logits.log_softmax(-1)
+    entropy = -(lp.exp() * lp).sum(-1)[loaded.valid]
+    assert entropy.mean() < 9.0, entropy.mean()  # log(50257) = 10.8
+
+
+def test_model_logits_equal_hf(loaded):
+    z = loaded.ref.logits
+    assert _maxdiff(loaded.logits, z, loaded.valid) <= ABS_LP + REL_LOGIT * z.abs().max().item()
+
+
+def test_lens_equals_hf_head_at_every_readout_point(loaded):
+    """lens_reduce over arch.readout (tiles, soft-cap, scales) vs HF's own head on hidden_states[l]:
+    target log-prob, max log-prob, entropy and KL to the final layer, every point; the last point is
+    the model's own log-probs."""
+    m, batch, valid = loaded.model, loaded.batch, loaded.valid
+    # masked: the input token itself (nothing masked)
+    causal = loaded.case.kind == "causal"
+    targets = lens.next_token_targets(batch) if causal else batch.tokens.masked_fill(~valid, -1)
+    st = lens.lens_stats(m, batch, targets, k=3, kl_to_final=True)
+    has = targets >= 0
+    refs = [loaded.ref_logits(p) for p in range(L + 1)]
+    lp_final = refs[L].double().log_softmax(-1)
+    for point, z in enumerate(refs):
+        lp = z.double().log_softmax(-1)
+        tol = ABS_LP + 2 * REL_LOGIT * z.abs().max().item()
+        want_t = lp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        assert _maxdiff(st.target_logprob[point].double(), want_t, has) <= tol, (point, "target")
+        assert _maxdiff(st.max_logprob[point].double(), lp.max(-1).values, valid) <= tol, (point, "max")
+        ent = -(lp.exp() * lp).sum(-1)
+        assert _maxdiff(st.entropy[point].double(), ent, valid) <= 2 * tol, (point, "entropy")
+        kl = (lp_final.exp() * (lp_final - lp)).sum(-1)
+        kl_tol = 4 * tol + 1e-6 * kl[valid].abs().max().item()
+        assert _maxdiff(st.kl_to_final[point].double(), kl, valid) <= kl_tol, (point, "kl")
+        # top-1 agrees wherever HF's top two are not within the tolerance of each other
+        top2 = lp.topk(2, -1).values
+        clear = valid & (top2[..., 0] - top2[..., 1] > 2 * tol)
+        assert torch.equal(st.topk_ids[point][..., 0][clear], lp.argmax(-1)[clear])
+
+
+def test_readout_equals_hf_head_on_hidden_states(loaded):
+    """arch.readout applied to the bridge's residual hook points, materialised, vs HF's head."""
+    r, acts = arch.readout(loaded.model), loaded.acts
+    points = [acts[f"blocks.{i}.hook_resid_pre"] for i in range(L)] + [acts[f"blocks.{L - 1}.hook_resid_post"]]
+    with torch.no_grad():
+        for point, x in enumerate(points):
+            z = loaded.ref_logits(point)
+            got = r(x).log_softmax(-1)
+            tol = ABS_LP + 2 * REL_LOGIT * z.abs().max().item()
+            assert _maxdiff(got, z.log_softmax(-1), loaded.valid) <= tol, point
+
+
+def test_hook_outputs_are_what_the_block_adds(loaded):
+    case, acts, ref, valid = loaded.case, loaded.acts, loaded.ref, loaded.valid
+    for i in range(L):
+        pre, attn, mlp, post = (acts[f"blocks.{i}.{h}"] for h in NAMES)
+        for got, want in (
+            (pre, ref.hidden_states[i]),
+            (attn, ref.attn[i]),
+            (mlp, ref.mlp[i]),
+            (post, ref.block_out[i]),
+        ):
+            assert _maxdiff(got, want, valid) <= ABS_ACT + REL_ACT * want.abs().max().item(), (i, case.name)
+        if case.post_ln:
+            # documented: no additive decomposition; the block output is HF's next hidden state
+            if i + 1 < L:
+                assert _maxdiff(post, ref.hidden_states[i + 1], valid) <= ABS_ACT
+            continue
+        # the HF modules named in arch_matrix are what HF adds (checks the reference itself) ...
+        tol = ABS_SUM + REL_SUM * ref.block_out[i].abs().max().item()
+        assert _maxdiff(ref.hidden_states[i] + ref.attn[i] + ref.mlp[i], ref.block_out[i], valid) <= tol
+        # ... and the bridge's residual stream is the sum of its hooks
+        assert _maxdiff(pre + attn + mlp, post, valid) <= tol
+        mid = f"blocks.{i}.hook_resid_mid"
+        if mid in loaded.model.hook_dict:  # sequential blocks only
+            _, a = run_cached(loaded.model, loaded.batch, [mid])
+            assert _maxdiff(a[mid], pre + attn, valid) <= tol
+
+
+def test_left_and_right_padding_agree(loaded):
+    m = loaded.model
+    names = ["blocks.0.hook_attn_out", f"blocks.{L - 1}.hook_mlp_out"]
+    runs = {}
+    for side in ("right", "left"):
+        b = encode(m, TEXTS, bos=True, padding_side=side)
+        logits, acts = run_cached(m, b, names, logits=True)
+        runs[side] = (b.attention_mask.bool(), logits.log_softmax(-1), acts, logits.abs().max().item())
+    (mr, lr, ar, zr), (ml, ll, al, _) = runs["right"], runs["left"]
+    for row in range(len(TEXTS)):
+        assert mr[row].sum() == ml[row].sum()
+        tol = ABS_PAD + 2 * REL_PAD * zr
+        assert (lr[row][mr[row]] - ll[row][ml[row]]).abs().max() <= tol, row
+        for n in names:
+            a, b = ar[n][row][mr[row]], al[n][row][ml[row]]
+            assert (a - b).abs().max() <= ABS_PAD + REL_PAD * a.abs().max(), (row, n)
+
+
+COFFEE = " ".join(["I like oat milk in my coffee every morning."] * 6)
+
+
+def _study_config(case, name):
+    from mechlens.studies import distances, logits, magnitudes, position
+
+    return {
+        "lens": lens.Config(text="the cat sat on the warm windowsill .", position=2)
+        if case.name == "bert"  # the word-level test vocabulary
+        else lens.Config(),
+        "magnitudes": magnitudes.Config(n_texts=8, max_tokens=16, n_fit_positions=8),
+        "distances": distances.Config(n_targets=4, n_synthetic=200, mi_bins=(4, 8)),
+        "position": position.Config(n_train=12, n_test=6, max_iter=200),
+        "logits": logits.Config(n_samples=10, n_new_tokens=1),
+    }[name]
+
+
+def test_every_applicable_study_runs(loaded):
+    import importlib
+
+    case, m = loaded.case, loaded.model
+    for name in case.studies:
+        study = importlib.import_module(f"mechlens.studies.{name}")
+        cfg = _study_config(case, name)
+        # the 128-token context holds only 3 " coffee" of the default coffee article: a denser text
+        res = study.run(m, cfg, texts=[COFFEE]) if name == "distances" else study.run(m, cfg)
+        assert res.metrics, name
+        assert res.provenance["architecture"] == case.model
+        if name == "lens" and case.kind == "causal":
+            # the study's own last readout point is the model's log-probs of the next token
+            batch = encode(m, [lens.Config().text], bos=True)
+            with torch.no_grad():
+                lp = loaded.hf(input_ids=batch.tokens).logits.double().log_softmax(-1)[0]
+            n = batch.tokens.shape[1] - 1
+            want = lp[:n].gather(-1, batch.tokens[0, 1:, None])[..., 0]
+            got = torch.tensor(res.metrics["target_logprob"][-1], dtype=torch.float64)
+            assert (got - want).abs().max() <= ABS_LP + 2 * REL_LOGIT * lp.abs().max().item()
+
+
+# -- readout post-processing under processed weights, refusal and override ------------------------
+
+
+@pytest.mark.parametrize("name", ["gemma2", "granite", "cohere"])
+def test_post_processing_survives_processed_weights(name, tmp_path):
+    """weights="processed": TransformerLens folds Cohere's logit_scale into W_U (and sets the HF
+    attribute to 1), disables centring under a soft-cap; the readout follows the live model."""
+    case = CASES[name]
+    hf, tok = build(case, str(tmp_path))
+    m = load_model(copy.deepcopy(hf), tokenizer=tok, weights="processed")
+    batch = encode(m, TEXTS, bos=True)
+    last = f"blocks.{L - 1}.hook_resid_post"
+    _, acts = run_cached(m, batch, [last])
+    with torch.no_grad():
+        z = hf(input_ids=batch.tokens, attention_mask=batch.attention_mask).logits
+        got = arch.readout(m)(acts[last]).log_softmax(-1)
+    # processed weights (folded LayerNorm) reorder more fp32 sums: TransformerLens documents <= 2e-6 on
+    # log-softmax for GPT-2; we allow the lens tolerance x 4
+    tol = 4 * (ABS_LP + 2 * REL_LOGIT * z.abs().max().item())
+    assert _maxdiff(got, z.log_softmax(-1), batch.attention_mask.bool()) <= tol
+
+
+@pytest.mark.parametrize(
+    ("name", "gap"), [("granite", "are 0.125 x the readout"), ("gemma2", "soft-caps its logits at ~30")]
+)
+def test_unreproduced_readout_is_refused_unless_overridden(name, gap, tmp_path, monkeypatch):
+    """A family whose post-lm_head step mechlens did not know is refused at load, naming the gap;
+    the explicit override loads it and provenance records it."""
+    case = CASES[name]
+    hf, tok = build(case, str(tmp_path))
+    monkeypatch.delitem(arch._LOGIT_MAPS, case.model)  # as if mechlens had never read this family's code
+    with pytest.raises(UnsupportedArchitectureError, match="allow_readout_mismatch") as e:
+        load_model(copy.deepcopy(hf), tokenizer=tok)
+    assert gap in str(e.value) and case.model in str(e.value)
+    m = load_model(copy.deepcopy(hf), tokenizer=tok, allow_readout_mismatch=True)
+    p = provenance_of(m)
+    assert p.readout_mismatch_allowed and p.readout_max_logprob_diff > 10 * p.readout_tolerance
+    assert p.readout_max_logprob_diff > 1.0  # tens of nats, as the issue measured
+
+
+# -- what TransformerBridge loads, and what it does not ------------------------------------------
+
+
+def test_gemma3_multimodal_is_analysed_through_its_text_model():
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from mechlens.tokenizer import gpt2_tokenizer
+
+    torch.manual_seed(0)
+    text = dict(CASES["gemma3"].kwargs, final_logit_softcapping=None)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=32, patch_size=8)  # fmt: skip
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=50255)
+    cfg._attn_implementation = "eager"
+    hf = Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        w = hf.lm_head.weight
+        w.mul_(1.0 / w.std())
+    # the text model of the gemma3 case (3,290,816; the soft-cap has no parameters) + a 1-layer SigLIP tower:
+    # patch embedding 32*3*8*8+32, 16 positions x 32, one layer (2 LNs, q/k/v/o with bias, fc1, fc2),
+    # post-LayerNorm, pooling head (probe, in_proj 96x32+96, out_proj, LN, MLP) + projector (32x64 + norm)
+    layer = 2 * 64 + 4 * (32 * 32 + 32) + (64 * 32 + 64) + (32 * 64 + 32)
+    head = 32 + (96 * 32 + 96) + (32 * 32 + 32) + 64 + (64 * 32 + 64) + (32 * 64 + 32)
+    vision_params = (32 * 3 * 8 * 8 + 32) + 16 * 32 + layer + 64 + head + (32 * 64 + 32)  # 25,888
+    assert sum(p.numel() for p in hf.parameters()) == CASES["gemma3"].n_params + vision_params
+    tok = gpt2_tokenizer()
+    m = load_model(copy.deepcopy(hf), tokenizer=tok)
+    p = provenance_of(m)
+    assert (p.architecture, p.source_architecture, p.norm_placement) == (
+        "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration", "sandwich",
+    )  # fmt: skip
+    assert p.n_params == CASES["gemma3"].n_params  # the text model only
+    batch = encode(m, TEXTS, bos=True)
+    last = f"blocks.{L - 1}.hook_resid_post"
+    logits, acts = run_cached(m, batch, [last], logits=True)
+    with torch.no_grad():
+        z = hf(input_ids=batch.tokens, attention_mask=batch.attention_mask).logits
+        got = arch.readout(m)(acts[last]).log_softmax(-1)
+    valid = batch.attention_mask.bool()
+    tol = ABS_LP + 2 * REL_LOGIT * z.abs().max().item()
+    assert _maxdiff(logits, z, valid) <= tol
+    assert _maxdiff(got, z.log_softmax(-1), valid) <= tol
+
+
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+
+
+@pytest.mark.parametrize(
+    ("config", "model", "kwargs"),
+    [
+        ("DistilBertConfig", "DistilBertForMaskedLM", dict(dim=32, hidden_dim=64, n_layers=1, n_heads=2)),
+        (
+            "AlbertConfig",
+            "AlbertForMaskedLM",
+            dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, embedding_size=16),
+        ),
+        (
+            "ModernBertConfig",
+            "ModernBertForMaskedLM",
+            dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+        ),
+    ],
+)
+def test_masked_lms_transformer_bridge_does_not_support_are_refused(config, model, kwargs):
+    import transformers
+
+    from mechlens.tokenizer import mlm_tokenizer
+
+    ids = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2, cls_token_id=0, sep_token_id=2)
+    hf = getattr(transformers, model)(getattr(transformers, config)(vocab_size=128, **ids, **kwargs))
+    with pytest.raises(UnsupportedArchitectureError) as e:
+        load_model(hf, tokenizer=mlm_tokenizer())
+    msg = str(e.value)
+    assert model in msg and "TransformerBridge" in msg and "does not support" in msg
+    assert "BertForMaskedLM" in msg and "RobertaForMaskedLM" in msg and "Gemma2" in msg  # what is supported
+
+
+def test_every_family_in_the_matrix_is_declared_in_arch():
+    assert {c.model for c in CASES.values()} == set(arch.FAMILIES)
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+
+    assert set(arch.FAMILIES) <= set(SUPPORTED_ARCHITECTURES)

@@ -13,7 +13,8 @@ transformers (no TransformerLens), and triton for the kernel rows.
 
     python benchmarks/gpu_lens.py            # prints a markdown table; paste into RESULTS_GPU.md
     python benchmarks/gpu_lens.py --check    # first: kernel vs eager (and float64) at vocab 50257
-    python benchmarks/gpu_lens.py --sweep    # first: kernel tile configurations, bf16
+    python benchmarks/gpu_lens.py --sweep    # first: kernel tile configurations
+    python benchmarks/gpu_lens.py --resources  # no GPU needed: registers/spills of the kernel for sm_90
 """
 
 from __future__ import annotations
@@ -150,7 +151,46 @@ SWEEP_BF16 = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (1
 SWEEP_FP32 = [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3)]
 
 
+def resources() -> None:
+    """Registers, spills and shared memory of the kernel's variants compiled for sm_90 by ptxas (no GPU
+    needed: Triton's bundled ptxas), at the default tile configurations."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+
+    sys.path.insert(0, ".")
+    from mechlens.ops import lens_triton
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    all_on = dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_TARGET=True, ENTROPY=True)
+    variants = {"TL's set (target, rank, entropy)": dict(HAS_TARGET=True, ENTROPY=True),
+                "final layer (all, top-5, stores logits)": dict(all_on, K=5, KP=8, STORE_Z=True),
+                "other layers (all, top-5, KL)": dict(all_on, K=5, KP=8, KL=True)}  # fmt: skip
+    print(f"triton {triton.__version__}, sm_90a\n")
+    print("| weights | blocks (BM, BN, BK, warps, stages) | variant | ptxas |\n| --- | --- | --- | --- |")
+    for dtype in (torch.bfloat16, torch.float32):
+        for name, flags in variants.items():
+            ptx = lens_triton.compile_for_gpu(dtype, **flags).asm["ptx"]
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "k.ptx")
+                with open(path, "w") as f:
+                    f.write(ptx)
+                for exe in ("ptxas-blackwell", "ptxas"):  # the newer one reads the newer PTX versions
+                    r = subprocess.run([os.path.join(bin_dir, exe), "-arch=sm_90a", "-v", path, "-o", path + ".o"],
+                                       capture_output=True, text=True)  # fmt: skip
+                    if r.returncode == 0:
+                        break
+            info = "; ".join(line.split(":", 1)[-1].strip() for line in r.stderr.splitlines()
+                             if "registers" in line or "spill" in line)  # fmt: skip
+            print(f"| {str(dtype)[6:]} | {lens_triton._CUDA_BLOCKS[dtype]} | {name} | {info or r.stderr[-200:]} |")
+
+
 def main(argv: list[str]) -> None:
+    if "--resources" in argv:
+        resources()
+        return
     if not torch.cuda.is_available():
         print("no CUDA device: item 5 skipped")
         return

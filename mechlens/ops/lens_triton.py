@@ -81,18 +81,22 @@ def _lens_kernel(
     T_ID,  # [P] int64 target id per position (-1: none)
     ZF,  # [P, V] fp32 final-layer logits: written with STORE_Z, read with KL
     LSEF,  # [P] float64 final-layer logsumexp (read with KL)
-    OUT_LSE,  # [n_rows] float64
-    OUT_MAX,  # [n_rows] fp32 max log-prob
-    OUT_ENT,  # [n_rows] fp32
-    OUT_TLP,  # [n_rows] fp32 target log-prob
-    OUT_RANK,  # [n_rows] int64
-    OUT_KL,  # [n_rows] fp32
-    OUT_TV,  # [n_rows, KP] fp32 top-k log-probs (unsorted)
-    OUT_TI,  # [n_rows, KP] int64 top-k ids
+    # raw per-(split, row) statistics, index split * n_rows + row, combined in float64 by _combine:
+    OUT_M,  # fp32 max logit of the split's columns
+    OUT_S,  # float64 sum exp(z - m)
+    OUT_A,  # float64 sum exp(z - m) (z - m)
+    OUT_T,  # fp32 target logit (NaN: no target)
+    OUT_ABOVE,  # int32 logits strictly above the target's, its own column excluded
+    OUT_B,  # float64 sum p_f (z_f - z)
+    OUT_SF,  # float64 sum p_f
+    OUT_TV,  # [.., KP] fp32 top logits (unsorted; slots >= K hold +inf)
+    OUT_TI,  # [.., KP] int32 their ids
     n_layers,  # readout points in this launch: row = layer * P + position
     V,
     D,
     P,  # positions in this chunk
+    n_splits,  # the vocabulary is cut into n_splits ranges of v_split columns, one program each
+    v_split,
     softcap,
     stride_xr,
     stride_wd,
@@ -116,10 +120,14 @@ def _lens_kernel(
     # logits tiles (KL) at about the same time, from L2
     pid = tl.program_id(0)
     layer = pid % n_layers
-    p = (pid // n_layers) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = (pid // n_layers) % n_splits
+    p = (pid // (n_layers * n_splits)) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = p < P
     pos = tl.where(row_ok, p, 0).to(tl.int64)
     rows64 = layer.to(tl.int64) * P + pos
+    out64 = split.to(tl.int64) * n_layers * P + rows64
+    v_lo = split * v_split
+    v_hi = tl.minimum(v_lo + v_split, V)
     offs_k = tl.arange(0, BLOCK_K)
     offs_n = tl.arange(0, BLOCK_N)
     x_base = X + rows64[:, None] * stride_xr
@@ -161,9 +169,9 @@ def _lens_kernel(
         ti = tl.full([BLOCK_M, KP], -1, dtype=tl.int32)
         thr = tl.min(tv, 1)
 
-    for n0 in range(0, V, BLOCK_N):
+    for n0 in range(v_lo, v_hi, BLOCK_N):
         cols = n0 + offs_n
-        cmask = cols < V
+        cmask = cols < v_hi
         w_base = W + cols[None, :].to(tl.int64) * stride_wv
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
@@ -228,22 +236,20 @@ def _lens_kernel(
                 cur = tl.max(zt, 1)
                 go = tl.max((cur > thr).to(tl.int32), 0)
 
-    log_s = tl.log(s.to(tl.float32))
-    lse = m.to(tl.float64) + log_s.to(tl.float64)
-    tl.store(OUT_LSE + rows64, lse, mask=row_ok)
-    tl.store(OUT_MAX + rows64, (m.to(tl.float64) - lse).to(tl.float32), mask=row_ok)
+    tl.store(OUT_M + out64, m, mask=row_ok)
+    tl.store(OUT_S + out64, s, mask=row_ok)
     if ENTROPY:
-        tl.store(OUT_ENT + rows64, (log_s.to(tl.float64) - a / s).to(tl.float32), mask=row_ok)
+        tl.store(OUT_A + out64, a, mask=row_ok)
     if HAS_TARGET:
-        tl.store(OUT_TLP + rows64, (t_logit.to(tl.float64) - lse).to(tl.float32), mask=row_ok)
-        tl.store(OUT_RANK + rows64, tl.where(has_t, above, -1).to(tl.int64), mask=row_ok)
+        tl.store(OUT_T + out64, t_logit, mask=row_ok)
+        tl.store(OUT_ABOVE + out64, above, mask=row_ok)
     if KL:
-        kl = b / s_f - lse_f64 + lse
-        tl.store(OUT_KL + rows64, kl.to(tl.float32), mask=row_ok)
+        tl.store(OUT_B + out64, b, mask=row_ok)
+        tl.store(OUT_SF + out64, s_f, mask=row_ok)
     if K > 0:
-        optr = rows64[:, None] * KP + kcols[None, :]
-        tl.store(OUT_TV + optr, (tv.to(tl.float64) - lse[:, None]).to(tl.float32), mask=row_ok[:, None])
-        tl.store(OUT_TI + optr, ti.to(tl.int64), mask=row_ok[:, None])
+        optr = out64[:, None] * KP + kcols[None, :]
+        tl.store(OUT_TV + optr, tv, mask=row_ok[:, None])
+        tl.store(OUT_TI + optr, ti, mask=row_ok[:, None])
 
 
 _KERNEL = None
@@ -281,43 +287,66 @@ def check_usable(device: torch.device, weight_dtype: torch.dtype) -> None:
             )
 
 
-def _launch(x, readout, t_ids, *, p, n_layers, k, kp, entropy, kl, store_z, zf, lse_f, blocks, interpret):
-    """One kernel launch over the ``n_layers * p`` rows of ``x``; returns the per-row outputs."""
+def _splits(n_programs: int, v: int, bn: int, device: torch.device, splits: int | None) -> int:
+    """How many vocabulary ranges each row's pass is cut into: enough programs for two per multiprocessor
+    when rows alone give fewer (a short prompt, the final layer's own launch), each range >= 16 tiles."""
+    if splits is not None:
+        return max(1, min(splits, triton.cdiv(v, bn)))
+    if device.type != "cuda":
+        return 1
+    want = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(want, n_programs), triton.cdiv(v, 16 * bn)))
+
+
+def _launch(x, readout, t_ids, *, p, n_layers, k, kp, entropy, kl, store_z, zf, lse_f, blocks, interpret, splits):
+    """One kernel launch over the ``n_layers * p`` rows of ``x``; returns the per-row statistics combined
+    over vocabulary splits (:func:`_combine`)."""
     dev = x.device
     n_rows = n_layers * p
     weight = readout.weight
     d, v = weight.shape
     bm, bn, bk, warps, stages = blocks
-    f32 = dict(dtype=torch.float32, device=dev)
+    n_blocks = triton.cdiv(p, bm) * n_layers
+    n_splits = _splits(n_blocks, v, bn, dev, splits)
+    v_split = triton.cdiv(triton.cdiv(v, n_splits), bn) * bn
+    n_splits = triton.cdiv(v, v_split)
+    shape = (n_splits, n_rows)
+
+    def empty(dtype, *extra):
+        return torch.empty(*shape, *extra, dtype=dtype, device=dev)
+
     out = {
-        "lse": torch.empty(n_rows, dtype=torch.float64, device=dev),
-        "max": torch.empty(n_rows, **f32),
-        "ent": torch.empty(n_rows, **f32) if entropy else None,
-        "tlp": torch.empty(n_rows, **f32) if t_ids is not None else None,
-        "rank": torch.empty(n_rows, dtype=torch.long, device=dev) if t_ids is not None else None,
-        "kl": torch.empty(n_rows, **f32) if kl else None,
-        "tv": torch.empty(n_rows, kp, **f32) if k else None,
-        "ti": torch.empty(n_rows, kp, dtype=torch.long, device=dev) if k else None,
+        "m": empty(torch.float32),
+        "s": empty(torch.float64),
+        "a": empty(torch.float64) if entropy else None,
+        "t": empty(torch.float32) if t_ids is not None else None,
+        "above": empty(torch.int32) if t_ids is not None else None,
+        "b": empty(torch.float64) if kl else None,
+        "sf": empty(torch.float64) if kl else None,
+        "tv": empty(torch.float32, kp) if k else None,
+        "ti": empty(torch.int32, kp) if k else None,
     }
     bias = readout.bias.to(device=dev, dtype=torch.float32).contiguous() if readout.bias is not None else None
-    dummy = out["lse"]  # any tensor: arguments the constexpr flags leave unread
+    dummy = out["s"]  # any tensor: arguments the constexpr flags leave unread
     if weight.dtype == torch.float32:
         precision = "tf32" if dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "ieee"
     else:
         precision = "ieee"  # ignored for 16-bit inputs
     extra = {} if interpret else dict(num_warps=warps, num_stages=stages)
-    _kernel()[(triton.cdiv(p, bm) * n_layers,)](
+    _kernel()[(n_blocks * n_splits,)](
         x,
         weight,
         dummy if bias is None else bias,
         dummy if t_ids is None else t_ids,
         dummy if zf is None else zf,
         dummy if lse_f is None else lse_f,
-        *(dummy if out[name] is None else out[name] for name in ("lse", "max", "ent", "tlp", "rank", "kl", "tv", "ti")),
+        *(dummy if t is None else t for t in out.values()),
         n_layers,
         v,
         d,
         p,
+        n_splits,
+        v_split,
         float(readout.softcap) if readout.softcap is not None else 1.0,
         x.stride(0),
         weight.stride(0),
@@ -340,7 +369,39 @@ def _launch(x, readout, t_ids, *, p, n_layers, k, kp, entropy, kl, store_z, zf, 
         DOT_UPCAST=interpret and weight.dtype == torch.bfloat16,
         **extra,
     )
-    return out
+    return _combine(out, k=k, lse_f=lse_f, n_layers=n_layers)
+
+
+def _combine(out: dict, *, k: int, lse_f: Tensor | None, n_layers: int) -> dict[str, Tensor | None]:
+    """Per-row statistics from the kernel's per-(split, row) sums, in float64: the splits' ``(m, s, a)``
+    merge as in the online softmax (rescaled to the overall max), counts and KL sums add, and the top-k
+    is taken over all splits' candidates."""
+    m_i = out["m"].double()
+    m = m_i.amax(0)
+    scale = torch.exp(m_i - m)  # [split, row], 1 for the split that holds the max
+    s = (scale * out["s"]).sum(0)
+    lse = m + s.log()
+    res = {"lse": lse, "max": (m - lse).float()}
+    if out["a"] is not None:
+        a = (scale * (out["a"] + (m_i - m) * out["s"])).sum(0)
+        res["ent"] = (s.log() - a / s).float()
+    if out["t"] is not None:
+        t = out["t"][0].double()  # every split computed the same target logit
+        res["tlp"] = (t - lse).float()
+        res["rank"] = torch.where(t.isnan(), -1, out["above"].sum(0, dtype=torch.long))
+    if out["b"] is not None:
+        b, sf = out["b"].sum(0), out["sf"].sum(0)
+        res["kl"] = (b / sf - lse_f.repeat(n_layers) + lse).float()
+    if k:
+        n_splits, n_rows, kp = out["tv"].shape
+        tv = out["tv"].clone()
+        tv[..., k:] = float("-inf")  # the unused slots (+inf in the kernel)
+        tv = tv.permute(1, 0, 2).reshape(n_rows, n_splits * kp)
+        ti = out["ti"].permute(1, 0, 2).reshape(n_rows, n_splits * kp)
+        top, order = tv.topk(k, dim=-1)
+        res["tv"] = (top.double() - lse[:, None]).float()
+        res["ti"] = ti.gather(-1, order).long()
+    return res
 
 
 @torch.no_grad()
@@ -355,6 +416,7 @@ def reduce_rows(
     kl_to_final: bool,
     max_chunk_bytes: int,
     blocks: tuple[int, int, int, int, int] | None = None,
+    splits: int | None = None,
 ) -> dict[str, Tensor | None]:
     """The statistics of :func:`mechlens.ops.lens_reduce` for the positions ``keep`` (None: all) of ``flat``
     ``[layer, positions, d_model]`` through the :class:`~mechlens.ops.lens_reduce.LinearReadout`
@@ -363,7 +425,9 @@ def reduce_rows(
     keyed max / topk_ids / topk_logprobs / entropy / target_logprob / target_rank / kl_to_final.
 
     Positions go in chunks: ``pre`` runs on one chunk at a time, and with KL the final layer's fp32
-    logits of a chunk (``positions x d_vocab x 4`` bytes) stay within ``max_chunk_bytes``."""
+    logits of a chunk (``positions x d_vocab x 4`` bytes) stay within ``max_chunk_bytes``. ``blocks``:
+    the kernel's (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); ``splits``: vocabulary ranges per row
+    (default: enough to fill the GPU; 1 on CPU)."""
     dev = flat.device
     check_usable(dev, readout.weight.dtype)
     interpret = dev.type == "cpu"
@@ -393,32 +457,26 @@ def reduce_rows(
         p = len(range(n)[start : start + p_step])
         x = readout.pre(flat[:, idx]).to(weight.dtype).reshape(n_layers * p, d_in).contiguous()
         t_ids = targets[idx].contiguous() if targets is not None else None
-        common = dict(p=p, k=k, kp=kp, entropy=entropy, blocks=blocks, interpret=interpret)
+        common = dict(p=p, k=k, kp=kp, entropy=entropy, blocks=blocks, interpret=interpret, splits=splits)
         if kl_to_final:
             last = _launch(x[(n_layers - 1) * p :], readout, t_ids, n_layers=1, kl=False, store_z=True,
                            zf=zf, lse_f=None, **common)  # fmt: skip
+            last["kl"] = torch.zeros(p, **f32)  # KL(final || final) = 0 exactly
             parts = [last]
             if n_layers > 1:
                 rest = _launch(x[: (n_layers - 1) * p], readout, t_ids, n_layers=n_layers - 1, kl=True,
                                store_z=False, zf=zf, lse_f=last["lse"], **common)  # fmt: skip
                 parts = [rest, last]
-            last["kl"] = torch.zeros(p, **f32)  # KL(final || final) = 0 exactly
-            out = {key: None if parts[0][key] is None else torch.cat([q[key] for q in parts]) for key in last}
+            out = {key: torch.cat([q[key] for q in parts]) for key in last}
         else:
             out = _launch(x, readout, t_ids, n_layers=n_layers, kl=False, store_z=False, zf=None, lse_f=None,
                           **common)  # fmt: skip
         sl = slice(start, start + p)
-        res["max"][:, sl] = out["max"].view(n_layers, p)
-        names = {"ent": "entropy", "tlp": "target_logprob", "rank": "target_rank", "kl": "kl_to_final"}
+        names = {"max": "max", "ent": "entropy", "tlp": "target_logprob", "rank": "target_rank",
+                 "kl": "kl_to_final", "tv": "topk_logprobs", "ti": "topk_ids"}  # fmt: skip
         for key, name in names.items():
             if res[name] is not None:
-                res[name][:, sl] = out[key].view(n_layers, p)
-        if k:
-            tv = out["tv"].view(n_layers, p, kp)
-            tv[..., k:] = float("-inf")  # the unused slots (+inf in the kernel)
-            tv, order = tv.sort(-1, descending=True)
-            res["topk_logprobs"][:, sl] = tv[..., :k]
-            res["topk_ids"][:, sl] = out["ti"].view(n_layers, p, kp).gather(-1, order)[..., :k]
+                res[name][:, sl] = out[key].view(n_layers, p, *out[key].shape[1:])
     return res
 
 
@@ -438,10 +496,10 @@ def compile_for_gpu(weight_dtype: torch.dtype, *, arch: int = 90, blocks=None, *
     fn = triton.jit(_lens_kernel)
     bm, bn, bk, warps, stages = blocks or _CUDA_BLOCKS[weight_dtype]
     ptr = "*" + _TRITON_DTYPES[weight_dtype]
-    types = dict(X=ptr, W=ptr, Bias="*fp32", T_ID="*i64", ZF="*fp32", LSEF="*fp64", OUT_LSE="*fp64",
-                 OUT_MAX="*fp32", OUT_ENT="*fp32", OUT_TLP="*fp32", OUT_RANK="*i64", OUT_KL="*fp32",
-                 OUT_TV="*fp32", OUT_TI="*i64", n_layers="i32", V="i32", D="i32", P="i32", softcap="fp32",
-                 stride_xr="i32", stride_wv="i32")  # fmt: skip
+    types = dict(X=ptr, W=ptr, Bias="*fp32", T_ID="*i64", ZF="*fp32", LSEF="*fp64", OUT_M="*fp32",
+                 OUT_S="*fp64", OUT_A="*fp64", OUT_T="*fp32", OUT_ABOVE="*i32", OUT_B="*fp64", OUT_SF="*fp64",
+                 OUT_TV="*fp32", OUT_TI="*i32", n_layers="i32", V="i32", D="i32", P="i32", n_splits="i32",
+                 v_split="i32", softcap="fp32", stride_xr="i32", stride_wv="i32")  # fmt: skip
     consts = dict(HAS_BIAS=False, HAS_SOFTCAP=False, HAS_TARGET=False, ENTROPY=False, KL=False, STORE_Z=False,
                   K=0, KP=1, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION="ieee",
                   DOT_UPCAST=False, stride_wd=1)  # fmt: skip
@@ -451,7 +509,7 @@ def compile_for_gpu(weight_dtype: torch.dtype, *, arch: int = 90, blocks=None, *
     consts.update(flags)
     signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
     index = {name: (i,) for i, name in enumerate(fn.arg_names)}
-    aligned = [name for name, t in types.items() if t.startswith("*")] + ["D", "stride_xr", "stride_wv"]
+    aligned = [name for name, t in types.items() if t.startswith("*")] + ["D", "v_split", "stride_xr", "stride_wv"]
     src = ASTSource(
         fn,
         signature,

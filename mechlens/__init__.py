@@ -1,7 +1,8 @@
 """mechlens: classic mechanistic-interpretability studies on TransformerLens hook points.
 
 The public API is re-exported here and imported lazily, so ``import mechlens`` is cheap and the
-training script (:mod:`mechlens.zoo.train`) runs where TransformerLens is not installed.
+training pipeline (the top-level ``training/`` folder, not part of the package) runs where TransformerLens
+is not installed.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""Embedded models that ship inside the package (trained by :mod:`mechlens.zoo.train`).
+"""Embedded models that ship inside the package: the registry and the weights, nothing else.
 
 Weights are fp16 safetensors under ``mechlens/zoo/weights/<name>/`` with a model card
 (``MODEL_CARD.md``) beside them; :func:`mechlens.load_model` loads them as fp32 by default.
+They were trained by the repository's top-level ``training/`` folder, which is not part of the
+package (the runtime never imports it).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Sources (none of their text is committed to this repository):
 Every document gets a stable id; a document is held out (never trained on) when the hash of its id
 falls in the held-out fraction, so the split does not depend on reading order.
 
-    python -m mechlens.zoo.corpus --out .cache/corpus
+    python -m training.corpus --out .cache/corpus   # or: python training/corpus.py --out ...
 """
 
 from __future__ import annotations

@@ -1,14 +1,17 @@
 """Train the embedded models ``tiny-gpt2`` (causal) and ``tiny-mlm`` (RoBERTa masked LM).
 
-Reads the token files written by :mod:`mechlens.zoo.corpus` and needs only torch, transformers,
-numpy and tqdm (so it runs on a bare GPU image too). The last ``--val-fraction`` of ``train.bin``
-is a validation slice that picks the best checkpoint; ``heldout.bin`` is evaluated once, at the
-end, and never influences training.
+Reads the token files written by :mod:`training.corpus` and needs only torch, transformers,
+numpy and tqdm (so it runs on a bare GPU image too; it imports nothing from mechlens). The last
+``--val-fraction`` of ``train.bin`` is a validation slice that picks the best checkpoint;
+``heldout.bin`` is evaluated once, at the end, and never influences training.
 
-    python -m mechlens.zoo.corpus --out .cache/corpus
-    python -m mechlens.zoo.train --model tiny-gpt2 --data .cache/corpus --out .cache/train/tiny-gpt2
-    python -m mechlens.zoo.train --model tiny-mlm  --data .cache/corpus --out .cache/train/tiny-mlm
-    python -m mechlens.zoo.package  # fp16 safetensors + model cards into mechlens/zoo/weights/
+    python -m training.corpus --out .cache/corpus
+    python -m training.train --model tiny-gpt2 --data .cache/corpus --out .cache/train/tiny-gpt2
+    python -m training.train --model tiny-mlm  --data .cache/corpus --out .cache/train/tiny-mlm
+    python -m training.fp16 .cache/train/tiny-gpt2 mechlens/zoo/weights/tiny-gpt2  # fp16 storage copy
+    python -m training.card --data .cache/corpus  # held-out metrics + model cards beside the weights
+
+(run from the repository root; ``python training/train.py ...`` works as well.)
 
 Seeded (data order, masking, init). On CUDA it trains in bf16 autocast; bit-exact reproduction
 across GPU models or against CPU is not guaranteed, the metrics are.

@@ -1,10 +1,10 @@
 """Evaluate the shipped embedded models on held-out text (through mechlens, on CPU) and write their
 model cards (``MODEL_CARD.md`` + machine-readable ``card.json``) beside the weights.
 
-    python -m mechlens.zoo.card --data .cache/corpus
+    python -m training.card --data .cache/corpus   # from the repository root
 
-Needs the corpus built by :mod:`mechlens.zoo.corpus` (held-out split) and the ``train_report.json``
-that :mod:`mechlens.zoo.train` wrote.
+Needs the corpus built by :mod:`training.corpus` (held-out split) and the ``train_report.json``
+that :mod:`training.train` wrote.
 """
 
 from __future__ import annotations
@@ -13,6 +13,10 @@ import argparse
 import json
 import pathlib
 import platform
+import sys
+
+if not __package__:  # run as a script (python training/card.py): make the repository root importable
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
@@ -24,7 +28,7 @@ from mechlens.ops import next_token_loss
 from mechlens.run import run_cached
 from mechlens.tokens import TokenBatch, encode
 from mechlens.zoo import EMBEDDED
-from mechlens.zoo.train import GPT2_EOT, MLM_MASK, gpt2_ids_to_mlm
+from training.train import GPT2_EOT, MLM_MASK, gpt2_ids_to_mlm
 
 PROMPT = "I like oat milk in my"
 
@@ -145,7 +149,7 @@ def _card(name: str, report: dict, metrics: dict, stats: dict) -> str:
         "- seed 0; the time-based cosine schedule (`--max-seconds`) and GPU kernels make bit-exact "
         "reproduction hardware-dependent, the metrics below reproduce to within noise",
         "",
-        "## Held-out metrics (computed on CPU through mechlens by `python -m mechlens.zoo.card`)",
+        "## Held-out metrics (computed on CPU through mechlens by `python -m training.card`)",
     ]
     if name == "tiny-gpt2":
         by = metrics["loss_by_position"]
@@ -176,10 +180,10 @@ def _card(name: str, report: dict, metrics: dict, stats: dict) -> str:
         "## Reproduce",
         "```bash",
         "pip install -e '.[train]' && apt-get install wordnet-base fortunes",
-        "python -m mechlens.zoo.corpus --out .cache/corpus",
-        f"python -m mechlens.zoo.train --data .cache/corpus --out .cache/train/{name} {flags}",
-        f"python -m mechlens.zoo.export .cache/train/{name} mechlens/zoo/weights/{name}",
-        "python -m mechlens.zoo.card --data .cache/corpus",
+        "python -m training.corpus --out .cache/corpus",
+        f"python -m training.train --data .cache/corpus --out .cache/train/{name} {flags}",
+        f"python -m training.fp16 .cache/train/{name} mechlens/zoo/weights/{name}",
+        "python -m training.card --data .cache/corpus",
         "```",
         "",
     ]

@@ -13,7 +13,7 @@ transformers (no TransformerLens), and triton for the kernel rows.
 
     python benchmarks/gpu_lens.py            # prints a markdown table; paste into RESULTS_GPU.md
     python benchmarks/gpu_lens.py --check    # first: kernel vs eager (and float64) at vocab 50257
-    python benchmarks/gpu_lens.py --sweep    # first: kernel tile configurations
+    python benchmarks/gpu_lens.py --sweep    # first: kernel tile configurations (--bf16-only, --no-eager)
     python benchmarks/gpu_lens.py --resources  # no GPU needed: registers/spills of the kernel for sm_90
 """
 
@@ -209,7 +209,8 @@ def main(argv: list[str]) -> None:
     sweep_md = ["| config (BM, BN, BK, warps, stages) | statistics | seconds | TFLOP/s | % of peak |",
                 "| --- | --- | --- | --- | --- |"]  # fmt: skip
     name = torch.cuda.get_device_name()
-    for dtype in (torch.bfloat16, torch.float32):
+    dtypes = (torch.bfloat16,) if "--bf16-only" in argv else (torch.bfloat16, torch.float32)
+    for dtype in dtypes:
         torch.manual_seed(0)
         cfg = GPT2Config(n_layer=n_layers, n_embd=d, n_head=20, vocab_size=vocab, n_positions=1024)
         hf = GPT2LMHeadModel(cfg).to("cuda", dtype).eval()

@@ -477,6 +477,7 @@ def reduce_rows(
         for key, name in names.items():
             if res[name] is not None:
                 res[name][:, sl] = out[key].view(n_layers, p, *out[key].shape[1:])
+        del x, out  # before the next chunk's pre-activations are made
     return res
 
 

@@ -436,6 +436,8 @@ def reduce_rows(
     d_in, v = weight.shape
     if blocks is None:
         blocks = _INTERPRET_BLOCKS if interpret else _CUDA_BLOCKS[weight.dtype]
+    if targets is not None and len(targets) and int(targets.max()) >= v:
+        raise ValueError(f"target ids must be < d_vocab = {v} (or -1 for none), got {int(targets.max())}")
     kp = 1 << max(0, (k - 1).bit_length()) if k else 1
     n = flat.shape[1] if keep is None else len(keep)
     per_pos = n_layers * d_in * weight.dtype.itemsize + (v * 4 if kl_to_final else 0)

@@ -54,13 +54,22 @@ def _gpt2_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
-def gpt2_tokenizer() -> GPT2TokenizerFast:
-    """GPT-2's tokenizer, offline. ``' coffee'`` -> ``[6891]``."""
+def gpt2_tokenizer(*, add_bos_token: bool = True) -> GPT2TokenizerFast:
+    """GPT-2's tokenizer, offline. ``' coffee'`` -> ``[6891]`` with ``add_special_tokens=False``.
+
+    ``add_bos_token=True`` (mechlens' own): TransformerBridge reloads a tokenizer that is not
+    BOS-adding *by name* from the hub, so this one is, and a call with the default
+    ``add_special_tokens=True`` prepends ``<|endoftext|>`` (``[50256, 6891]``). mechlens never relies
+    on it: :mod:`mechlens.tokens` passes ``add_special_tokens=False`` and adds BOS explicitly.
+    ``add_bos_token=False``: nothing is ever added, as with the hub's ``gpt2`` tokenizer; this is the
+    one ``mechlens export`` saves, so that ``AutoTokenizer`` users get no silent BOS. Both give the
+    same ids with ``add_special_tokens=False``.
+    """
     vocab, merges = _gpt2_vocab_and_merges()
     tok = GPT2TokenizerFast(
         vocab=dict(vocab),
         merges=list(merges),
-        add_bos_token=True,  # the bridge reads it; without it it reloads the tokenizer by name
+        add_bos_token=add_bos_token,  # the bridge reads it; without it it reloads the tokenizer by name
         name_or_path="gpt2-bpe-offline",
     )
     tok.pad_token = tok.eos_token

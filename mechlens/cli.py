@@ -4,6 +4,7 @@
     mechlens run STUDY|all [--model SPEC ...] [--data SOURCE] [--out DIR] [--device D] [--seed N]
                  [--weights raw|processed] [--allow-different-tokenizers] [--quiet] [study options]
     mechlens compare DIR DIR ... --out DIR
+    mechlens export tiny-gpt2|tiny-mlm DIR
 
 Options may come before or after the study name. Study options are the fields of the study's
 dataclass ``Config`` as flags (``mechlens run position --help`` lists them with their meaning,
@@ -118,6 +119,14 @@ def build_parser(study: str | None = None) -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="combine earlier runs into one comparison report")
     c.add_argument("dirs", nargs="+", metavar="DIR", help="directories written by 'mechlens run'")
     c.add_argument("--out", required=True, help="output directory: a new one, or an earlier mechlens run")
+    e = sub.add_parser(
+        "export",
+        help="write an embedded model as a plain save_pretrained checkpoint with its tokenizer",
+        description="Write an embedded model (fp32 weights, config, tokenizer, model card) into DIR, loadable "
+        "with transformers' AutoModelForCausalLM / AutoModelForMaskedLM and AutoTokenizer.",
+    )
+    e.add_argument("name", metavar="NAME", help="an embedded model: tiny-gpt2 or tiny-mlm")
+    e.add_argument("dir", metavar="DIR", help="output directory: a new one, or an earlier mechlens export (replaced)")
     return p
 
 
@@ -278,6 +287,13 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/report.html comparing {len(args.dirs)} runs")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from mechlens.zoo.export import export_model
+
+    export_model(args.name, args.dir)
+    print(f"wrote {args.dir}: {args.name} as a save_pretrained checkpoint with its tokenizer and model card")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -294,6 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd_list()
         elif args.command == "run":
             cmd_run(args)
+        elif args.command == "export":
+            cmd_export(args)
         else:
             cmd_compare(args)
     except MechlensError as e:

@@ -24,6 +24,11 @@ online-softmax formulation as the eager reference :mod:`mechlens.ops.lens_reduce
   accumulate ``p_f = exp(z_f - lse_f)`` and ``p_f (z_f - z_l)`` (dividing by ``sum p_f`` cancels any
   rounding of ``lse_f``). Positions are processed in chunks so that the scratch fits ``max_chunk_bytes``.
 
+A program writes its rows' raw sums (``m``, ``s``, ``a``, the count, the KL sums, the top-k candidates),
+and the host finishes them in float64 (:func:`_combine`). That also lets a row's vocabulary pass be cut
+into ranges, one program each, merged like the online softmax: how few rows (a short prompt, the final
+layer's own launch) still fill the GPU.
+
 The soft-cap ``c * tanh(z / c)`` is computed as ``c * sign(z) (1 - e) / (1 + e)``, ``e = exp(-2 |z| / c)``
 (absolute error ~1e-7 c, far below the statistics' tolerances; Triton's core language has no tanh
 that also runs in the interpreter).

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mechlens import arch
-from mechlens.errors import UnsupportedArchitectureError
+from mechlens.errors import MechlensError, UnsupportedArchitectureError
 
 if TYPE_CHECKING:
     from transformer_lens import TransformerBridge
@@ -86,8 +86,31 @@ def check_readout(model: TransformerBridge, text: str = PROBE_TEXT) -> ReadoutCh
     t0 = time.perf_counter()
     masked = arch.kind_of(model) == "masked"
     batch = encode(model, [text], bos=masked)
-    last = arch.readout_hook_names(model)[-1]
-    logits, acts = run_cached(model, batch, [last], logits=True)
+    names = arch.readout_hook_names(model)
+    missing = [n for n in names if n not in model.hook_dict]
+    if missing:
+        raise UnsupportedArchitectureError(
+            f"TransformerBridge exposes no residual-stream hook point {missing[0]} for {model.cfg.architecture} "
+            f"({len(missing)} of the {len(names)} readout points missing): mechlens cannot read this model out"
+        )
+    last = names[-1]
+    try:
+        logits, acts = run_cached(model, batch, [last], logits=True)
+    except MechlensError:
+        raise
+    except KeyError as e:  # registered but never run: the cache has no entry for it
+        if e.args != (last,):
+            raise
+        raise UnsupportedArchitectureError(
+            f"TransformerBridge's hook point {e.args[0]} never fires for {model.cfg.architecture}: mechlens "
+            "cannot read this model out"
+        ) from None
+    except Exception as e:  # the bridge's own forward fails (e.g. an adapter and transformers out of step)
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise UnsupportedArchitectureError(
+            f"TransformerBridge cannot run {model.cfg.architecture} here: its probe forward fails with "
+            f"{type(e).__name__}: {first}"
+        ) from e
     r = arch.readout(model)
     resid = acts[last][0]
     mine = r(resid).float()

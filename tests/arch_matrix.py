@@ -235,16 +235,14 @@ def _table() -> None:  # pragma: no cover - the docs table generator
     """Measure every case and print the markdown table of docs/architectures.md."""
     import copy
     import tempfile
-    import time
 
     import conftest  # noqa: F401  (sets HF_HUB_OFFLINE, thread count)
 
-    from mechlens import arch, encode, load_model, provenance_of, run_cached
+    from mechlens import LinearReadout, arch, encode, load_model, provenance_of, run_cached
     from mechlens.studies import lens
 
     rows = []
     for case in CASES.values():
-        t0 = time.perf_counter()
         hf, tok = build(case, tempfile.mkdtemp())
         m = load_model(copy.deepcopy(hf), tokenizer=tok)
         p = provenance_of(m)
@@ -258,6 +256,7 @@ def _table() -> None:  # pragma: no cover - the docs table generator
         targets = lens.next_token_targets(batch) if case.kind == "causal" else batch.tokens.masked_fill(~v, -1)
         st = lens.lens_stats(m, batch, targets, k=1)
         lp = ref.logits.double().log_softmax(-1)
+        entropy = -(lp.exp() * lp).sum(-1)[v].mean().item()
         lens_diff = 0.0
         for layer in range(L + 1):
             ref_l = lp if layer == L else hf_logits_from(case, hf, ref.hidden_states[layer], batch.tokens,
@@ -267,7 +266,7 @@ def _table() -> None:  # pragma: no cover - the docs table generator
             ok = targets >= 0
             lens_diff = max(lens_diff, (st.target_logprob[layer].double() - want).abs()[ok].max().item())
         # what the lens would be off by without the post-lm_head step
-        naive = arch.LinearReadout(pre=m.ln_final, weight=m.W_U, bias=m.b_U) if case.kind == "causal" else None
+        naive = LinearReadout(pre=m.ln_final, weight=m.W_U, bias=m.b_U) if case.kind == "causal" else None
         naive_diff = (
             (naive(acts[names[L]]).double().log_softmax(-1) - lp).abs()[v].max().item() if naive is not None else 0.0
         )
@@ -277,12 +276,13 @@ def _table() -> None:  # pragma: no cover - the docs table generator
         )
         rows.append((arch.FAMILIES[m.cfg.architecture].name, m.cfg.architecture, p.norm_placement, p.block_layout,
                      p.readout.replace("ln_final(x) @ W_U + b_U", "norm+unembed"), case.n_params, lens_diff,
-                     naive_diff, am, ", ".join(case.studies), time.perf_counter() - t0))  # fmt: skip
-    print("| family | architecture | norms | block | readout | params | lens vs HF log-probs (max abs, nats) "
-          "| without post-processing | attn/mlp out vs HF (max abs) | studies run |")  # fmt: skip
-    print("|---|---|---|---|---|---:|---:|---:|---:|---|")
+                     naive_diff, am, ", ".join(case.studies), entropy))  # fmt: skip
+    print("| family | architecture | norms | block | readout | params | final entropy (nats) "
+          "| lens vs HF log-probs (max abs, nats) | without post-processing | attn/mlp out vs HF (max abs) "
+          "| studies run |")  # fmt: skip
+    print("|---|---|---|---|---|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r[0]} | `{r[1]}` | {r[2]} | {r[3]} | {r[4]} | {r[5]:,} | {r[6]:.1e} | "
+        print(f"| {r[0]} | `{r[1]}` | {r[2]} | {r[3]} | {r[4]} | {r[5]:,} | {r[10]:.2f} | {r[6]:.1e} | "
               f"{r[7]:.3g} | {r[8]:.1e} | {r[9]} |")  # fmt: skip
 
 

@@ -370,3 +370,24 @@ def test_every_family_in_the_matrix_is_declared_in_arch():
     from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
 
     assert set(arch.FAMILIES) <= set(SUPPORTED_ARCHITECTURES)
+
+
+def test_a_bridge_that_cannot_run_or_read_out_is_refused_in_one_line(monkeypatch, tmp_path):
+    """The load-time probe turns a failing bridge forward or missing readout hook points into
+    UnsupportedArchitectureError (exit 2 in the CLI) naming the architecture, not a traceback."""
+    from mechlens import validate
+
+    hf, tok = build(CASES["llama"], str(tmp_path))
+    m = load_model(hf, tokenizer=tok)
+
+    def broken(*args, **kwargs):
+        raise ValueError("`get_seq_length` can only be called on Attention layers")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(m, "run_with_cache", broken)
+        with pytest.raises(UnsupportedArchitectureError, match="LlamaForCausalLM here: its probe forward fails"):
+            validate.check_readout(m)
+    with monkeypatch.context() as mp:
+        mp.setattr(arch, "readout_hook_names", lambda model: ["blocks.0.hook_resid_pre", "blocks.9.hook_resid_post"])
+        with pytest.raises(UnsupportedArchitectureError, match=r"no residual-stream hook point blocks\.9"):
+            validate.check_readout(m)

@@ -222,7 +222,7 @@ def _use_triton(backend: str, readout, device: torch.device) -> bool:
     if backend == "triton":
         lens_triton.check_usable(device, readout.weight.dtype)
         return True
-    return lens_triton.available() and readout.weight.dtype in lens_triton.AUTO_DTYPES
+    return lens_triton.auto(device, readout.weight.dtype)
 
 
 def _softcap_(z: Tensor, cap: float) -> Tensor:
@@ -269,7 +269,7 @@ def lens_reduce(
     ``"triton"`` the fused kernel of :mod:`mechlens.ops.lens_triton` (a :class:`LinearReadout` with
     16/32-bit weights; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``, for tests);
     ``"auto"`` the kernel on CUDA when triton is installed and the readout is a :class:`LinearReadout`
-    with bf16/fp16 weights (``lens_triton.AUTO_DTYPES``), else eager.
+    with bf16/fp16 weights on an Ampere or newer GPU (:func:`mechlens.ops.lens_triton.auto`), else eager.
     """
     n_layers, batch, pos, _ = resid.shape
     if k < 0:

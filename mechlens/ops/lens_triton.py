@@ -74,6 +74,18 @@ def available() -> bool:
     return triton is not None
 
 
+def auto(device: torch.device, weight_dtype: torch.dtype) -> bool:
+    """Whether ``backend="auto"`` uses the kernel: triton installed, a CUDA device of compute capability
+    >= 8.0 (bf16 tensor-core dots; the kernel was compiled for sm_80/86/89/90/100), weights in
+    ``AUTO_DTYPES``."""
+    return (
+        triton is not None
+        and device.type == "cuda"
+        and weight_dtype in AUTO_DTYPES
+        and torch.cuda.get_device_capability(device) >= (8, 0)
+    )
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

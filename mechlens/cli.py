@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shlex
 import sys
 import time
 import typing
@@ -167,7 +168,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     if args.model and len(set(args.model)) != len(args.model):
         dup = next(m for m in args.model if args.model.count(m) > 1)
         raise ConfigError(f"--model {dup} is given twice: name each model once", flag="--model")
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "study", "model", "out", "quiet")}
+    skip = ("command", "command_line", "study", "model", "out", "quiet")
+    overrides = {k: v for k, v in vars(args).items() if k not in skip}
     if overrides.get("data") is None:
         overrides.pop("data")
     overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items()}
@@ -241,7 +243,7 @@ def _run_checked(args, studies, configs, overrides, dest) -> None:
     for study, models in plan.items():
         _log(args, f"{study}: {', '.join(models)}")
         results[study] = run_study(study, models, overrides)
-    write_outputs(results, dest, notes)
+    write_outputs(results, dest, notes, context={"command": args.command_line})
     rows = summary_rows(results)
     width = max((len(r[1]) for r in rows), default=0)
     for study, model, line in rows:
@@ -306,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             get_study(study)  # an unknown study is named as such, whatever options follow it
         args = build_parser(study).parse_args(argv)
+        args.command_line = shlex.join(["mechlens", *argv])
         if args.command == "list":
             cmd_list()
         elif args.command == "run":

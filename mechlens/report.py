@@ -13,47 +13,27 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import plotly.graph_objects as go
 import plotly.offline
 
 
-def _rel_depth(n_points: int) -> np.ndarray:
-    return np.arange(n_points) / max(n_points - 1, 1)
-
-
 def comparison_figures(study: str, entries: Mapping[str, Mapping[str, Any]]) -> dict[str, go.Figure]:
-    """``entries``: model -> its ``results.json`` entry (``metrics``, ``provenance``)."""
-    if len(entries) < 2:
+    """``entries``: model -> its ``results.json`` entry (``metrics``, ``provenance``); the study's own
+    ``compare`` draws them (none for a single model)."""
+    from mechlens.studies import STUDIES
+
+    if len(entries) < 2 or study not in STUDIES:
         return {}
-    f = go.Figure()
-    if study == "position":
-        for model, e in entries.items():
-            f.add_scatter(y=e["metrics"]["loss_mean_by_position"], name=model, mode="lines+markers")
-        f.update_layout(title="Loss by position, per model", xaxis_title="position", yaxis_title="mean loss (nats)")
-    elif study == "logits":
-        f.add_bar(x=list(entries), y=[e["metrics"]["target_logprob"] for e in entries.values()])
-        f.update_layout(title="Log-prob of the target token, per model", yaxis_title="log-prob")
-    elif study == "lens":
-        for model, e in entries.items():
-            y = e["metrics"]["target_logprob_by_layer"]
-            f.add_scatter(x=_rel_depth(len(y)), y=y, name=f"{model} ({e['metrics']['kind']})", mode="lines+markers")
-        f.update_layout(title="Lens: target log-prob by relative depth", xaxis_title="layer / n_layers",
-                        yaxis_title="log-prob")  # fmt: skip
-    elif study == "magnitudes":
-        for model, e in entries.items():
-            y = e["metrics"]["lognorm_mean_by_layer"]
-            f.add_scatter(x=np.arange(len(y)) / max(len(y), 1), y=y, name=model, mode="lines+markers")
-        f.update_layout(title="Attention-output log-norm by relative depth", xaxis_title="layer / n_layers",
-                        yaxis_title="mean log norm")  # fmt: skip
-    elif study == "distances":
-        for model, e in entries.items():
-            for kind in ("attn", "mlp"):
-                y = e["metrics"]["kendall_tau_by_layer"][kind]["L2"]
-                f.add_scatter(x=np.arange(len(y)) / max(len(y), 1), y=y, name=f"{model} {kind}", mode="lines+markers")
-        f.update_layout(title="Kendall tau (L2 vs position distance) by relative depth",
-                        xaxis_title="layer / n_layers", yaxis_title="tau")  # fmt: skip
-    return {"comparison": f}
+    return STUDIES[study].module.compare(entries)
+
+
+def headlines(study: str, entries: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
+    """model -> the study's findings in words (its ``headline``, from the saved metrics)."""
+    from mechlens.studies import STUDIES
+
+    if study not in STUDIES:
+        return {}
+    return {model: STUDIES[study].module.headline(e["metrics"]) for model, e in entries.items()}
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
@@ -78,12 +58,24 @@ def render(
     sections: Sequence[tuple[str, str, Mapping[str, Mapping[str, Any]], Mapping[str, Mapping[str, go.Figure]]]],
     notes: Sequence[str] = (),
     title: str = "mechlens report",
+    context: Mapping[str, Any] | None = None,
 ) -> str:
-    """``sections``: (study, heading, {model: json entry}, {model or 'comparison': {name: figure}})."""
+    """``sections``: (study, heading, {model: json entry}, {model or 'comparison': {name: figure}});
+    ``context``: what produced the report (command, date), shown under the title."""
     parts = [f"<h1>{html.escape(title)}</h1>"]
+    if context:
+        parts.append("<p>" + "<br>".join(f"<b>{html.escape(k)}</b>: {html.escape(str(v))}" for k, v in context.items())
+                     + "</p>")  # fmt: skip
     parts += [f'<p class="note">{html.escape(n)}</p>' for n in notes]
+    toc = "".join(
+        f'<li><a href="#{html.escape(study)}">{html.escape(heading)}</a></li>' for study, heading, *_ in sections
+    )
+    parts.append(f"<nav><b>Contents</b><ol>{toc}</ol></nav>")
     for study, heading, entries, figs in sections:
-        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        parts.append(f'<h2 id="{html.escape(study)}">{html.escape(heading)}</h2>')
+        for model, lines in headlines(study, entries).items():
+            items = "".join(f"<li>{html.escape(line)}</li>" for line in lines[1:] or lines)
+            parts.append(f"<p><b>{html.escape(model)}</b></p><ul>{items}</ul>")
         parts.append(_prov_table(entries))
         for owner, fs in figs.items():
             parts.append(f"<h3>{html.escape(owner)}</h3>")
@@ -101,8 +93,10 @@ def render(
     )
 
 
-def write_report(results, path: pathlib.Path, notes: Sequence[str] = ()) -> None:
-    from mechlens.runner import STUDIES
+def write_report(
+    results, path: pathlib.Path, notes: Sequence[str] = (), context: Mapping[str, Any] | None = None
+) -> None:
+    from mechlens.studies import STUDIES
 
     sections = []
     for study, rs in results.items():
@@ -114,4 +108,4 @@ def write_report(results, path: pathlib.Path, notes: Sequence[str] = ()) -> None
         for r in rs:
             figs[r.model] = r.figures
         sections.append((study, STUDIES[study].title, entries, figs))
-    pathlib.Path(path).write_text(render(sections, notes), encoding="utf-8")
+    pathlib.Path(path).write_text(render(sections, notes, context=context), encoding="utf-8")

@@ -131,51 +131,33 @@ def _slug(s: str) -> str:
 
 
 def write_outputs(
-    results: dict[str, list[StudyResult]], out: str | os.PathLike | Destination, notes: Sequence[str] = ()
+    results: dict[str, list[StudyResult]],
+    out: str | os.PathLike | Destination,
+    notes: Sequence[str] = (),
+    context: dict[str, Any] | None = None,
 ) -> None:
     """``results.json``, tidy CSVs and ``report.html`` into ``out``, atomically. ``out`` is a path or
     a :class:`~mechlens.outputs.Destination` prepared (checked) before the run; a path is checked now
-    (:func:`~mechlens.outputs.prepare_output`: only a new directory or an earlier mechlens run)."""
+    (:func:`~mechlens.outputs.prepare_output`: only a new directory or an earlier mechlens run).
+    ``context`` (e.g. the command and date) goes into ``results.json`` as ``_run`` and under the
+    report's title."""
+    import datetime
+
     from mechlens.report import write_report
 
     dest = out if isinstance(out, Destination) else prepare_output(out)
     with dest.writing() as tmp:
         doc = {study: {r.model: r.to_json() for r in rs} for study, rs in results.items()}
         doc["_notes"] = list(notes)
+        doc["_run"] = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), **(context or {})}
         (tmp / "results.json").write_text(json.dumps(doc, indent=1, allow_nan=False))
         for study, rs in results.items():
             for r in rs:
                 for name, rows in r.tables.items():
                     _csv(tmp / f"{study}__{_slug(r.model)}__{name}.csv", rows)
-        write_report(results, tmp / "report.html", notes)
+        write_report(results, tmp / "report.html", notes, context=doc["_run"])
 
 
 def summary_rows(results: dict[str, list[StudyResult]]) -> list[tuple[str, str, str]]:
-    """One headline line per (study, model), for the terminal."""
-    rows = []
-    for study, rs in results.items():
-        for r in rs:
-            m = r.metrics
-            if study == "position":
-                line = (f"logistic accuracy train {m['logistic_accuracy_train']:.3f} / test "
-                        f"{m['logistic_accuracy_test']:.3f} (chance {m['logistic']['chance']:.3f}); "
-                        f"OLS R² {m['ols']['r2']:.4f}")  # fmt: skip
-            elif study == "logits":
-                line = (f"target {m['target']['string']!r} rank {m['target_rank']} p={m['target_prob']:.4f}; "
-                        f"greedy==generate {m['greedy_equals_generate']}; intervention hits target "
-                        f"{m['intervention_argmax_is_target']}")  # fmt: skip
-            elif study == "lens":
-                fit = m["sqrt_layer_fit"]
-                line = f"{m['kind']} lens: target log-prob by layer {_fmt(m['target_logprob_by_layer'])}; " + (
-                    f"sqrt(layer) slope {fit['slope']:.3f}"
-                )
-            elif study == "magnitudes":
-                line = f"log-norm by layer {_fmt(m['lognorm_mean_by_layer'])} over {m['n_valid_tokens']} tokens"
-            else:
-                line = f"Kendall tau (attn L2) by layer {_fmt(m['kendall_tau_by_layer']['attn']['L2'])}"
-            rows.append((study, r.model, line))
-    return rows
-
-
-def _fmt(xs) -> str:
-    return "[" + ", ".join("nan" if x is None else f"{x:.2f}" for x in to_jsonable(list(xs))) + "]"
+    """One headline line per (study, model), for the terminal: the first line of the study's ``headline``."""
+    return [(study, r.model, STUDIES[study].module.headline(r.metrics)[0]) for study, rs in results.items() for r in rs]

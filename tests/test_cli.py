@@ -31,7 +31,8 @@ def all_run(tmp_path_factory):
 
 def test_run_all_writes_every_study(all_run):
     doc = json.loads((all_run / "results.json").read_text())
-    assert set(doc) - {"_notes"} == set(STUDIES)
+    assert set(doc) - {"_notes", "_run"} == set(STUDIES)
+    assert doc["_run"]["command"] == f"mechlens run all --out {all_run}" and doc["_run"]["date"].startswith("20")
     assert set(doc["lens"]) == {"tiny-mlm", "tiny-gpt2"}
     for study, entries in doc.items():
         if study.startswith("_"):
@@ -55,7 +56,7 @@ def test_each_study_runs_alone(tmp_path, study):
     out = tmp_path / study
     assert main(["run", study, "--out", str(out)]) == 0
     doc = json.loads((out / "results.json").read_text())
-    assert list(doc) == [study, "_notes"]
+    assert list(doc) == [study, "_notes", "_run"]
     assert (out / "report.html").stat().st_size > 3_000_000  # plotly.js inline
 
 
@@ -169,7 +170,7 @@ def test_run_all_on_a_masked_model_runs_what_applies_and_says_what_it_skipped(tm
             "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     doc = json.loads((out / "results.json").read_text())
-    assert list(doc) == ["lens", "magnitudes", "distances", "_notes"]
+    assert list(doc) == ["lens", "magnitudes", "distances", "_notes", "_run"]
     assert doc["_notes"] == [
         "position: skipped for tiny-mlm (it applies to causal LMs only)",
         "logits: skipped for tiny-mlm (it applies to causal LMs only)",

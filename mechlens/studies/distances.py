@@ -12,6 +12,8 @@ per layer and MI between every pair of layers.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -224,3 +226,35 @@ def figures(m: dict, dist: dict, pos_dist: np.ndarray) -> dict[str, go.Figure]:
     f.update_layout(title="MI between layers' output norms at the target", coloraxis={"colorscale": "Viridis"})
     figs["interlayer_mi"] = f
     return figs
+
+
+def _fmt(xs) -> str:
+    return "[" + ", ".join("nan" if x is None else f"{x:.2f}" for x in xs) + "]"
+
+
+def headline(m: Mapping[str, Any]) -> list[str]:
+    """The findings in words, from the metrics (a live result's or a saved ``results.json`` entry's)."""
+    tau = m["kendall_tau_by_layer"]
+    syn = m["synthetic"]
+    best = {k: int(np.nanargmax(np.asarray(tau[k]["L2"], np.float64))) for k in tau}
+    return [
+        f"Kendall tau (attn L2) by layer {_fmt(tau['attn']['L2'])}",
+        f"Between the {len(m['target_positions'])} occurrences of {m['target']['string']!r}, the L2 distance of "
+        f"attention outputs tracks their distance in the text most at layer {best['attn']} (Kendall tau "
+        f"{tau['attn']['L2'][best['attn']]:.2f}); for MLP outputs at layer {best['mlp']} "
+        f"({tau['mlp']['L2'][best['mlp']]:.2f}).",
+        f"On the synthetic y = x² + noise, kNN mutual information is {syn['mi_knn_nats']:.2f} nats while the Pearson "
+        f"correlation is {syn['pearson_r']:.2f}: a dependence correlation misses.",
+    ]
+
+
+def compare(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, go.Figure]:
+    """Comparison figures from several models' ``results.json`` entries (same text)."""
+    f = go.Figure()
+    for model, e in entries.items():
+        for kind in ("attn", "mlp"):
+            y = e["metrics"]["kendall_tau_by_layer"][kind]["L2"]
+            f.add_scatter(x=np.arange(len(y)) / max(len(y), 1), y=y, name=f"{model} {kind}", mode="lines+markers")
+    f.update_layout(title="Kendall tau (L2 vs position distance) by relative depth",
+                    xaxis_title="layer / n_layers", yaxis_title="tau")  # fmt: skip
+    return {"comparison": f}

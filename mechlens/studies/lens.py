@@ -16,6 +16,8 @@ the final layer; heatmap and rank trajectories.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -307,3 +309,42 @@ def text_heatmap(predicted, max_lp, target_lp, rank, words, title) -> go.Figure:
     f.update_layout(title=f"{title}: predicted tokens (colour: min-max scaled max log-prob)",
                     yaxis_title="readout point (0 = embeddings)", xaxis_title="position")  # fmt: skip
     return f
+
+
+def _fmt(xs) -> str:
+    return "[" + ", ".join("nan" if x is None else f"{x:.2f}" for x in xs) + "]"
+
+
+def headline(m: Mapping[str, Any]) -> list[str]:
+    """The findings in words, from the metrics (a live result's or a saved ``results.json`` entry's)."""
+    fit = m["sqrt_layer_fit"]
+    lp = m["target_logprob_by_layer"]
+    lines = [
+        f"{m['kind']} lens: target log-prob by layer {_fmt(lp)}; sqrt(layer) slope {fit['slope']:.3f}",
+        f"The target's log-prob goes from {lp[0]:.2f} at the embeddings to {lp[-1]:.2f} at the last layer; "
+        f"a fit on sqrt(layer) has slope {fit['slope']:.2f} per sqrt(layer).",
+    ]
+    if m["kind"] == "masked":
+        lines.append(
+            f"With every position masked in turn, the last layer recovers the original token at "
+            f"{100 * m['final_top1_accuracy_sliding']:.0f}% of positions."
+        )
+    else:
+        kl = m["kl_to_final_by_layer"]
+        lines.append(
+            f"The last layer predicts the next token at {100 * m['final_top1_accuracy']:.0f}% of positions; KL "
+            f"to the final layer falls from {kl[0]:.2f} nats at the embeddings to {kl[-2]:.2f} one layer before it."
+        )
+    return lines
+
+
+def compare(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, go.Figure]:
+    """Comparison figures from several models' ``results.json`` entries (same text)."""
+    f = go.Figure()
+    for model, e in entries.items():
+        y = e["metrics"]["target_logprob_by_layer"]
+        x = np.arange(len(y)) / max(len(y) - 1, 1)
+        f.add_scatter(x=x, y=y, name=f"{model} ({e['metrics']['kind']})", mode="lines+markers")
+    f.update_layout(title="Lens: target log-prob by relative depth", xaxis_title="layer / n_layers",
+                    yaxis_title="log-prob")  # fmt: skip
+    return {"comparison": f}

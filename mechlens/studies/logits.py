@@ -10,7 +10,8 @@ loop (equal to the bridge's own ``generate``) and a manual sampling loop. Then a
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -204,3 +205,26 @@ def figures(logits, logp, intervened, target, tokens, model, cfg) -> dict[str, g
     f.update_layout(title=f"Logits before/after lifting {cfg.target!r} via {HOOK}", barmode="group")
     figs["intervention"] = f
     return figs
+
+
+def headline(m: Mapping[str, Any]) -> list[str]:
+    """The findings in words, from the metrics (a live result's or a saved ``results.json`` entry's)."""
+    t = m["target"]["string"]
+    top = m["topk"][0]
+    return [
+        f"target {t!r} rank {m['target_rank']} p={m['target_prob']:.4f}; greedy==generate "
+        f"{m['greedy_equals_generate']}; intervention hits target {m['intervention_argmax_is_target']}",
+        f"The most likely next token is {top['token']!r} (p = {top['prob']:.3f}); {t!r} is ranked "
+        f"{m['target_rank']} (0 = top) with log-prob {m['target_logprob']:.2f}.",
+        "The greedy loop " + ("equals" if m["greedy_equals_generate"] else "differs from") + " the bridge's "
+        "generate; lifting the target's logit through the hook point "
+        + ("makes it the argmax" if m["intervention_argmax_is_target"] else "does not make it the argmax")
+        + (" and changes exactly one logit." if m["intervention_exactly_one_logit_changed"] else "."),
+    ]
+
+
+def compare(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, go.Figure]:
+    """Comparison figures from several models' ``results.json`` entries (same prompt)."""
+    f = go.Figure(go.Bar(x=list(entries), y=[e["metrics"]["target_logprob"] for e in entries.values()]))
+    f.update_layout(title="Log-prob of the target token, per model", yaxis_title="log-prob")
+    return {"comparison": f}

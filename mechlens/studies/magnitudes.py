@@ -11,6 +11,8 @@ side does not change them.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import einops
 import numpy as np
@@ -222,3 +224,33 @@ def figures(m: dict, acc: MagnitudeAccumulator) -> dict[str, go.Figure]:
     f.update_layout(title="Per-layer fits", xaxis_title="layer", yaxis2={"overlaying": "y", "side": "right"})
     figs["fits"] = f
     return figs
+
+
+def _fmt(xs) -> str:
+    return "[" + ", ".join("nan" if x is None else f"{x:.2f}" for x in xs) + "]"
+
+
+def headline(m: Mapping[str, Any]) -> list[str]:
+    """The findings in words, from the metrics (a live result's or a saved ``results.json`` entry's)."""
+    ln = np.asarray(m["lognorm_mean_by_layer"], np.float64)
+    slopes = [f["slope"] for f in m["position_fit_by_layer"]]
+    b1 = [b["t-1"] for b in m["previous_norm_betas_by_layer"]]
+    return [
+        f"log-norm by layer {_fmt(ln)} over {m['n_valid_tokens']} tokens",
+        f"Over {m['n_valid_tokens']} tokens of {m['n_sequences']} texts, the mean log-norm of the attention output "
+        f"is lowest at layer {int(np.argmin(ln))} ({ln.min():.2f}) and highest at layer {int(np.argmax(ln))} "
+        f"({ln.max():.2f}).",
+        f"The log of the mean norm changes by {min(slopes):+.3f} to {max(slopes):+.3f} per position across layers; "
+        f"the previous token's log-norm predicts the next with coefficients {min(b1):.2f} to {max(b1):.2f}.",
+    ]
+
+
+def compare(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, go.Figure]:
+    """Comparison figures from several models' ``results.json`` entries (same texts)."""
+    f = go.Figure()
+    for model, e in entries.items():
+        y = e["metrics"]["lognorm_mean_by_layer"]
+        f.add_scatter(x=np.arange(len(y)) / max(len(y), 1), y=y, name=model, mode="lines+markers")
+    f.update_layout(title="Attention-output log-norm by relative depth", xaxis_title="layer / n_layers",
+                    yaxis_title="mean log norm")  # fmt: skip
+    return {"comparison": f}

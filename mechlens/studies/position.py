@@ -9,6 +9,8 @@ per-position accuracy on the training batch and on the fresh test batch.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -174,3 +176,27 @@ def figures(loss: np.ndarray, m: dict) -> dict[str, go.Figure]:
                         yaxis_title="true", yaxis_autorange="reversed")  # fmt: skip
         figs[f"confusion_{split}"] = f
     return figs
+
+
+def headline(m: Mapping[str, Any]) -> list[str]:
+    """The findings in words, from the metrics (a live result's or a saved ``results.json`` entry's)."""
+    loss = np.asarray(m["loss_mean_by_position"], np.float64)
+    lo = int(np.argmin(loss))
+    return [
+        f"logistic accuracy train {m['logistic_accuracy_train']:.3f} / test {m['logistic_accuracy_test']:.3f} "
+        f"(chance {m['logistic']['chance']:.3f}); OLS R² {m['ols']['r2']:.4f}",
+        f"Mean next-token loss is {loss[0]:.2f} nats at position 0 and {loss[lo]:.2f} at its lowest (position "
+        f"{lo}); position explains {100 * m['ols']['r2']:.1f}% of the variance of the loss (OLS).",
+        f"A multinomial logistic regression recovers the position from the loss alone with "
+        f"{100 * m['logistic_accuracy_test']:.0f}% accuracy on fresh texts "
+        f"(chance {100 * m['logistic']['chance']:.0f}%).",
+    ]
+
+
+def compare(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, go.Figure]:
+    """Comparison figures from several models' ``results.json`` entries (same inputs)."""
+    f = go.Figure()
+    for model, e in entries.items():
+        f.add_scatter(y=e["metrics"]["loss_mean_by_position"], name=model, mode="lines+markers")
+    f.update_layout(title="Loss by position, per model", xaxis_title="position", yaxis_title="mean loss (nats)")
+    return {"comparison": f}

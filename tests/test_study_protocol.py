@@ -1,0 +1,91 @@
+"""The study protocol: a sixth study is one module plus one registry line. A dummy study defined here
+runs through ``mechlens run`` (its Config as flags, checked), appears in the report with its findings
+and in ``mechlens compare``; nothing outside this file names it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from mechlens.cli import main
+from mechlens.options import Options, option
+from mechlens.studies import STUDIES, StudyInfo
+
+MODULE = "mechlens_test_dummy_study"
+
+
+def _dummy_module() -> types.ModuleType:
+    from mechlens import encode, provenance_of, run_cached
+    from mechlens.studies.result import StudyResult
+
+    mod = types.ModuleType(MODULE)
+
+    @dataclasses.dataclass
+    class Config(Options):
+        text: str = option("Hello world", "the text", nonempty=True)
+        scale: float = option(2.0, "a factor applied to the norm", gt=0)
+        seed: int = option(0, "random seed", ge=0)
+
+    def run(model, cfg: Config | None = None) -> StudyResult:
+        cfg = cfg or Config()
+        batch = encode(model, [cfg.text], bos=True)
+        _, acts = run_cached(model, batch, ["blocks.0.hook_resid_pre"])
+        value = cfg.scale * float(acts["blocks.0.hook_resid_pre"][0].norm(dim=-1).sum())
+        prov = provenance_of(model).replace(bos=batch.bos_policy(), seed=cfg.seed)
+        res = StudyResult("dummy", prov.model, {"value": value, "ids": batch.tokens[0].tolist()}, prov.to_dict(),
+                          dataclasses.asdict(cfg), {"rows": [{"value": value}]})  # fmt: skip
+        res.figures = {"value": go.Figure(go.Bar(y=[value]))}
+        return res
+
+    def headline(m) -> list[str]:
+        return [f"dummy value {m['value']:.4f}", f"The summed embedding norm, scaled, is {m['value']:.4f}."]
+
+    def compare(entries) -> dict[str, go.Figure]:
+        return {"comparison": go.Figure(go.Bar(x=list(entries), y=[e["metrics"]["value"] for e in entries.values()]))}
+
+    mod.Config, mod.run, mod.headline, mod.compare = Config, run, headline, compare
+    return mod
+
+
+@pytest.fixture
+def dummy_study(monkeypatch):
+    monkeypatch.setitem(sys.modules, MODULE, _dummy_module())
+    monkeypatch.setitem(STUDIES, "dummy", StudyInfo("dummy", "6. A dummy study", frozenset({"causal"}), ("tiny-gpt2",),
+                                                    MODULE))  # fmt: skip
+    return MODULE
+
+
+def test_a_sixth_study_runs_reports_and_compares(dummy_study, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["run", "dummy", "--scale", "3", "--out", str(a)]) == 0
+    assert main(["run", "--text", "Good morning", "dummy", "--out", str(b)]) == 0
+    assert "dummy value" in capsys.readouterr().out
+    doc = json.loads((a / "results.json").read_text())
+    e = doc["dummy"]["tiny-gpt2"]
+    # the number, independently: token + position embeddings of the HF model
+    from transformers import GPT2LMHeadModel
+
+    from mechlens.zoo import EMBEDDED
+
+    ref_model = GPT2LMHeadModel.from_pretrained(EMBEDDED["tiny-gpt2"].path, dtype=torch.float32)
+    ids = torch.tensor(e["metrics"]["ids"])
+    with torch.no_grad():
+        emb = ref_model.transformer.wte(ids) + ref_model.transformer.wpe(torch.arange(len(ids)))
+    # a sum of ~3 norms of ~|5| in fp32: 1e-5 relative
+    assert e["metrics"]["value"] == pytest.approx(3 * float(emb.norm(dim=-1).sum()), rel=1e-5)
+    html = (a / "report.html").read_text()
+    assert "6. A dummy study" in html and "The summed embedding norm, scaled, is" in html
+    assert (a / "dummy__tiny-gpt2__rows.csv").exists()
+    assert main(["run", "dummy", "--scale", "0", "--out", str(tmp_path / "c")]) == 2
+    assert "--scale (scale) must be > 0" in capsys.readouterr().err
+    cmp = tmp_path / "cmp"
+    assert main(["compare", str(a), str(b), "--out", str(cmp)]) == 0
+    merged = json.loads((cmp / "results.json").read_text())
+    assert len(merged["dummy"]) == 2 and "comparison across runs" in (cmp / "report.html").read_text()
+    assert main(["run", "dummy", "--model", "tiny-mlm", "--out", str(tmp_path / "d")]) == 2  # it declared causal only

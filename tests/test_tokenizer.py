@@ -42,3 +42,15 @@ def test_empty_tokenizer_from_vocab_file_is_refused():
     with pytest.raises(TokenizerError, match="vocab=") as e:
         check_tokenizer(empty)
     assert "merges=" in str(e.value)
+
+
+def test_gpt2_tokenizer_bos_flag():
+    """mechlens' own tokenizer is marked BOS-adding (TransformerBridge reloads any other by name from the
+    hub), so a default call prepends <|endoftext|>; the exported one (add_bos_token=False) adds
+    nothing, like the hub's gpt2. mechlens always encodes with add_special_tokens=False: same ids."""
+    own, plain = gpt2_tokenizer(), gpt2_tokenizer(add_bos_token=False)
+    assert own.init_kwargs["add_bos_token"] is True
+    assert own(" coffee")["input_ids"] == [50256, 6891]
+    assert plain(" coffee")["input_ids"] == [6891]
+    for text in ("I like oat milk in my", "  spaces\n", "<|endoftext|>x"):
+        assert own(text, add_special_tokens=False)["input_ids"] == plain(text)["input_ids"]

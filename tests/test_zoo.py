@@ -1,8 +1,12 @@
-"""Embedded models: load by name offline, sizes match their cards, and show real (trained) behaviour."""
+"""Embedded models: load by name offline, sizes match their cards, and show real (trained) behaviour; the
+training pipeline (top-level ``training/``) stays outside the package and agrees with what shipped."""
 
 from __future__ import annotations
 
+import ast
 import json
+import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -83,3 +87,77 @@ def test_tiny_mlm_fills_masks_better_than_chance(models):
     assert acc >= 1.5 * most_common and acc >= 0.1, (acc, most_common)
     true_lp = at.log_softmax(-1).gather(-1, targets[:, None]).mean().item()
     assert true_lp > np.log(1 / m.cfg.d_vocab) + 3, true_lp  # measured -7.1: e^3.7 = 40x more likely
+
+
+# -- the training pipeline (top-level training/, outside the package) ------------------------------
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def training(monkeypatch):
+    """The repository's training/ folder as a package (it is not installed: the wheel ships mechlens only)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    import training.card
+    import training.train
+
+    return training
+
+
+def test_training_code_is_outside_the_package():
+    from setuptools import find_packages
+
+    assert find_packages(ROOT, include=["mechlens*"]) and not any(
+        p.startswith("training") for p in find_packages(ROOT, include=["mechlens*"])
+    )
+    assert not any((ROOT / "mechlens" / "zoo" / f).exists() for f in ("train.py", "corpus.py", "card.py"))
+    for path in (ROOT / "mechlens").rglob("*.py"):  # the runtime never imports the training code
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n == "training" or n.startswith(("training.", "mechlens.zoo.train")) for n in names), path
+
+
+@pytest.mark.parametrize("name", list(EMBEDDED))
+def test_training_builds_the_shipped_architecture(training, name):
+    """train.build_model with its defaults gives the shipped config and parameter count."""
+    cfg = training.train.parse_args(["--model", name, "--device", "cpu"])
+    model = training.train.build_model(cfg)
+    shipped = json.loads((EMBEDDED[name].path / "config.json").read_text())
+    assert type(model).__name__ == EMBEDDED[name].architecture == shipped["architectures"][0]
+    keys = ("vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "hidden_size",
+            "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings",
+            "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings")  # fmt: skip
+    ours = model.config.to_dict()
+    assert {k: ours[k] for k in keys if k in shipped} == {k: shipped[k] for k in keys if k in shipped}
+    card = json.loads((EMBEDDED[name].path / "card.json").read_text())
+    assert sum(p.numel() for p in model.parameters()) == card["parameters"]
+
+
+def test_training_ids_follow_the_mlm_tokenizer(training):
+    """The MLM was trained on GPT-2 ids mapped by train.gpt2_ids_to_mlm: the same ids mechlens'
+    mlm_tokenizer gives the text, <|endoftext|> -> </s>, and the same <mask> id and vocabulary."""
+    from mechlens.tokenizer import gpt2_tokenizer, mlm_tokenizer
+
+    t = training.train
+    text = "Turkish coffee is brewed slowly, in a cezve."
+    g = gpt2_tokenizer()(text, add_special_tokens=False)["input_ids"]
+    m = mlm_tokenizer()
+    mapped = t.gpt2_ids_to_mlm(np.asarray([*g, 50256], dtype=np.uint16)).tolist()
+    assert mapped == [*m(text, add_special_tokens=False)["input_ids"], m.eos_token_id]
+    assert (m.mask_token_id, len(m), m.pad_token_id, m.bos_token_id) == (t.MLM_MASK, t.MLM_VOCAB, t.MLM_PAD, t.MLM_BOS)
+
+
+@pytest.mark.parametrize("name", list(EMBEDDED))
+def test_training_card_regenerates_the_shipped_model_card(training, name):
+    """card.py's text (with the commands to reproduce) from the shipped training report and metrics is
+    the shipped MODEL_CARD.md; the corpus sizes come from the corpus' stats.json, not shipped, so they
+    are read back from the card."""
+    path = EMBEDDED[name].path
+    shipped = (path / "MODEL_CARD.md").read_text()
+    held, train = re.search(r"never trained on: ([\d,]+) held-out tokens, ([\d,]+) training tokens", shipped).groups()
+    stats = {"heldout_tokens": int(held.replace(",", "")), "train_tokens": int(train.replace(",", ""))}
+    report = json.loads((path / "train_report.json").read_text())
+    metrics = json.loads((path / "card.json").read_text())
+    assert training.card._card(name, report, metrics, stats) == shipped
+    assert f"python -m training.train --data .cache/corpus --out .cache/train/{name}" in shipped

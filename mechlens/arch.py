@@ -54,6 +54,11 @@ RoBERTa                             residual add and LayerNorm; ``hook_mlp_out``
                                     ``hidden_states``. There is no additive decomposition of the residual stream.
 =========  ===========  ==========  ======================================================================
 
+``unembed.hook_out`` (alias ``hook_unembed``) is ``lm_head``'s raw output, *before* the model's
+post-processing: the model's logits are ``softcap(scale * unembed.hook_out)`` (:func:`logit_map`), so
+an intervention there is scaled (Granite: by 1/8) or compressed (Gemma2: soft-capped) on its way to
+the logits.
+
 Norm placements (:func:`norm_placement`): ``pre-LN`` normalises each sublayer's input; ``post-LN``
 normalises after the residual add; ``sandwich`` both before the sublayer and on its output before the
 add; ``output-norm`` only on the sublayer's output before the add. Architectures TransformerBridge

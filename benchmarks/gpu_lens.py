@@ -147,8 +147,10 @@ def sweep(resid, targets, readout, flops, peak, configs) -> list[str]:
     return out
 
 
-SWEEP_BF16 = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 256, 64, 8, 3)]
-SWEEP_FP32 = [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3)]
+# the defaults first; a 4-warp 64 x 64 tile can run two programs per multiprocessor (one's epilogue beside
+# the other's matmul); 128 x 128 spills registers (RESULTS_GPU.md) but reads less from L2 per FLOP
+SWEEP_BF16 = [(128, 64, 64, 8, 3), (64, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 8, 4)]
+SWEEP_FP32 = [(64, 64, 32, 8, 3), (64, 64, 32, 4, 3), (128, 64, 32, 8, 3)]
 
 
 def resources() -> None:

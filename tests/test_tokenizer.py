@@ -54,3 +54,27 @@ def test_gpt2_tokenizer_bos_flag():
     assert plain(" coffee")["input_ids"] == [6891]
     for text in ("I like oat milk in my", "  spaces\n", "<|endoftext|>x"):
         assert own(text, add_special_tokens=False)["input_ids"] == plain(text)["input_ids"]
+
+
+def test_readme_recipe_tokenizer_for_an_offline_checkpoint(tmp_path):
+    """README, 'A tokenizer for your own offline checkpoint': GPT2TokenizerFast from local files with
+    vocab=/merges= (paths), saved next to the model, loads with load_model(dir) and encodes as GPT-2."""
+    from conftest import make_gpt2
+    from transformers import AutoTokenizer, GPT2TokenizerFast
+
+    from mechlens import encode, load_model
+
+    d = _bpe_dir()
+    tok = GPT2TokenizerFast(vocab=str(d / "encoder.json"), merges=str(d / "vocab.bpe"), name_or_path="my-model")
+    tok.pad_token = tok.eos_token
+    tok.model_max_length = 1024
+    check_tokenizer(tok)
+    ref = gpt2_tokenizer()
+    for text in ("I like oat milk in my", " coffee", "Café ☕\n\n  x", "<|endoftext|>"):
+        assert tok(text)["input_ids"] == ref(text, add_special_tokens=False)["input_ids"]
+    model, _ = make_gpt2()
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    assert AutoTokenizer.from_pretrained(tmp_path / "ckpt")(" coffee")["input_ids"] == [6891]
+    m = load_model(tmp_path / "ckpt")
+    assert encode(m, ["Hello world"], bos=True).tokens.tolist() == [[50256, 15496, 995]]

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from mechlens.errors import DataError, NonFiniteError
+
 
 def ols(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     """``y ~ const + x`` with statsmodels (full table) and sklearn (same intercept and slope)."""
@@ -77,13 +79,15 @@ def logistic(x_train, y_train, x_test, y_test, cfg: LogisticConfig = LogisticCon
 
 
 def lstsq_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Least-squares (intercept, slope) of ``y`` on ``x``, ignoring non-finite pairs."""
+    """Least-squares (intercept, slope) of ``y`` on ``x``. A non-finite value is an error, never dropped
+    silently: choose the points before fitting."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 2:
-        return float("nan"), float("nan")
-    a = np.stack([np.ones(ok.sum()), x[ok]], 1)
-    (b0, b1), *_ = np.linalg.lstsq(a, y[ok], rcond=None)
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise NonFiniteError(f"a line fit got NaN or infinite values at points {np.nonzero(~np.isfinite(x + y))[0]}")
+    if len(x) < 2:
+        raise DataError(f"a line fit needs at least 2 points, got {len(x)}")
+    a = np.stack([np.ones(len(x)), x], 1)
+    (b0, b1), *_ = np.linalg.lstsq(a, y, rcond=None)
     return float(b0), float(b1)
 
 

@@ -128,11 +128,12 @@ def finish(model, acc: MagnitudeAccumulator, cfg: Config, batch) -> StudyResult:
     cnt = overall.count.sum().double()
     ln_mean = (overall.sum.sum(1) / cnt).numpy()
     ln_std = np.sqrt(np.maximum(overall.sumsq.sum(1).numpy() / cnt.item() - ln_mean**2, 0))
-    n_fit = min(cfg.n_fit_positions, norm.mean.shape[1])
-    pos = np.arange(n_fit)
+    # the fit runs over the first n_fit positions that valid tokens reached: 1..n_fit when position 0 is
+    # excluded (the original notebook's arange(n_fit) silently lost its NaN point 0 and fitted 1..n_fit-1)
+    pos = np.nonzero(norm.count.numpy() > 0)[0][: cfg.n_fit_positions]
     mean_np = norm.mean.numpy()
     empty = norm.count.numpy() == 0  # [pos]
-    fits = [lstsq_line(pos, np.log(mean_np[layer, :n_fit])) for layer in range(len(mean_np))]
+    fits = [lstsq_line(pos, np.log(mean_np[layer, pos])) for layer in range(len(mean_np))]
     try:
         betas = torch.linalg.solve(acc.xtx, acc.xty.unsqueeze(-1)).squeeze(-1).numpy()  # [layer, 3]
     except torch.linalg.LinAlgError:
@@ -155,6 +156,7 @@ def finish(model, acc: MagnitudeAccumulator, cfg: Config, batch) -> StudyResult:
         "lognorm_mean_by_layer_position": none_where(logn.mean, empty),
         "norm_mean_by_position": none_where(_mean_over_layers(mean_np), empty),
         "position_fit_by_layer": [{"intercept": b0, "slope": b1} for b0, b1 in fits],
+        "position_fit_positions": pos.tolist(),
         "previous_norm_betas_by_layer": [{"const": b[0], "t-2": b[1], "t-1": b[2]} for b in betas],
         "n_regression_triplets": acc.n_triplets,
     }

@@ -48,10 +48,11 @@ def test_magnitude_statistics_equal_numpy_on_hf_activations(causal_pair):
             ref[:, p] = norms[:, sel].mean(1)
     got = np.array(res["norm_mean_by_layer_position"], dtype=np.float64)
     np.testing.assert_allclose(got, ref, rtol=1e-5, equal_nan=True)
+    # the position fit: the first 10 positions that valid tokens reach, 1..10 (position 0 is excluded)
+    assert res["position_fit_positions"] == list(range(1, 11))
     for layer, fit in enumerate(res["position_fit_by_layer"]):
-        x = np.arange(10)
-        ok = np.isfinite(ref[layer, :10])
-        (b0, b1), *_ = np.linalg.lstsq(np.stack([np.ones(ok.sum()), x[ok]], 1), np.log(ref[layer, :10][ok]), rcond=None)
+        x = np.arange(1, 11)
+        (b0, b1), *_ = np.linalg.lstsq(np.stack([np.ones(10), x], 1), np.log(ref[layer, 1:11]), rcond=None)
         assert abs(fit["intercept"] - b0) <= 1e-5 and abs(fit["slope"] - b1) <= 1e-5
     # previous-token regression: lstsq on explicit (t-2, t-1, t) triplets of valid tokens
     trip = valid[:, 2:] & valid[:, 1:-1] & valid[:, :-2]

@@ -73,6 +73,8 @@ def test_export_is_a_plain_fp32_checkpoint_of_the_shipped_weights(exported, name
     files = {p.name for p in d.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"} <= files
     assert MARKER in files  # a mechlens output: a later export may replace it
+    modes = {p.name: p.stat().st_mode & 0o777 for p in d.iterdir() if p.name != MARKER}
+    assert len(set(modes.values())) == 1, modes  # transformers writes the weights 0600; the export is shareable
     config = json.loads((d / "config.json").read_text())
     assert config["architectures"] == [EMBEDDED[name].architecture]
     ours = load_file(d / "model.safetensors")

@@ -102,6 +102,11 @@ def _write(m: EmbeddedModel, tmp: pathlib.Path) -> None:
     card = m.path / "card.json"
     if card.exists():
         (tmp / "card.json").write_text(card.read_text(encoding="utf-8"), encoding="utf-8")
+    # transformers writes model.safetensors owner-only (0600); give every file the mode the umask gives
+    # an ordinary new file, as README.md got, so the export can be shared like any other directory
+    mode = (tmp / "README.md").stat().st_mode & 0o777
+    for f in tmp.iterdir():
+        f.chmod(mode)
 
 
 def model_card(m: EmbeddedModel) -> str:

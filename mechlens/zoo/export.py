@@ -1,9 +1,9 @@
 """Write an embedded model out as a plain Hugging Face checkpoint: ``mechlens export NAME DIR``.
 
 The directory holds what ``save_pretrained`` writes for the model (``config.json``,
-``model.safetensors``, ``generation_config.json``) and for its tokenizer (``tokenizer.json``,
-``tokenizer_config.json``), the model card as ``README.md`` (the Hugging Face convention) with
-``card.json`` (its metrics), and mechlens' output marker, so it loads with
+``model.safetensors``, for tiny-gpt2 ``generation_config.json``) and for its tokenizer
+(``tokenizer.json``, ``tokenizer_config.json``), the model card as ``README.md`` (the Hugging Face
+convention) with ``card.json`` (its metrics), and mechlens' output marker, so it loads with
 ``AutoModelForCausalLM`` / ``AutoModelForMaskedLM`` and ``AutoTokenizer`` without mechlens, and with
 ``mechlens.load_model(DIR)``.
 

@@ -16,6 +16,7 @@ _EXPORTS = {
     "provenance_of": "mechlens.loading",
     "Provenance": "mechlens.provenance",
     "EMBEDDED": "mechlens.zoo",
+    "export_model": "mechlens.zoo.export",
     # tokens and masks
     "TokenBatch": "mechlens.tokens",
     "encode": "mechlens.tokens",
@@ -87,3 +88,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from mechlens.tokenizer import TokenizerError
     from mechlens.tokens import TokenBatch, encode, single_token_id, target_positions
     from mechlens.zoo import EMBEDDED
+    from mechlens.zoo.export import export_model

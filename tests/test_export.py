@@ -191,6 +191,13 @@ def test_load_model_on_export_equals_embedded(exported, name):
     torch.testing.assert_close(acts_b[names[0]], acts_a[names[0]], atol=0, rtol=0)
 
 
+def test_export_model_is_public_and_lazy():
+    import mechlens
+    import mechlens.zoo
+
+    assert mechlens.export_model is mechlens.zoo.export_model and "export_model" in mechlens.__all__
+
+
 def test_unknown_name_is_refused_naming_the_embedded_models(tmp_path):
     with pytest.raises(MechlensError, match="tiny-gpt2, tiny-mlm"):
         export_model("gpt2", tmp_path / "out")

@@ -79,6 +79,18 @@ class TokenBatch:
     def bos_policy(self) -> str:
         return "prepend" if self.bos else "none"
 
+    def mask_each(self, mask_id: int) -> tuple[TokenBatch, Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"]]:
+        """One variant per text token of every sequence, with that token replaced by ``mask_id`` (the
+        sliding mask of masked-LM studies). Returns the variants (in reading order, sequence by
+        sequence), and for each variant its source row, its masked column and the original token."""
+        rows, cols = torch.nonzero(self.text_mask, as_tuple=True)
+        variants = self.select(rows)
+        tokens = variants.tokens.clone()
+        n = torch.arange(len(rows))
+        originals = tokens[n, cols].clone()
+        tokens[n, cols] = mask_id
+        return dataclasses.replace(variants, tokens=tokens), rows, cols, originals
+
 
 def encode(
     model: TransformerBridge,

@@ -106,8 +106,8 @@ CASES = [
     ("run logits --model gpt2-xxl-not-cached", "not in the local Hugging Face cache"),
     ("run magnitudes --model overflow", "NaN or infinite activations in model 'overflow', first at blocks.0.mlp."),
     # study and model kinds
-    ("run logits --model tiny-mlm", "studies for masked LMs are lens, magnitudes, distances"),
-    ("run position --model tiny-mlm --bos", "does not apply"),
+    ("run logits --model tiny-mlm", "studies for masked LMs are position, lens, magnitudes, distances"),
+    ("run position --model tiny-mlm --seqlen 600", "--seqlen"),
     # data
     ("run magnitudes --data short.txt", "use more or longer texts"),
     ("run magnitudes --data latin1.txt", "#encoding=latin-1"),

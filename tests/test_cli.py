@@ -109,7 +109,7 @@ def _nan_model_dir(tmp_path):
         (["run", "position", "--n-train", "400", "--n-test", "400"], "only 310"),
         (["run", "distances", "--target", " piano"], "occurs 0"),
         (["run", "magnitudes", "--model", "tiny-gpt2", "--model", "tiny-mlm"], "vocabulary mismatch"),
-        (["run", "position", "--model", "tiny-gpt2", "--model", "tiny-mlm"], "does not apply"),
+        (["run", "logits", "--model", "tiny-gpt2", "--model", "tiny-mlm"], "does not apply"),
         (["run", "magnitudes", "--model", "NAN_MODEL"], "NaN or infinite weights"),
     ],
 )
@@ -167,15 +167,13 @@ def test_options_before_and_after_the_study(tmp_path):
 def test_run_all_on_a_masked_model_runs_what_applies_and_says_what_it_skipped(tmp_path):
     out = tmp_path / "mlm"
     argv = ["run", "all", "--model", "tiny-mlm", "--n-texts", "8", "--n-synthetic", "200", "--mi-bins", "4",
-            "--out", str(out)]  # fmt: skip
+            "--n-train", "20", "--n-test", "20", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     doc = json.loads((out / "results.json").read_text())
-    assert list(doc) == ["lens", "magnitudes", "distances", "_notes", "_run"]
-    assert doc["_notes"] == [
-        "position: skipped for tiny-mlm (it applies to causal LMs only)",
-        "logits: skipped for tiny-mlm (it applies to causal LMs only)",
-    ]
-    assert "position: skipped for tiny-mlm" in (out / "report.html").read_text()
+    assert list(doc) == ["position", "lens", "magnitudes", "distances", "_notes", "_run"]
+    assert doc["_notes"] == ["logits: skipped for tiny-mlm (it applies to causal LMs only)"]
+    assert doc["position"]["tiny-mlm"]["metrics"]["loss_kind"] == "pseudo-log-likelihood"
+    assert "logits: skipped for tiny-mlm" in (out / "report.html").read_text()
 
 
 def test_rerun_replaces_its_own_run_and_keeps_nothing_stale(tmp_path):

@@ -1,9 +1,15 @@
-"""Study 1 -- predict a token's position from its next-token loss.
+"""Study 1 -- predict a token's position from its loss.
 
 The first ``seqlen`` tokens of ``n_train`` texts (and a fresh ``n_test``) go through the model; the
-per-token loss matrix ``[n, seqlen-1]`` is regressed on position (OLS, statsmodels + sklearn) and
-position is classified from loss (multinomial logistic regression), with confusion matrices and
-per-position accuracy on the training batch and on the fresh test batch.
+per-token loss matrix is regressed on position (OLS, statsmodels + sklearn) and position is
+classified from loss (multinomial logistic regression), with confusion matrices and per-position
+accuracy on the training batch and on the fresh test batch.
+
+The loss of a causal LM is the next-token loss, ``[n, seqlen-1]`` (positions 0..seqlen-2); that of a
+masked LM is its natural analogue, the pseudo-log-likelihood loss of each token masked in turn,
+``[n, seqlen]`` (positions 0..seqlen-1). Conventions that differ from the original notebook
+(gpt2, HF tokenizer): none by default (no BOS: the first text token is position 0); ``--bos``
+prepends one (its prediction is dropped, so positions stay text positions).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechlens import arch
 from mechlens.data import load_texts, split_train_test
 from mechlens.loading import provenance_of
 from mechlens.ops import next_token_loss
@@ -47,17 +54,24 @@ class Config(Options):
 
     def check_model(self, model) -> None:
         n_ctx = model.cfg.n_ctx
-        if self.seqlen + int(self.bos) > n_ctx:
-            fail("seqlen", f"must be <= {n_ctx - int(self.bos)} (the model's context is {n_ctx} tokens), "
+        special = 2 if arch.kind_of(model) == "masked" else int(self.bos)  # <s> ... </s>, or BOS
+        if self.seqlen + special > n_ctx:
+            fail("seqlen", f"must be <= {n_ctx - special} (the model's context is {n_ctx} tokens), "
                            f"got {self.seqlen}")  # fmt: skip
 
 
-def loss_matrix(model, texts: list[str], cfg: Config) -> tuple[Float[Tensor, "n seqlen_m1"], TokenBatch]:
-    """Next-token loss at positions 0..seqlen-2 for the first ``seqlen`` text tokens of each text
-    (one batched forward per mini-batch, reduced to losses at once: no loop over sequences or tokens,
-    and never more than one mini-batch of logits)."""
-    batch = encode(model, texts, bos=cfg.bos, max_tokens=cfg.seqlen, min_tokens=cfg.seqlen,
+def loss_matrix(model, texts: list[str], cfg: Config) -> tuple[Float[Tensor, "n n_pos"], TokenBatch]:
+    """The per-token loss matrix of the first ``seqlen`` text tokens of each text, by text position.
+
+    Causal LMs: next-token loss at positions 0..seqlen-2 (one batched forward per mini-batch, reduced
+    to losses at once). Masked LMs (always ``<s> ... </s>``): the pseudo-log-likelihood loss
+    ``-log p(token | the text with that token masked)`` at positions 0..seqlen-1, every token of a
+    mini-batch of texts masked in turn and all variants in one batched forward."""
+    masked = arch.kind_of(model) == "masked"
+    batch = encode(model, texts, bos=cfg.bos or masked, max_tokens=cfg.seqlen, min_tokens=cfg.seqlen,
                    fix="lower --seqlen or use longer texts")  # fmt: skip
+    if masked:
+        return pseudo_log_likelihood(model, batch, cfg.batch_size).reshape(len(texts), cfg.seqlen), batch
     chunks = []
     for rows, logits, _ in iter_cached(
         model, batch, [], logits=True, batch_size=cfg.batch_size, progress="study 1 forward"
@@ -68,6 +82,20 @@ def loss_matrix(model, texts: list[str], cfg: Config) -> tuple[Float[Tensor, "n 
     if cfg.bos:  # drop the prediction made from BOS: rows are then text positions 0..seqlen-2 as without BOS
         loss = loss[:, 1:]
     return loss, batch
+
+
+def pseudo_log_likelihood(model, batch: TokenBatch, batch_size: int) -> Float[Tensor, " n_tokens"]:
+    """``-log p(token | the sequence with that token masked)`` for every text token of ``batch``, in
+    reading order (a masked LM's per-token loss, Salazar et al. 2020): one forward per mini-batch of
+    masked variants, keeping only the masked column's logits."""
+    variants, _, cols, originals = batch.mask_each(arch.mask_id(model))
+    out = []
+    for rows, logits, _ in iter_cached(
+        model, variants, [], logits=True, batch_size=batch_size, progress="study 1 forward (masked)"
+    ):
+        at = logits[torch.arange(logits.shape[0], device=logits.device), cols[rows].to(logits.device)].float()
+        out.append(-torch.log_softmax(at, -1).gather(-1, originals[rows, None].to(at.device))[:, 0].cpu())
+    return torch.cat(out)
 
 
 def analyse(loss_train: np.ndarray, loss_test: np.ndarray, cfg: Config) -> dict:
@@ -108,6 +136,7 @@ def run(model, cfg: Config | None = None, texts: list[str] | None = None) -> Stu
     loss_train, batch = loss_matrix(model, train, cfg)
     loss_test, _ = loss_matrix(model, test, cfg)
     m = analyse(loss_train.numpy(), loss_test.numpy(), cfg)
+    m["loss_kind"] = "pseudo-log-likelihood" if arch.kind_of(model) == "masked" else "next-token"
     proba, pred = m.pop("_probabilities_test"), m.pop("_predicted_test")
     prov = provenance_of(model).replace(bos=batch.bos_policy(), padding_side=batch.padding_side, seed=cfg.seed)
     n_pos = loss_train.shape[1]
@@ -148,7 +177,8 @@ def figures(loss: np.ndarray, m: dict) -> dict[str, go.Figure]:
     jitter = np.random.default_rng(0).uniform(-0.25, 0.25, loss.size)
     f.add_scatter(x=np.tile(pos, len(loss)) + jitter, y=loss.reshape(-1), mode="markers", name="tokens",
                   marker={"size": 3, "opacity": 0.3})  # fmt: skip
-    f.update_layout(title="Next-token loss by position", xaxis_title="position", yaxis_title="loss (nats)")
+    kind = m.get("loss_kind", "next-token")
+    f.update_layout(title=f"{kind.capitalize()} loss by position", xaxis_title="position", yaxis_title="loss (nats)")
     figs["loss_by_position"] = f
     f = go.Figure([go.Violin(y=loss[:, p], name=str(p), box_visible=True) for p in pos])
     f.update_layout(title="Loss distribution per position", xaxis_title="position", yaxis_title="loss (nats)")
@@ -182,10 +212,11 @@ def headline(m: Mapping[str, Any]) -> list[str]:
     """The findings in words, from the metrics (a live result's or a saved ``results.json`` entry's)."""
     loss = np.asarray(m["loss_mean_by_position"], np.float64)
     lo = int(np.argmin(loss))
+    kind = m.get("loss_kind", "next-token")
     return [
         f"logistic accuracy train {m['logistic_accuracy_train']:.3f} / test {m['logistic_accuracy_test']:.3f} "
         f"(chance {m['logistic']['chance']:.3f}); OLS R² {m['ols']['r2']:.4f}",
-        f"Mean next-token loss is {loss[0]:.2f} nats at position 0 and {loss[lo]:.2f} at its lowest (position "
+        f"Mean {kind} loss is {loss[0]:.2f} nats at position 0 and {loss[lo]:.2f} at its lowest (position "
         f"{lo}); position explains {100 * m['ols']['r2']:.1f}% of the variance of the loss (OLS).",
         f"A multinomial logistic regression recovers the position from the loss alone with "
         f"{100 * m['logistic_accuracy_test']:.0f}% accuracy on fresh texts "

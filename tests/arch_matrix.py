@@ -26,10 +26,10 @@ import torch
 
 V, D, L, H, FF, CTX = 50257, 64, 2, 4, 128, 128
 EOS = 50256  # GPT-2's <|endoftext|>: bos = eos = pad
+# one short batch: two sentences and a two-token text (so padding matters)
 TEXTS = [
     "I like oat milk in my coffee every morning.",
     "The cat sat on the warm windowsill and watched the rain.",
-    "She opened the fridge, took out the eggs, and started cooking breakfast.",
     "Hello world",
 ]
 
@@ -63,8 +63,10 @@ class Case:
 
     @property
     def studies(self) -> tuple[str, ...]:
-        both = ("lens", "magnitudes", "distances")
-        return (*both, "position", "logits") if self.kind == "causal" else both
+        """Every study the registry applies to this kind of model."""
+        from mechlens.studies import STUDIES
+
+        return tuple(name for name, info in STUDIES.items() if info.applies_to(self.kind))
 
 
 LL = dict(blocks="model.layers", attn="self_attn", mlp="mlp", final_norm="model.norm")

@@ -70,7 +70,7 @@ class Loaded:
         m = self.model
         self.batch = encode(m, TEXTS, bos=True)
         self.valid = self.batch.attention_mask.bool()
-        names = [f"blocks.{i}.{h}" for i in range(L) for h in NAMES]
+        names = [f"blocks.{i}.{h}" for i in range(L) for h in NAMES] + ["unembed.hook_out"]
         self.logits, self.acts = run_cached(m, self.batch, names, logits=True)
         self.ref = hf_run(case, self.hf, self.batch.tokens, self.batch.attention_mask)
         self._refs: dict[int, torch.Tensor] = {}
@@ -121,6 +121,22 @@ def test_parameter_count_and_provenance(loaded):
 def test_model_logits_equal_hf(loaded):
     z = loaded.ref.logits
     assert _maxdiff(loaded.logits, z, loaded.valid) <= ABS_LP + REL_LOGIT * z.abs().max().item()
+
+
+def test_unembed_hook_is_lm_head_output_before_post_processing(loaded):
+    """``unembed.hook_out`` is lm_head's raw output; the model's logits are HF's post-processing of it
+    (written here from the modelling code: Granite divides by logits_scaling, Cohere multiplies by
+    logit_scale, Gemma2/3 soft-cap)."""
+    cfg, z = loaded.hf.config, loaded.acts["unembed.hook_out"].double()
+    if loaded.case.name == "granite":
+        z = z / cfg.logits_scaling
+    if loaded.case.name == "cohere":
+        z = z * cfg.logit_scale
+    cap = getattr(cfg, "final_logit_softcapping", None) if loaded.case.kind == "causal" else None
+    if cap is not None:
+        z = cap * torch.tanh(z / cap)
+    logits = loaded.logits.double()
+    assert _maxdiff(z, logits, loaded.valid) <= ABS_LP + REL_LOGIT * logits.abs().max().item()
 
 
 def test_lens_equals_hf_head_at_every_readout_point(loaded):

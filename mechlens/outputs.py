@@ -43,17 +43,18 @@ def _contents(d: pathlib.Path) -> set[str]:
 
 
 def _check_replaceable(out: pathlib.Path, shown: str) -> None:
+    """``shown``: how the destination is named in messages (e.g. ``--out runs/x``)."""
     """Refuse unless ``out`` is absent, an empty directory, or an earlier mechlens run (and only that)."""
     if out.is_symlink():
-        raise OutputError(f"--out {shown} is a symbolic link: pass the path of a new directory")
+        raise OutputError(f"{shown} is a symbolic link: pass the path of a new directory")
     if not out.exists():
         return
     if not out.is_dir():
-        raise OutputError(f"--out {shown} is an existing file: pass the path of a new directory")
+        raise OutputError(f"{shown} is an existing file: pass the path of a new directory")
     try:
         present = _contents(out)
     except OSError as e:
-        raise OutputError(f"--out {shown} cannot be read ({e.strerror}): pass the path of a new directory") from None
+        raise OutputError(f"{shown} cannot be read ({e.strerror}): pass the path of a new directory") from None
     if not present:
         return
     listed = _manifest(out)
@@ -61,7 +62,7 @@ def _check_replaceable(out: pathlib.Path, shown: str) -> None:
     if listed is None or foreign:
         example = foreign[0] if foreign else sorted(present)[0]
         raise OutputError(
-            f"--out {shown} is a non-empty directory that mechlens did not write (it holds {example!r}): pass "
+            f"{shown} is a non-empty directory that mechlens did not write (it holds {example!r}): pass "
             "the path of a new directory; mechlens only replaces its own earlier runs"
         )
 
@@ -106,23 +107,24 @@ class Destination:
             raise
 
 
-def prepare_output(out: str | os.PathLike, *, inputs: Sequence[str | os.PathLike] = ()) -> Destination:
+def prepare_output(
+    out: str | os.PathLike, *, inputs: Sequence[str | os.PathLike] = (), what: str = "--out"
+) -> Destination:
     """Check ``out`` (see the module docstring) and create its temporary sibling; ``inputs`` are
-    directories the run reads (``compare``), which ``out`` must neither be, contain, nor lie in."""
-    shown = os.fspath(out)
+    directories the run reads (``compare``), which ``out`` must neither be, contain, nor lie in.
+    ``what`` names the destination in messages (the flag or argument it came from)."""
+    shown = f"{what} {os.fspath(out)}"
     path = pathlib.Path(out).expanduser().absolute()
     real = path.resolve()
     cwd = pathlib.Path.cwd().resolve()
     if _is_within(cwd, real):
         raise OutputError(
-            f"--out {shown} is the current directory or one of its parents: pass a new directory, e.g. --out runs/NAME"
+            f"{shown} is the current directory or one of its parents: pass a new directory, e.g. --out runs/NAME"
         )
     for inp in inputs:
         r = pathlib.Path(inp).expanduser().resolve()
         if _is_within(real, r) or _is_within(r, real):
-            raise OutputError(
-                f"--out {shown} is, contains or lies inside the input {os.fspath(inp)}: pass a new directory"
-            )
+            raise OutputError(f"{shown} is, contains or lies inside the input {os.fspath(inp)}: pass a new directory")
     _check_replaceable(path, shown)
     made: list[pathlib.Path] = []
     parent = path.parent
@@ -132,14 +134,12 @@ def prepare_output(out: str | os.PathLike, *, inputs: Sequence[str | os.PathLike
             p.mkdir()
             made.append(p)
         if not parent.is_dir():
-            raise OutputError(f"--out {shown}: {parent} is not a directory: pass a path inside a directory")
+            raise OutputError(f"{shown}: {parent} is not a directory: pass a path inside a directory")
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
     except OSError as e:
         for p in reversed(made):
             with contextlib.suppress(OSError):
                 p.rmdir()
-        raise OutputError(
-            f"--out {shown} cannot be written ({e.strerror}): pass a directory you can write to"
-        ) from None
+        raise OutputError(f"{shown} cannot be written ({e.strerror}): pass a directory you can write to") from None
     tmp.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary directory
     return Destination(path, shown, tmp, made)

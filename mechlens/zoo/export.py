@@ -31,7 +31,7 @@ import json
 import os
 import pathlib
 
-from mechlens.errors import MechlensError, ModelNotAvailableError, OutputError
+from mechlens.errors import MechlensError, ModelNotAvailableError
 from mechlens.zoo import EMBEDDED, EmbeddedModel
 
 _PIPELINE = {"causal": "text-generation", "masked": "fill-mask"}
@@ -56,10 +56,7 @@ def export_model(name: str, out: str | os.PathLike) -> pathlib.Path:
         raise ModelNotAvailableError(f"embedded model {name!r} has no weights at {m.path}: reinstall mechlens")
     from mechlens.outputs import prepare_output
 
-    try:
-        dest = prepare_output(out)
-    except OutputError as e:  # its messages name --out; here the directory is a positional argument
-        raise OutputError(f"export directory {str(e).replace('--out ', '')}") from None
+    dest = prepare_output(out, what="export directory")
     from transformers.utils import logging as hf_logging
 
     shown = hf_logging.is_progress_bar_enabled()

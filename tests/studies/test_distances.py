@@ -139,3 +139,14 @@ def test_distance_study_errors(gpt2_pair):
 def test_trained_model_distance_tracks_position_in_early_layers(tiny_gpt2_pair):
     res = ds.run(tiny_gpt2_pair.bridge).metrics
     assert res["kendall_tau_by_layer"]["attn"]["L2"][0] > 0.3  # measured 0.67
+
+
+def test_distance_study_fits_a_masked_lm_context_with_its_special_tokens(roberta_pair):
+    """A long document is cut so that <s> + text + </s> fits the masked LM's positions (it used to
+    count only one special token: "130 tokens exceed 129" here, "513 exceed 512" on roberta-large)."""
+    m = roberta_pair.bridge
+    text = "We drink coffee in the morning. " * 100  # ~700 tokens, cut to fit
+    res = ds.run(m, ds.Config(n_targets=10, n_synthetic=100, mi_bins=(4,)), texts=[text]).metrics
+    assert res["target"]["occurrences"] >= 18  # every occurrence within the 126 text positions
+    assert max(res["target_positions"]) <= m.cfg.n_ctx - 2  # the last text position before </s>
+    assert len(res["kendall_tau_by_layer"]["attn"]["L2"]) == m.cfg.n_layers

@@ -89,3 +89,27 @@ def test_a_sixth_study_runs_reports_and_compares(dummy_study, tmp_path, capsys):
     merged = json.loads((cmp / "results.json").read_text())
     assert len(merged["dummy"]) == 2 and "comparison across runs" in (cmp / "report.html").read_text()
     assert main(["run", "dummy", "--model", "tiny-mlm", "--out", str(tmp_path / "d")]) == 2  # it declared causal only
+
+
+def test_comparisons_share_one_depth_axis_ending_at_one():
+    """Models of 2 and 6 blocks: readout points at i/L (embeddings 0, last block 1), block outputs at
+    (l+1)/L, in every comparison figure."""
+    from mechlens.studies import distances, lens, magnitudes
+
+    def entries(key, n2, n6, extra=None):
+        return {name: {"metrics": {key: extra(n) if extra else [0.0] * n, "kind": "causal"}} for name, n in
+                (("two", n2), ("six", n6))}  # fmt: skip
+
+    taus = lambda n: {k: {"L2": [0.0] * n} for k in ("attn", "mlp")}  # noqa: E731
+    figs = [
+        lens.compare(entries("target_logprob_by_layer", 3, 7)),
+        magnitudes.compare(entries("lognorm_mean_by_layer", 2, 6)),
+        distances.compare(entries("kendall_tau_by_layer", 2, 6, taus)),
+    ]
+    for f in figs:
+        for trace in f["comparison"].data:
+            assert trace.x[-1] == 1.0
+    lens_x = [list(t.x) for t in figs[0]["comparison"].data]
+    assert lens_x[0] == [0.0, 0.5, 1.0] and lens_x[1][0] == 0.0
+    block_x = [list(t.x) for t in figs[1]["comparison"].data]
+    assert block_x[0] == [0.5, 1.0] and block_x[1][0] == pytest.approx(1 / 6)

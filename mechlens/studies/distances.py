@@ -22,6 +22,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from mechlens import arch
+from mechlens.axes import block_depth
 from mechlens.data import load_texts
 from mechlens.errors import DataError, TokenError
 from mechlens.loading import provenance_of
@@ -254,7 +255,7 @@ def compare(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, go.Figure]:
     for model, e in entries.items():
         for kind in ("attn", "mlp"):
             y = e["metrics"]["kendall_tau_by_layer"][kind]["L2"]
-            f.add_scatter(x=np.arange(len(y)) / max(len(y), 1), y=y, name=f"{model} {kind}", mode="lines+markers")
+            f.add_scatter(x=block_depth(len(y)), y=y, name=f"{model} {kind}", mode="lines+markers")
     f.update_layout(title="Kendall tau (L2 vs position distance) by relative depth",
-                    xaxis_title="layer / n_layers", yaxis_title="tau")  # fmt: skip
+                    xaxis_title="relative depth (block l at (l+1)/L)", yaxis_title="tau")  # fmt: skip
     return {"comparison": f}

@@ -24,6 +24,7 @@ import plotly.graph_objects as go
 import torch
 
 from mechlens import arch, progress
+from mechlens.axes import readout_depth
 from mechlens.loading import provenance_of
 from mechlens.ops import LensStats, lens_reduce, stack_layers
 from mechlens.options import Options, check_layer, fail, option
@@ -343,8 +344,7 @@ def compare(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, go.Figure]:
     f = go.Figure()
     for model, e in entries.items():
         y = e["metrics"]["target_logprob_by_layer"]
-        x = np.arange(len(y)) / max(len(y) - 1, 1)
-        f.add_scatter(x=x, y=y, name=f"{model} ({e['metrics']['kind']})", mode="lines+markers")
-    f.update_layout(title="Lens: target log-prob by relative depth", xaxis_title="layer / n_layers",
-                    yaxis_title="log-prob")  # fmt: skip
+        f.add_scatter(x=readout_depth(len(y)), y=y, name=f"{model} ({e['metrics']['kind']})", mode="lines+markers")
+    f.update_layout(title="Lens: target log-prob by relative depth", yaxis_title="log-prob",
+                    xaxis_title="relative depth (readout point i of L+1 at i/L)")  # fmt: skip
     return {"comparison": f}

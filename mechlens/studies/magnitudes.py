@@ -20,6 +20,7 @@ import plotly.graph_objects as go
 import torch
 
 from mechlens import arch
+from mechlens.axes import block_depth
 from mechlens.data import load_texts
 from mechlens.errors import DataError
 from mechlens.loading import provenance_of
@@ -252,7 +253,7 @@ def compare(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, go.Figure]:
     f = go.Figure()
     for model, e in entries.items():
         y = e["metrics"]["lognorm_mean_by_layer"]
-        f.add_scatter(x=np.arange(len(y)) / max(len(y), 1), y=y, name=model, mode="lines+markers")
-    f.update_layout(title="Attention-output log-norm by relative depth", xaxis_title="layer / n_layers",
-                    yaxis_title="mean log norm")  # fmt: skip
+        f.add_scatter(x=block_depth(len(y)), y=y, name=model, mode="lines+markers")
+    f.update_layout(title="Attention-output log-norm by relative depth", yaxis_title="mean log norm",
+                    xaxis_title="relative depth (block l at (l+1)/L)")  # fmt: skip
     return {"comparison": f}

@@ -199,10 +199,12 @@ def figures(m: dict, dist: dict, pos_dist: np.ndarray) -> dict[str, go.Figure]:
     figs = {}
     syn = m["synthetic"]
     bins = list(syn["mi_histogram_bits_by_bins"])
-    f = go.Figure(go.Scatter(x=bins, y=list(syn["mi_histogram_bits_by_bins"].values()), mode="lines+markers"))
-    knn, r = syn["mi_knn_nats"], syn["pearson_r"]
-    title = f"Histogram MI (bits) by bin count; kNN MI {knn:.3f} nats; Pearson r {r:.3f}"
-    figs["mi_by_bins"] = f.update_layout(title=title, xaxis_title="bins", yaxis_title="MI (bits)")
+    f = go.Figure(go.Scatter(x=bins, y=list(syn["mi_histogram_bits_by_bins"].values()), mode="lines+markers",
+                             name="2-D histogram estimate"))  # fmt: skip
+    knn_bits, r = syn["mi_knn_nats"] / np.log(2), syn["pearson_r"]
+    f.add_hline(y=knn_bits, line_dash="dash", annotation_text=f"kNN estimate {knn_bits:.3f} bits")
+    title = f"Mutual information of y = x² + noise, in bits, by bin count (Pearson r {r:.3f})"
+    figs["mi_by_bins"] = f.update_layout(title=title, xaxis_title="bins per axis", yaxis_title="MI (bits)")
     for normalised in (False, True):
         f = make_subplots(rows=2, cols=3, subplot_titles=[f"{k} {mm}" for k in KINDS for mm in MEASURES])
         for r, k in enumerate(KINDS):
@@ -210,6 +212,9 @@ def figures(m: dict, dist: dict, pos_dist: np.ndarray) -> dict[str, go.Figure]:
                 y = upper(dist[k][mm])
                 y = y / max(y.max(), 1e-300) if normalised else y
                 f.add_scatter(x=upper(pos_dist), y=y, mode="markers", row=r + 1, col=c + 1, showlegend=False)
+                f.update_xaxes(title_text="position distance (tokens)", row=r + 1, col=c + 1)
+                unit = "MI (nats)" if mm == "MI" else f"{mm} distance"
+                f.update_yaxes(title_text=f"{unit} / max" if normalised else unit, row=r + 1, col=c + 1)
         title = "max-normalised " if normalised else ""
         f.update_layout(title=f"Pairwise {title}measures vs position distance (layer {m['layer']})")
         figs["pairs_normalised" if normalised else "pairs"] = f
@@ -219,12 +224,19 @@ def figures(m: dict, dist: dict, pos_dist: np.ndarray) -> dict[str, go.Figure]:
             f.add_scatter(y=m["kendall_tau_by_layer"][k][mm], name=f"{k} {mm}", mode="lines+markers", row=1, col=1)
             f.add_scatter(y=m["mean_normalised_distance_by_layer"][k][mm], name=f"{k} {mm}", mode="lines+markers",
                           row=1, col=2, showlegend=False)  # fmt: skip
+    for c in (1, 2):
+        f.update_xaxes(title_text="layer", row=1, col=c)
+    f.update_yaxes(title_text="Kendall tau vs position distance", row=1, col=1)
+    f.update_yaxes(title_text="mean of measure / its max", row=1, col=2)
     f.update_layout(title="Layer sweep: attention vs MLP outputs")
     figs["layer_sweep"] = f
     f = make_subplots(rows=1, cols=2, subplot_titles=["attention", "MLP"])
     for c, k in enumerate(KINDS):
         f.add_heatmap(z=m["interlayer_mi"][k], row=1, col=c + 1, coloraxis="coloraxis")
-    f.update_layout(title="MI between layers' output norms at the target", coloraxis={"colorscale": "Viridis"})
+        f.update_xaxes(title_text="layer", row=1, col=c + 1)
+        f.update_yaxes(title_text="layer", row=1, col=c + 1)
+    f.update_layout(title="MI (nats, kNN) between layers' output norms at the target",
+                    coloraxis={"colorscale": "Viridis", "colorbar": {"title": "nats"}})  # fmt: skip
     figs["interlayer_mi"] = f
     return figs
 

@@ -294,21 +294,26 @@ def text_heatmap(predicted, max_lp, target_lp, rank, words, title) -> go.Figure:
     z = np.asarray(max_lp, dtype=np.float64)
     scaled = (z - np.nanmin(z)) / max(np.nanmax(z) - np.nanmin(z), 1e-12)
     custom = np.stack([np.asarray(target_lp), np.asarray(rank), z], -1)
+    shown = [[t if len(t) <= 9 else t[:8] + "…" for t in row] for row in predicted]  # cells stay legible
     f = go.Figure(
         go.Heatmap(
             z=scaled,
             x=[f"{i}:{w}" for i, w in enumerate(words)],
             y=list(range(len(z))),
-            text=predicted,
+            text=shown,
             texttemplate="%{text}",
-            customdata=custom,
+            textfont={"size": 11},
+            customdata=np.concatenate([custom.astype(object), np.asarray(predicted, dtype=object)[..., None]], -1),
             colorscale="Viridis",
-            hovertemplate="layer %{y}, %{x}<br>predicted %{text} (log-prob %{customdata[2]:.2f})"
+            colorbar={"title": "scaled"},
+            hovertemplate="layer %{y}, %{x}<br>predicted %{customdata[3]} (log-prob %{customdata[2]:.2f})"
             "<br>original token log-prob %{customdata[0]:.2f}, rank %{customdata[1]}<extra></extra>",
         )
     )
-    f.update_layout(title=f"{title}: predicted tokens (colour: min-max scaled max log-prob)",
-                    yaxis_title="readout point (0 = embeddings)", xaxis_title="position")  # fmt: skip
+    f.update_layout(title=f"{title}: predicted tokens (colour: max log-prob, min-max scaled over these cells)",
+                    yaxis_title="readout point (0 = embeddings)", xaxis_title="position: original token",
+                    width=max(800, 80 * len(words) + 200), height=max(400, 45 * len(z) + 200),
+                    xaxis={"tickangle": -45})  # fmt: skip
     return f
 
 

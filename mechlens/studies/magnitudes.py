@@ -76,7 +76,6 @@ class MagnitudeAccumulator:
         self.xty = torch.zeros(n_layers, 3, dtype=torch.float64)
         self.n_triplets = 0
         self.lengths: list[int] = []  # one int per sequence (for the length histogram)
-        self.valid_preview: torch.Tensor | None = None  # the first batch's valid mask, for the figure
 
     def update(self, norms: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, lengths) -> None:
         """``norms [layer, batch, pos]``; ``valid [batch, pos]``."""
@@ -96,8 +95,6 @@ class MagnitudeAccumulator:
         self.xty += einops.einsum(x, y, "layer n i, layer n -> layer i")
         self.n_triplets += int(trip.sum())
         self.lengths += [int(n) for n in lengths]
-        if self.valid_preview is None:
-            self.valid_preview = valid.clone()
 
 
 def run(model, cfg: Config | None = None, texts: list[str] | None = None) -> StudyResult:
@@ -188,10 +185,11 @@ def _mean_over_layers(x: np.ndarray) -> np.ndarray:
 
 def figures(m: dict, acc: MagnitudeAccumulator) -> dict[str, go.Figure]:
     figs = {}
-    f = go.Figure(go.Heatmap(z=acc.valid_preview.int().numpy(), colorscale="Greys", showscale=False))
-    f.update_layout(title="Valid tokens (first batch; padding and position 0 excluded)", xaxis_title="column",
-                    yaxis_title="sequence")  # fmt: skip
-    figs["valid_mask"] = f
+    cnt = np.asarray(m["norm_count_by_position"])
+    f = go.Figure(go.Bar(x=np.arange(len(cnt)), y=cnt))
+    f.update_layout(title="Valid tokens per position (every statistic's sample size; padding and excluded positions "
+                    "count 0)", xaxis_title="position", yaxis_title="valid tokens")  # fmt: skip
+    figs["valid_tokens"] = f
     counts = np.asarray(m["seq_length_counts"])
     figs["seq_lengths"] = go.Figure(go.Bar(x=np.arange(len(counts)), y=counts)).update_layout(
         title="Sequence lengths (text tokens)", xaxis_title="tokens", yaxis_title="sequences"
@@ -221,10 +219,16 @@ def figures(m: dict, acc: MagnitudeAccumulator) -> dict[str, go.Figure]:
     slopes = [b["slope"] for b in m["position_fit_by_layer"]]
     b1 = [b["t-1"] for b in m["previous_norm_betas_by_layer"]]
     b2 = [b["t-2"] for b in m["previous_norm_betas_by_layer"]]
-    f = go.Figure([go.Bar(y=slopes, name="slope of log mean norm on position")])
-    f.add_scatter(y=b1, name="beta t-1", mode="lines+markers", yaxis="y2")
-    f.add_scatter(y=b2, name="beta t-2", mode="lines+markers", yaxis="y2")
-    f.update_layout(title="Per-layer fits", xaxis_title="layer", yaxis2={"overlaying": "y", "side": "right"})
+    f = go.Figure([go.Bar(y=slopes, name="slope of log mean norm on position (left axis)")])
+    f.add_scatter(y=b1, name="coefficient of log-norm at t-1 (right axis)", mode="lines+markers", yaxis="y2")
+    f.add_scatter(y=b2, name="coefficient of log-norm at t-2 (right axis)", mode="lines+markers", yaxis="y2")
+    f.update_layout(
+        title="Per-layer fits: position trend and previous-token regression",
+        xaxis_title="layer",
+        yaxis={"title": "slope (log norm per position)"},
+        yaxis2={"title": "regression coefficient", "overlaying": "y", "side": "right"},
+        legend={"orientation": "h", "yanchor": "top", "y": -0.2, "x": 0},
+    )
     figs["fits"] = f
     return figs
 

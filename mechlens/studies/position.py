@@ -184,7 +184,7 @@ def figures(loss: np.ndarray, m: dict) -> dict[str, go.Figure]:
     f.update_layout(title="Loss distribution per position", xaxis_title="position", yaxis_title="loss (nats)")
     figs["loss_distributions"] = f
     f = go.Figure(go.Scatter(x=np.tile(pos, len(loss)), y=m["linear_predictions"], mode="markers",
-                             marker={"opacity": 0.3}))  # fmt: skip
+                             marker={"opacity": 0.3}, name="tokens (training set)"))  # fmt: skip
     f.add_scatter(x=pos, y=pos, mode="lines", name="identity")
     f.update_layout(title=f"OLS: predicted vs true position (R² = {m['ols']['r2']:.3f})",
                     xaxis_title="true position", yaxis_title="predicted position")  # fmt: skip

@@ -235,9 +235,9 @@ def _study_config(case, name):
         "lens": lens.Config(text="the cat sat on the warm windowsill .", position=2)
         if case.name == "bert"  # the word-level test vocabulary
         else lens.Config(),
-        "magnitudes": magnitudes.Config(n_texts=8, max_tokens=16, n_fit_positions=8),
-        "distances": distances.Config(n_targets=4, n_synthetic=200, mi_bins=(4, 8)),
-        "position": position.Config(n_train=12, n_test=6, max_iter=200),
+        "magnitudes": magnitudes.Config(n_texts=8, max_tokens=12, n_fit_positions=8),
+        "distances": distances.Config(n_targets=4, n_synthetic=20, mi_bins=(4,), n_context=4),
+        "position": position.Config(seqlen=4, n_train=8, n_test=4, max_iter=100),
         "logits": logits.Config(n_samples=10, n_new_tokens=1),
     }[name]
 

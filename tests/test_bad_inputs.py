@@ -106,7 +106,7 @@ CASES = [
     ("run logits --model gpt2-xxl-not-cached", "not in the local Hugging Face cache"),
     ("run magnitudes --model overflow", "NaN or infinite activations in model 'overflow', first at blocks.0.mlp."),
     # study and model kinds
-    ("run logits --model tiny-mlm", "studies for masked LMs are position, lens, magnitudes, distances"),
+    ("run logits --model tiny-mlm --top-k 60000", "the vocabulary size"),
     ("run position --model tiny-mlm --seqlen 600", "--seqlen"),
     # data
     ("run magnitudes --data short.txt", "use more or longer texts"),

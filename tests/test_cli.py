@@ -109,7 +109,6 @@ def _nan_model_dir(tmp_path):
         (["run", "position", "--n-train", "400", "--n-test", "400"], "only 310"),
         (["run", "distances", "--target", " piano"], "occurs 0"),
         (["run", "magnitudes", "--model", "tiny-gpt2", "--model", "tiny-mlm"], "vocabulary mismatch"),
-        (["run", "logits", "--model", "tiny-gpt2", "--model", "tiny-mlm"], "does not apply"),
         (["run", "magnitudes", "--model", "NAN_MODEL"], "NaN or infinite weights"),
     ],
 )
@@ -162,18 +161,6 @@ def test_options_before_and_after_the_study(tmp_path):
     assert main(["run", "--model", "tiny-gpt2", "--out", str(out), "lens", "--text", "Hot coffee is hot."]) == 0
     m = json.loads((out / "results.json").read_text())["lens"]["tiny-gpt2"]
     assert m["config"]["text"] == "Hot coffee is hot." and m["metrics"]["text_tokens"][1] == "Hot"
-
-
-def test_run_all_on_a_masked_model_runs_what_applies_and_says_what_it_skipped(tmp_path):
-    out = tmp_path / "mlm"
-    argv = ["run", "all", "--model", "tiny-mlm", "--n-texts", "8", "--n-synthetic", "200", "--mi-bins", "4",
-            "--n-train", "20", "--n-test", "20", "--out", str(out)]  # fmt: skip
-    assert main(argv) == 0
-    doc = json.loads((out / "results.json").read_text())
-    assert list(doc) == ["position", "lens", "magnitudes", "distances", "_notes", "_run"]
-    assert doc["_notes"] == ["logits: skipped for tiny-mlm (it applies to causal LMs only)"]
-    assert doc["position"]["tiny-mlm"]["metrics"]["loss_kind"] == "pseudo-log-likelihood"
-    assert "logits: skipped for tiny-mlm" in (out / "report.html").read_text()
 
 
 def test_rerun_replaces_its_own_run_and_keeps_nothing_stale(tmp_path):

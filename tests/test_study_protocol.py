@@ -91,6 +91,22 @@ def test_a_sixth_study_runs_reports_and_compares(dummy_study, tmp_path, capsys):
     assert main(["run", "dummy", "--model", "tiny-mlm", "--out", str(tmp_path / "d")]) == 2  # it declared causal only
 
 
+def test_run_all_runs_every_study_in_its_masked_form_and_skips_what_does_not_apply(dummy_study, tmp_path):
+    """On a masked LM every built-in study runs (position: pseudo-log-likelihood; logits: fill-mask);
+    the dummy, declared causal-only, is skipped and the run says so."""
+    out = tmp_path / "mlm"
+    argv = ["run", "all", "--model", "tiny-mlm", "--n-texts", "8", "--n-synthetic", "200", "--mi-bins", "4",
+            "--n-train", "20", "--n-test", "20", "--n-samples", "20", "--n-new-tokens", "2",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert list(doc) == ["position", "logits", "lens", "magnitudes", "distances", "_notes", "_run"]
+    assert doc["_notes"] == ["dummy: skipped for tiny-mlm (it applies to causal LMs only)"]
+    assert doc["position"]["tiny-mlm"]["metrics"]["loss_kind"] == "pseudo-log-likelihood"
+    assert doc["logits"]["tiny-mlm"]["metrics"]["prediction"] == "fill-mask"
+    assert "dummy: skipped for tiny-mlm" in (out / "report.html").read_text()
+
+
 def test_comparisons_share_one_depth_axis_ending_at_one():
     """Models of 2 and 6 blocks: readout points at i/L (embeddings 0, last block 1), block outputs at
     (l+1)/L, in every comparison figure."""

@@ -1,5 +1,11 @@
 """Study 2 -- logits and next-token prediction, and a logit intervention through a hook point.
 
+Causal LMs predict the token after the prompt; masked LMs get the fill-mask analogue: the prompt
+ends ``<mask> </s>`` and the logits at the mask are studied; the greedy and sampling loops fill one
+mask at a time left to right (a masked LM has no ``generate``: ``greedy_equals_generate`` is None).
+Conventions that differ from the original notebook (gpt2, HF tokenizer, no BOS): BOS is prepended by
+default (``--no-bos`` for the original's input).
+
 For a prompt: the logit vector at its last position; softmax computed naively (exp / sum), stably
 (max-subtracted) and as log-softmax, with the naive form overflowing on large logits; the top-k
 table; rank, logit and probability of a chosen token. Seeded multinomial sampling; a manual greedy
@@ -19,6 +25,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechlens import arch
 from mechlens.loading import provenance_of
 from mechlens.options import Options, fail, option
 from mechlens.studies.result import StudyResult
@@ -58,9 +65,32 @@ def stable_softmax(x: Tensor) -> Tensor:
     return e / e.sum(-1, keepdim=True)
 
 
-def last_logits(model, tokens: Int[Tensor, "1 pos"]) -> Float[Tensor, " d_vocab"]:
+def prediction_column(model) -> int:
+    """The column whose logits are the prediction: the last token of a causal LM's prompt (-1), the
+    ``<mask>`` that a masked LM's prompt ends with, before ``</s>`` (-2)."""
+    return -2 if arch.kind_of(model) == "masked" else -1
+
+
+def with_slot(model, tokens: Int[Tensor, "1 pos"]) -> Int[Tensor, "1 pos2"]:
+    """The prompt as the model predicts from it: unchanged for a causal LM; ``<s> prompt <mask> </s>``
+    for a masked LM (the fill-mask analogue of next-token prediction)."""
+    if arch.kind_of(model) != "masked":
+        return tokens
+    return torch.cat([tokens[:, :-1], torch.tensor([[arch.mask_id(model)]]), tokens[:, -1:]], 1)
+
+
+def extend(model, tokens: Int[Tensor, "1 pos"], nxt: int) -> Int[Tensor, "1 pos2"]:
+    """The prompt with ``nxt`` written into the prediction column: appended for a causal LM; filled into
+    the ``<mask>`` of a masked LM, with a new ``<mask>`` after it (greedy left-to-right filling)."""
+    new = torch.tensor([[nxt]], dtype=tokens.dtype)
+    if arch.kind_of(model) != "masked":
+        return torch.cat([tokens, new], 1)
+    return torch.cat([tokens[:, :-2], new, tokens[:, -2:]], 1)
+
+
+def last_logits(model, tokens: Int[Tensor, "1 pos"], col: int = -1) -> Float[Tensor, " d_vocab"]:
     with torch.no_grad():
-        return model(tokens, return_type="logits")[0, -1].float()
+        return model(tokens, return_type="logits")[0, col].float()
 
 
 def rank_of(logits: Float[Tensor, " d_vocab"], token: int) -> int:
@@ -68,12 +98,12 @@ def rank_of(logits: Float[Tensor, " d_vocab"], token: int) -> int:
     return int((logits > logits[token]).sum())
 
 
-def lift_hook(token: int, delta: float) -> Callable:
-    """A forward hook for ``unembed.hook_out`` setting ``token``'s logit at the last position to the
-    current maximum + ``delta``; nothing else changes."""
+def lift_hook(token: int, delta: float, col: int = -1) -> Callable:
+    """A forward hook for ``unembed.hook_out`` setting ``token``'s logit at column ``col`` (the
+    prediction column) to the current maximum + ``delta``; nothing else changes."""
 
     def hook(logits: Tensor, hook) -> Tensor:
-        last = logits[:, -1]
+        last = logits[:, col]
         last[:, token] = last.max(-1).values + delta
         return logits
 
@@ -81,34 +111,38 @@ def lift_hook(token: int, delta: float) -> Callable:
 
 
 def greedy_loop(model, tokens: Int[Tensor, "1 pos"], n: int, fwd_hooks=()) -> list[int]:
-    """argmax decoding, one full forward per new token (no KV cache), hooks active at every step."""
-    out = tokens
+    """argmax decoding, one full forward per new token (no KV cache), hooks active at every step; for
+    a masked LM, greedy left-to-right filling of a ``<mask>`` (see :func:`extend`)."""
+    out, new, col = tokens, [], prediction_column(model)
     with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
         for _ in range(n):
-            nxt = model(out, return_type="logits")[0, -1].argmax()
-            out = torch.cat([out, nxt.view(1, 1)], 1)
-    return out[0, tokens.shape[1] :].tolist()
+            nxt = int(model(out, return_type="logits")[0, col].argmax())
+            new.append(nxt)
+            out = extend(model, out, nxt)
+    return new
 
 
 def sampling_loop(model, tokens: Int[Tensor, "1 pos"], n: int, temperature: float, seed: int) -> list[int]:
     gen = torch.Generator().manual_seed(seed)
-    out = tokens
+    out, new, col = tokens, [], prediction_column(model)
     with torch.no_grad():
         for _ in range(n):
-            probs = torch.softmax(model(out, return_type="logits")[0, -1].float() / temperature, -1)
-            nxt = torch.multinomial(probs, 1, generator=gen)
-            out = torch.cat([out, nxt.view(1, 1)], 1)
-    return out[0, tokens.shape[1] :].tolist()
+            probs = torch.softmax(model(out, return_type="logits")[0, col].float() / temperature, -1)
+            nxt = int(torch.multinomial(probs, 1, generator=gen))
+            new.append(nxt)
+            out = extend(model, out, nxt)
+    return new
 
 
 def run(model, cfg: Config | None = None) -> StudyResult:
     cfg = cfg or Config()
     torch.manual_seed(cfg.seed)
     tok = model.tokenizer
-    batch = encode(model, [cfg.prompt], bos=cfg.bos)
-    tokens = batch.tokens
+    masked = arch.kind_of(model) == "masked"
+    batch = encode(model, [cfg.prompt], bos=cfg.bos or masked)
+    tokens, col = with_slot(model, batch.tokens), prediction_column(model)
     target = single_token_id(model, cfg.target)
-    logits = last_logits(model, tokens)
+    logits = last_logits(model, tokens, col)
     logp = torch.log_softmax(logits, -1)
     probs = stable_softmax(logits)
     naive = naive_softmax(logits)
@@ -122,16 +156,18 @@ def run(model, cfg: Config | None = None) -> StudyResult:
     samples = torch.multinomial(probs, cfg.n_samples, replacement=True, generator=gen)
     counts = torch.bincount(samples, minlength=len(probs))
     greedy = greedy_loop(model, tokens, cfg.n_new_tokens)
-    with torch.no_grad():
-        generated = model.generate(
-            tokens, max_new_tokens=cfg.n_new_tokens, do_sample=False, verbose=False, stop_at_eos=False
-        )[0, tokens.shape[1] :].tolist()
+    generated = None  # a masked LM has no generate(): its greedy filling is compared with nothing
+    if not masked:
+        with torch.no_grad():
+            generated = model.generate(
+                tokens, max_new_tokens=cfg.n_new_tokens, do_sample=False, verbose=False, stop_at_eos=False
+            )[0, tokens.shape[1] :].tolist()
     sampled = sampling_loop(model, tokens, cfg.n_new_tokens, cfg.temperature, cfg.seed)
 
-    hooks = [(HOOK, lift_hook(target, cfg.delta))]
+    hooks = [(HOOK, lift_hook(target, cfg.delta, col))]
     with torch.no_grad():
-        intervened = model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits")[0, -1].float()
-    after = last_logits(model, tokens)
+        intervened = model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits")[0, col].float()
+    after = last_logits(model, tokens, col)
     changed = torch.nonzero(intervened != logits).flatten().tolist()
     steered = greedy_loop(model, tokens, cfg.n_new_tokens, fwd_hooks=hooks)
 
@@ -158,7 +194,8 @@ def run(model, cfg: Config | None = None) -> StudyResult:
         "greedy_tokens": greedy,
         "greedy_text": tok.decode(greedy),
         "generate_tokens": generated,
-        "greedy_equals_generate": greedy == generated,
+        "greedy_equals_generate": None if generated is None else greedy == generated,
+        "prediction": "fill-mask" if masked else "next-token",
         "sampled_text": tok.decode(sampled),
         "intervention_delta": cfg.delta,
         "intervention_argmax_is_target": int(intervened.argmax()) == target,
@@ -211,13 +248,21 @@ def headline(m: Mapping[str, Any]) -> list[str]:
     """The findings in words, from the metrics (a live result's or a saved ``results.json`` entry's)."""
     t = m["target"]["string"]
     top = m["topk"][0]
+    fill = m.get("prediction") == "fill-mask"
+    where = "at the <mask>" if fill else "next"
+    greedy = (
+        "Greedy left-to-right filling of masks has no generate() to compare with (a masked LM)"
+        if m["greedy_equals_generate"] is None
+        else "The greedy loop " + ("equals" if m["greedy_equals_generate"] else "differs from") + " the bridge's "
+        "generate"
+    )
     return [
         f"target {t!r} rank {m['target_rank']} p={m['target_prob']:.4f}; greedy==generate "
         f"{m['greedy_equals_generate']}; intervention hits target {m['intervention_argmax_is_target']}",
-        f"The most likely next token is {top['token']!r} (p = {top['prob']:.3f}); {t!r} is ranked "
+        f"The most likely token {where} is {top['token']!r} (p = {top['prob']:.3f}); {t!r} is ranked "
         f"{m['target_rank']} (0 = top) with log-prob {m['target_logprob']:.2f}.",
-        "The greedy loop " + ("equals" if m["greedy_equals_generate"] else "differs from") + " the bridge's "
-        "generate; lifting the target's logit through the hook point "
+        greedy
+        + "; lifting the target's logit through the hook point "
         + ("makes it the argmax" if m["intervention_argmax_is_target"] else "does not make it the argmax")
         + (" and changes exactly one logit." if m["intervention_exactly_one_logit_changed"] else "."),
     ]

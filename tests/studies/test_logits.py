@@ -70,3 +70,32 @@ def test_steering_generates_the_target_every_step(tiny_gpt2_pair):
     res = study.run(tiny_gpt2_pair.bridge, study.Config(n_new_tokens=5))
     assert res.metrics["steered_tokens"] == [6891] * 5
     assert res.metrics["greedy_equals_generate"]
+
+
+def test_masked_lm_fill_mask_matches_hf(tiny_mlm_pair):
+    """Masked LMs: the logits at a <mask> after the prompt, and greedy left-to-right filling, against the
+    HF model on the same ids (one mask filled per forward, a new one inserted before </s>)."""
+    m, hf = tiny_mlm_pair.bridge, tiny_mlm_pair.hf
+    cfg = study.Config(prompt="I like oat milk in my", target=" coffee", n_new_tokens=3, n_samples=50)
+    res = study.run(m, cfg).metrics
+    ids = torch.tensor([res["prompt_tokens"]])
+    mask = m.tokenizer.mask_token_id
+    assert ids[0, -2] == mask and ids[0, -1] == m.tokenizer.sep_token_id and ids[0, 0] == m.tokenizer.cls_token_id
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits[0, -2].float()
+        # greedy filling by hand
+        out, greedy = ids, []
+        for _ in range(cfg.n_new_tokens):
+            nxt = int(hf(input_ids=out).logits[0, -2].argmax())
+            greedy.append(nxt)
+            out = torch.cat([out[:, :-2], torch.tensor([[nxt, mask]]), out[:, -1:]], 1)
+    target = m.tokenizer(" coffee", add_special_tokens=False)["input_ids"][0]
+    # tiny-mlm's logits reach |~20|; the bridge vs HF eager: 5e-5 of that scale (see the position study)
+    tol = 5e-5 * max(1.0, ref.abs().max().item())
+    assert abs(res["target_logit"] - ref[target].item()) <= tol
+    assert res["target_rank"] == int((ref > ref[target]).sum())
+    assert [t["id"] for t in res["topk"][:3]] == ref.topk(3).indices.tolist()
+    assert res["greedy_tokens"] == greedy
+    assert res["generate_tokens"] is None and res["greedy_equals_generate"] is None
+    assert res["prediction"] == "fill-mask" and res["intervention_exactly_one_logit_changed"]
+    assert res["logits_restored_after_hooks"] and res["intervention_argmax_is_target"]

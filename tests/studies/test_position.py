@@ -15,10 +15,11 @@ from mechlens.studies import position
 
 
 def _hf_loss(hf, batch, seqlen):
+    """HF's per-token next-token loss, and the largest |logit| (the scale of its fp32 rounding)."""
     with torch.no_grad():
         logits = hf(input_ids=batch.tokens).logits
     lp = torch.log_softmax(logits[:, :-1].float(), -1)
-    return -lp.gather(-1, batch.tokens[:, 1:, None])[..., 0]
+    return -lp.gather(-1, batch.tokens[:, 1:, None])[..., 0], logits.abs().max().item()
 
 
 @pytest.mark.parametrize("bos", [False, True])
@@ -27,12 +28,14 @@ def test_position_study_matches_hf_and_reference_regressions(causal_pair, bos):
     cfg = position.Config(n_train=60, n_test=40, bos=bos)
     texts = load_texts("contexts")
     res = position.run(m, cfg, texts=texts)
-    # loss matrix vs HF logits (<= 1e-5)
+    # loss matrix vs HF logits: the same fp32 logits from different kernels differ by a few ulps of the
+    # logit scale (ulp(16) = 1.9e-6), and log-softmax adds its logsumexp's share: 1e-5 + 2e-6 x max|logit|
+    # (measured 1.1e-5 on tiny-gpt2, max|logit| ~17, with ATEN_CPU_CAPABILITY=default)
     ours, batch = position.loss_matrix(m, texts[:60], cfg)
-    ref = _hf_loss(hf, batch, cfg.seqlen)
+    ref, scale = _hf_loss(hf, batch, cfg.seqlen)
     ref = ref[:, 1:] if bos else ref
     assert ours.shape == (60, cfg.seqlen - 1)
-    assert (ours - ref).abs().max() <= 1e-5
+    assert (ours - ref).abs().max() <= 1e-5 + 2e-6 * scale
     # our analysis run on the HF-derived losses equals statsmodels/sklearn run directly on them
     x = ref.numpy().reshape(-1).astype(np.float64)
     y = np.tile(np.arange(cfg.seqlen - 1), 60)

@@ -319,7 +319,7 @@ def _speedup(what: str, t_loop: float, t_vec: float) -> dict:
 def lens_job(n_layers: int, batch: int, seq: int, which: str = "mechlens", chunk_mb: int = 128):
     def setup():
         from mechlens import arch
-        from mechlens.run import run_cached
+        from mechlens.forward import run_cached
         from mechlens.studies.lens import next_token_targets
 
         m = bridge_of(gpt2_small(n_layers))

@@ -23,8 +23,8 @@ _EXPORTS = {
     "single_token_id": "mechlens.tokens",
     "target_positions": "mechlens.tokens",
     # forward passes
-    "run_cached": "mechlens.run",
-    "iter_cached": "mechlens.run",
+    "run_cached": "mechlens.forward",
+    "iter_cached": "mechlens.forward",
     # architecture quirks
     "readout": "mechlens.arch",
     "readout_hook_names": "mechlens.arch",
@@ -70,6 +70,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         TokenError,
         UnsupportedArchitectureError,
     )
+    from mechlens.forward import iter_cached, run_cached
     from mechlens.loading import load_model, provenance_of
     from mechlens.ops import (
         LensStats,
@@ -84,7 +85,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         vector_norm,
     )
     from mechlens.provenance import Provenance
-    from mechlens.run import iter_cached, run_cached
     from mechlens.tokenizer import TokenizerError
     from mechlens.tokens import TokenBatch, encode, single_token_id, target_positions
     from mechlens.zoo import EMBEDDED

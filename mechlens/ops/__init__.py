@@ -2,8 +2,8 @@
 
 from mechlens.ops.lens_reduce import LensStats, LinearReadout, lens_reduce
 from mechlens.ops.loss import next_token_loss, next_token_mask
-from mechlens.ops.masked import PositionStats, RunningPositionStats, masked_mean_std, stats_by_position
 from mechlens.ops.norms import stack_layers, vector_norm
+from mechlens.ops.position_stats import PositionStats, RunningPositionStats, masked_mean_std, stats_by_position
 
 __all__ = [
     "LensStats",

@@ -25,10 +25,10 @@ from mechlens import arch
 from mechlens.axes import block_depth
 from mechlens.data import load_texts
 from mechlens.errors import DataError, TokenError
+from mechlens.forward import run_cached
 from mechlens.loading import provenance_of
 from mechlens.ops import stack_layers, vector_norm
 from mechlens.options import Options, check_layer, option
-from mechlens.run import run_cached
 from mechlens.stats.distance import minkowski, pairwise_minkowski
 from mechlens.stats.information import mi_histogram, mi_knn, pairwise_mi
 from mechlens.studies.result import StudyResult

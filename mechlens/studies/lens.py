@@ -25,10 +25,10 @@ import torch
 
 from mechlens import arch, progress
 from mechlens.axes import readout_depth
+from mechlens.forward import run_cached
 from mechlens.loading import provenance_of
 from mechlens.ops import LensStats, lens_reduce, stack_layers
 from mechlens.options import Options, check_layer, fail, option
-from mechlens.run import run_cached
 from mechlens.stats.regression import sqrt_layer_fit
 from mechlens.studies.result import StudyResult
 from mechlens.tokens import TokenBatch, encode

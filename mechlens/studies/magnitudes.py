@@ -23,10 +23,10 @@ from mechlens import arch
 from mechlens.axes import block_depth
 from mechlens.data import load_texts
 from mechlens.errors import DataError
+from mechlens.forward import iter_cached
 from mechlens.loading import provenance_of
 from mechlens.ops import RunningPositionStats, stack_layers, vector_norm
 from mechlens.options import Options, fail, option
-from mechlens.run import iter_cached
 from mechlens.stats.regression import lstsq_line
 from mechlens.studies.result import StudyResult, none_where
 from mechlens.tokens import encode

@@ -26,10 +26,10 @@ from torch import Tensor
 
 from mechlens import arch
 from mechlens.data import load_texts, split_train_test
+from mechlens.forward import iter_cached
 from mechlens.loading import provenance_of
 from mechlens.ops import next_token_loss
 from mechlens.options import Options, fail, option
-from mechlens.run import iter_cached
 from mechlens.stats.regression import LogisticConfig, logistic, ols
 from mechlens.studies.result import StudyResult
 from mechlens.tokens import TokenBatch, encode

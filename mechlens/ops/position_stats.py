@@ -1,4 +1,4 @@
-"""Masked statistics: mean / std / count over valid tokens, overall and by position.
+"""Statistics over valid tokens (a validity mask, not a masked LM): mean / std / count, overall and by position.
 
 "By position" keys on :attr:`mechlens.tokens.TokenBatch.positions` (the model's position id), so left-
 and right-padded batches give identical results. :class:`RunningPositionStats` streams over batches

@@ -11,6 +11,10 @@ For a prompt: the logit vector at its last position; softmax computed naively (e
 table; rank, logit and probability of a chosen token. Seeded multinomial sampling; a manual greedy
 loop (equal to the bridge's own ``generate``) and a manual sampling loop. Then an intervention on
 ``unembed.hook_out`` that lifts the chosen token's logit to the current maximum + ``delta``.
+``unembed.hook_out`` is ``lm_head``'s output before any post-processing the model applies (Granite's
+``logits_scaling``, Cohere's ``logit_scale``, Gemma2/3's soft-cap, see :mod:`mechlens.arch`): ``delta``
+is measured there, so on those families the final logits move by the scaled or capped amount; the
+target still becomes the argmax, as every such map is increasing.
 """
 
 from __future__ import annotations

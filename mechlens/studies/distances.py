@@ -31,7 +31,7 @@ from mechlens.ops import stack_layers, vector_norm
 from mechlens.options import Options, check_layer, option
 from mechlens.stats.distance import minkowski, pairwise_minkowski
 from mechlens.stats.information import mi_histogram, mi_knn, pairwise_mi
-from mechlens.studies.result import StudyResult
+from mechlens.studies.result import StudyResult, format_values
 from mechlens.tokens import TokenBatch, encode, single_token_id, target_positions
 
 MEASURES = ("MI", "L1", "L2")
@@ -241,17 +241,13 @@ def figures(m: dict, dist: dict, pos_dist: np.ndarray) -> dict[str, go.Figure]:
     return figs
 
 
-def _fmt(xs) -> str:
-    return "[" + ", ".join("nan" if x is None else f"{x:.2f}" for x in xs) + "]"
-
-
 def headline(m: Mapping[str, Any]) -> list[str]:
     """The findings in words, from the metrics (a live result's or a saved ``results.json`` entry's)."""
     tau = m["kendall_tau_by_layer"]
     syn = m["synthetic"]
     best = {k: int(np.nanargmax(np.asarray(tau[k]["L2"], np.float64))) for k in tau}
     return [
-        f"Kendall tau (attn L2) by layer {_fmt(tau['attn']['L2'])}",
+        f"Kendall tau (attn L2) by layer {format_values(tau['attn']['L2'])}",
         f"Between the {len(m['target_positions'])} occurrences of {m['target']['string']!r}, the L2 distance of "
         f"attention outputs tracks their distance in the text most at layer {best['attn']} (Kendall tau "
         f"{tau['attn']['L2'][best['attn']]:.2f}); for MLP outputs at layer {best['mlp']} "

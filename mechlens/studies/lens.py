@@ -30,7 +30,7 @@ from mechlens.loading import provenance_of
 from mechlens.ops import LensStats, lens_reduce, stack_layers
 from mechlens.options import Options, check_layer, fail, option
 from mechlens.stats.regression import sqrt_layer_fit
-from mechlens.studies.result import StudyResult
+from mechlens.studies.result import StudyResult, format_values
 from mechlens.tokens import TokenBatch, encode
 
 
@@ -317,16 +317,12 @@ def text_heatmap(predicted, max_lp, target_lp, rank, words, title) -> go.Figure:
     return f
 
 
-def _fmt(xs) -> str:
-    return "[" + ", ".join("nan" if x is None else f"{x:.2f}" for x in xs) + "]"
-
-
 def headline(m: Mapping[str, Any]) -> list[str]:
     """The findings in words, from the metrics (a live result's or a saved ``results.json`` entry's)."""
     fit = m["sqrt_layer_fit"]
     lp = m["target_logprob_by_layer"]
     lines = [
-        f"{m['kind']} lens: target log-prob by layer {_fmt(lp)}; sqrt(layer) slope {fit['slope']:.3f}",
+        f"{m['kind']} lens: target log-prob by layer {format_values(lp)}; sqrt(layer) slope {fit['slope']:.3f}",
         f"The target's log-prob goes from {lp[0]:.2f} at the embeddings to {lp[-1]:.2f} at the last layer; "
         f"a fit on sqrt(layer) has slope {fit['slope']:.2f} per sqrt(layer).",
     ]

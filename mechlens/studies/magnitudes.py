@@ -28,7 +28,7 @@ from mechlens.loading import provenance_of
 from mechlens.ops import RunningPositionStats, stack_layers, vector_norm
 from mechlens.options import Options, fail, option
 from mechlens.stats.regression import lstsq_line
-from mechlens.studies.result import StudyResult, none_where
+from mechlens.studies.result import StudyResult, format_values, none_where
 from mechlens.tokens import encode
 
 
@@ -233,17 +233,13 @@ def figures(m: dict, acc: MagnitudeAccumulator) -> dict[str, go.Figure]:
     return figs
 
 
-def _fmt(xs) -> str:
-    return "[" + ", ".join("nan" if x is None else f"{x:.2f}" for x in xs) + "]"
-
-
 def headline(m: Mapping[str, Any]) -> list[str]:
     """The findings in words, from the metrics (a live result's or a saved ``results.json`` entry's)."""
     ln = np.asarray(m["lognorm_mean_by_layer"], np.float64)
     slopes = [f["slope"] for f in m["position_fit_by_layer"]]
     b1 = [b["t-1"] for b in m["previous_norm_betas_by_layer"]]
     return [
-        f"log-norm by layer {_fmt(ln)} over {m['n_valid_tokens']} tokens",
+        f"log-norm by layer {format_values(ln)} over {m['n_valid_tokens']} tokens",
         f"Over {m['n_valid_tokens']} tokens of {m['n_sequences']} texts, the mean log-norm of the attention output "
         f"is lowest at layer {int(np.argmin(ln))} ({ln.min():.2f}) and highest at layer {int(np.argmax(ln))} "
         f"({ln.max():.2f}).",

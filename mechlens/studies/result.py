@@ -29,6 +29,11 @@ def to_jsonable(x: Any) -> Any:
     return x
 
 
+def format_values(xs) -> str:
+    """A short list of numbers for a headline: ``[1.23, nan, 4.56]`` (``None`` as nan)."""
+    return "[" + ", ".join("nan" if x is None else f"{x:.2f}" for x in xs) + "]"
+
+
 def none_where(x: Any, undefined: Any) -> list:
     """``x`` as nested lists with ``None`` where ``undefined`` (broadcast against ``x``) is true: the
     explicit form of "no value here by construction" (e.g. a position no valid token reached), so that

@@ -9,16 +9,18 @@ import sys
 
 from mechlens import load_model
 from mechlens.cli import main
+from mechlens.outputs import prepare_output
 from mechlens.runner import write_outputs
 from mechlens.studies import distances
 
 if len(sys.argv) > 1:
     sys.exit(main(["run", "distances", *sys.argv[1:]]))
 
+out = prepare_output("runs/distances")  # checked (and made writable) before any compute
 config = distances.Config(data="coffee", target=" coffee", n_targets=10)
 model = load_model("tiny-gpt2")  # or "gpt2-large" with data="wikipedia:Turkish coffee"
 result = distances.run(model, config)
 print(result.metrics["synthetic"])
 print(result.metrics["kendall_tau_by_layer"])
-write_outputs({"distances": [result]}, "runs/distances")
+write_outputs({"distances": [result]}, out)
 print("report: runs/distances/report.html")

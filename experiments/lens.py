@@ -9,12 +9,14 @@ import sys
 
 from mechlens import load_model
 from mechlens.cli import main
+from mechlens.outputs import prepare_output
 from mechlens.runner import write_outputs
 from mechlens.studies import lens
 
 if len(sys.argv) > 1:
     sys.exit(main(["run", "lens", *sys.argv[1:]]))
 
+out = prepare_output("runs/lens")  # checked (and made writable) before any compute
 config = lens.Config()
 model = load_model("tiny-mlm")  # or "roberta-large" online
 causal = load_model("tiny-gpt2")  # or "gpt2"
@@ -22,5 +24,5 @@ result = lens.run(model, config)
 print(result.metrics["predicted_by_layer_masked"], result.metrics["sqrt_layer_fit"])
 causal_result = lens.run(causal, config)
 print(causal_result.metrics["kl_to_final_by_layer"])
-write_outputs({"lens": [result]}, "runs/lens")
+write_outputs({"lens": [result]}, out)
 print("report: runs/lens/report.html")

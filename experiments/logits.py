@@ -9,17 +9,19 @@ import sys
 
 from mechlens import load_model
 from mechlens.cli import main
+from mechlens.outputs import prepare_output
 from mechlens.runner import write_outputs
 from mechlens.studies import logits
 
 if len(sys.argv) > 1:
     sys.exit(main(["run", "logits", *sys.argv[1:]]))
 
+out = prepare_output("runs/logits")  # checked (and made writable) before any compute
 config = logits.Config(prompt="I like oat milk in my", target=" coffee", delta=1.0)
 model = load_model("tiny-gpt2")
 result = logits.run(model, config)
 for row in result.metrics["topk"]:
     print(row)
 print("rank of target:", result.metrics["target_rank"], "| steered:", result.metrics["steered_text"])
-write_outputs({"logits": [result]}, "runs/logits")
+write_outputs({"logits": [result]}, out)
 print("report: runs/logits/report.html")

@@ -9,16 +9,18 @@ import sys
 
 from mechlens import load_model
 from mechlens.cli import main
+from mechlens.outputs import prepare_output
 from mechlens.runner import write_outputs
 from mechlens.studies import magnitudes
 
 if len(sys.argv) > 1:
     sys.exit(main(["run", "magnitudes", *sys.argv[1:]]))
 
+out = prepare_output("runs/magnitudes")  # checked (and made writable) before any compute
 config = magnitudes.Config(data="reviews", n_texts=64, padding_side="right")
 model = load_model("tiny-gpt2")  # or "gpt2-large" online, with data="rotten_tomatoes"
 result = magnitudes.run(model, config)
 print(result.metrics["lognorm_mean_by_layer"])
 print(result.metrics["previous_norm_betas_by_layer"])
-write_outputs({"magnitudes": [result]}, "runs/magnitudes")
+write_outputs({"magnitudes": [result]}, out)
 print("report: runs/magnitudes/report.html")

@@ -1,4 +1,4 @@
-"""Study 1: predict a token's position from its next-token loss.
+"""Study 1: predict a token's position from its loss.
 
 Reads like a notebook: edit the config below and run ``python experiments/position.py``; or pass
 ``mechlens run`` flags (``python experiments/position.py --model gpt2 --out runs/x``) to run exactly
@@ -9,17 +9,19 @@ import sys
 
 from mechlens import load_model
 from mechlens.cli import main
+from mechlens.outputs import prepare_output
 from mechlens.runner import write_outputs
 from mechlens.studies import position
 
 if len(sys.argv) > 1:
     sys.exit(main(["run", "position", *sys.argv[1:]]))
 
+out = prepare_output("runs/position")  # checked (and made writable) before any compute
 config = position.Config(seqlen=6, bos=False)  # as the original: no BOS, first text token = position 0
 model = load_model("tiny-gpt2")  # or "gpt2" online, with data="hellaswag"
 result = position.run(model, config)
 print(result.metrics["ols"]["summary"])
 m = result.metrics
 print("logistic accuracy train/test:", m["logistic_accuracy_train"], m["logistic_accuracy_test"])
-write_outputs({"position": [result]}, "runs/position")
+write_outputs({"position": [result]}, out)
 print("report: runs/position/report.html")

@@ -9,7 +9,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 STUDIES = {
     "position": (
-        "Study 1: predict a token's position from its next-token loss.",
+        "Study 1: predict a token's position from its loss.",
         'config = position.Config(seqlen=6, bos=False)  # as the original: no BOS, first text token = position 0\n'
         'model = load_model("tiny-gpt2")  # or "gpt2" online, with data="hellaswag"',
         'result = position.run(model, config)\nprint(result.metrics["ols"]["summary"])\n'
@@ -62,15 +62,17 @@ import sys
 
 from mechlens import load_model
 from mechlens.cli import main
+from mechlens.outputs import prepare_output
 from mechlens.runner import write_outputs
 from mechlens.studies import {name}
 
 if len(sys.argv) > 1:
     sys.exit(main(["run", "{name}", *sys.argv[1:]]))
 
+out = prepare_output("runs/{name}")  # checked (and made writable) before any compute
 {setup}
 {body}
-write_outputs({{"{name}": [result]}}, "runs/{name}")
+write_outputs({{"{name}": [result]}}, out)
 print("report: runs/{name}/report.html")
 '''
 

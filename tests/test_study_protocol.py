@@ -9,6 +9,7 @@ import json
 import sys
 import types
 
+import numpy as np
 import plotly.graph_objects as go
 import pytest
 import torch
@@ -129,3 +130,23 @@ def test_comparisons_share_one_depth_axis_ending_at_one():
     assert lens_x[0] == [0.0, 0.5, 1.0] and lens_x[1][0] == 0.0
     block_x = [list(t.x) for t in figs[1]["comparison"].data]
     assert block_x[0] == [0.5, 1.0] and block_x[1][0] == pytest.approx(1 / 6)
+
+
+def test_norm_comparison_uses_rms_and_flags_different_normalisation_placements():
+    from mechlens.studies import magnitudes
+
+    def entry(d_model, placement):
+        return {"metrics": {"lognorm_mean_by_layer": [1.0, 2.0]},
+                "provenance": {"d_model": d_model, "norm_placement": placement}}  # fmt: skip
+
+    same = magnitudes.compare({"a": entry(64, "pre-LN"), "b": entry(256, "pre-LN")})["comparison"]
+    ya, yb = (list(t.y) for t in same.data)
+    assert ya == pytest.approx([1 - 0.5 * np.log(64), 2 - 0.5 * np.log(64)])  # log(norm / sqrt(d_model))
+    assert yb[0] - ya[0] == pytest.approx(-0.5 * np.log(4))
+    assert "NOT COMPARABLE" not in same.layout.title.text
+    mixed = magnitudes.compare({"gpt": entry(64, "pre-LN"), "bert": entry(64, "post-LN")})["comparison"]
+    assert (
+        "NOT COMPARABLE" in mixed.layout.title.text
+        and "after the residual add and LayerNorm" in mixed.layout.title.text
+    )
+    assert [t.name for t in mixed.data] == ["gpt [pre-LN]", "bert [post-LN]"]

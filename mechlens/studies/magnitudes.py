@@ -248,12 +248,35 @@ def headline(m: Mapping[str, Any]) -> list[str]:
     ]
 
 
+# what hook_attn_out is, by normalisation placement: comparable across models only within one group
+_ATTN_OUT_MEANING = {
+    "pre-LN": "what attention adds to the residual stream",
+    "output-norm": "what attention adds, after a norm on its output",
+    "sandwich": "what attention adds, after a norm on its output",
+    "post-LN": "the attention block's output after the residual add and LayerNorm",
+}
+
+
 def compare(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, go.Figure]:
-    """Comparison figures from several models' ``results.json`` entries (same texts)."""
+    """Comparison figures from several models' ``results.json`` entries (same texts).
+
+    Norms scale with width, so models are compared on the log RMS (``log(norm / sqrt(d_model))``, the
+    mean log-norm minus ``log sqrt(d_model)``). Attention outputs of models with different
+    normalisation placements are different quantities (a post-LN encoder's is taken after LayerNorm;
+    output norms and sandwich norms normalise what attention adds): such a figure says so in its
+    title and legend instead of overlaying them silently."""
     f = go.Figure()
+    meanings = {}
     for model, e in entries.items():
-        y = e["metrics"]["lognorm_mean_by_layer"]
-        f.add_scatter(x=block_depth(len(y)), y=y, name=model, mode="lines+markers")
-    f.update_layout(title="Attention-output log-norm by relative depth", yaxis_title="mean log norm",
-                    xaxis_title="relative depth (block l at (l+1)/L)")  # fmt: skip
+        prov = e.get("provenance", {})
+        placement = prov.get("norm_placement", "unchecked")
+        meanings[model] = _ATTN_OUT_MEANING.get(placement, f"unchecked ({placement})")
+        y = np.asarray(e["metrics"]["lognorm_mean_by_layer"], np.float64)
+        d_model = prov.get("d_model")
+        y_rms = y - 0.5 * np.log(d_model) if d_model else y
+        f.add_scatter(x=block_depth(len(y)), y=y_rms, name=f"{model} [{placement}]", mode="lines+markers")
+    title = "Attention-output log RMS (log norm / sqrt(d_model)) by relative depth"
+    if len(set(meanings.values())) > 1:
+        title += "<br><sup>NOT COMPARABLE: " + "; ".join(f"{m}: {v}" for m, v in meanings.items()) + "</sup>"
+    f.update_layout(title=title, yaxis_title="mean log RMS", xaxis_title="relative depth (block l at (l+1)/L)")
     return {"comparison": f}

@@ -150,3 +150,19 @@ def test_norm_comparison_uses_rms_and_flags_different_normalisation_placements()
         and "after the residual add and LayerNorm" in mixed.layout.title.text
     )
     assert [t.name for t in mixed.data] == ["gpt [pre-LN]", "bert [post-LN]"]
+
+
+def test_position_comparison_says_when_tokenizers_differ():
+    from mechlens.studies import position
+
+    def entry(d_vocab):
+        return {"metrics": {"loss_mean_by_position": [5.0, 4.0]}, "provenance": {"d_vocab": d_vocab}}
+
+    assert (
+        "different tokenizers"
+        not in position.compare({"a": entry(50257), "b": entry(50257)})["comparison"].layout.title.text
+    )
+    assert (
+        "different tokenizers"
+        in position.compare({"a": entry(50257), "b": entry(32000)})["comparison"].layout.title.text
+    )

@@ -229,5 +229,9 @@ def compare(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, go.Figure]:
     f = go.Figure()
     for model, e in entries.items():
         f.add_scatter(y=e["metrics"]["loss_mean_by_position"], name=model, mode="lines+markers")
-    f.update_layout(title="Loss by position, per model", xaxis_title="position", yaxis_title="mean loss (nats)")
+    title = "Loss by position, per model"
+    if len({e.get("provenance", {}).get("d_vocab") for e in entries.values()}) > 1:
+        title += ("<br><sup>different tokenizers: position p is the p-th token of each model's own tokenization, "
+                  "not the same text</sup>")  # fmt: skip
+    f.update_layout(title=title, xaxis_title="position (token index)", yaxis_title="mean loss (nats)")
     return {"comparison": f}

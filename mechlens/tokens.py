@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
 PADDING_SIDES = ("right", "left")
 
+# study inputs: texts, or token ids exactly as another tool fed them (text tokens only: mechlens adds
+# the special tokens, as for a string)
+Texts = Sequence[str] | Sequence[Sequence[int]]
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenBatch:
@@ -120,6 +124,9 @@ def encode(
         ids = model.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     else:
         ids = [list(map(int, t)) for t in texts]
+        bad = [i for t in ids for i in t if not 0 <= i < model.cfg.d_vocab]
+        if bad:
+            raise TokenError(f"token id {bad[0]} is outside the vocabulary (0..{model.cfg.d_vocab - 1})")
     if max_tokens is not None:
         ids = [t[:max_tokens] for t in ids]
     if min_tokens is not None:

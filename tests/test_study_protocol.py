@@ -166,3 +166,44 @@ def test_position_comparison_says_when_tokenizers_differ():
         "different tokenizers"
         in position.compare({"a": entry(50257), "b": entry(32000)})["comparison"].layout.title.text
     )
+
+
+def test_every_study_accepts_token_ids_as_well_as_texts(tmp_path):
+    """The same inputs as token ids (text tokens only, as another tool fed them) give the same numbers."""
+    from mechlens import load_model
+    from mechlens.data import load_texts
+    from mechlens.errors import TokenError
+    from mechlens.studies import distances, lens, logits, magnitudes, position
+
+    m = load_model("tiny-gpt2")
+    tok = m.tokenizer
+
+    def ids(texts):
+        return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    texts = load_texts("reviews")[:12]
+    a = magnitudes.run(m, magnitudes.Config(n_texts=None), texts=texts).metrics
+    b = magnitudes.run(m, magnitudes.Config(n_texts=None), texts=ids(texts)).metrics
+    assert a["lognorm_mean_by_layer"] == b["lognorm_mean_by_layer"]
+    ctx = load_texts("contexts")[:40]
+    cfg = position.Config(n_train=20, n_test=20)
+    assert (
+        position.run(m, cfg, texts=ctx).metrics["loss_mean_by_position"]
+        == (position.run(m, cfg, texts=ids(ctx)).metrics["loss_mean_by_position"])
+    )
+    cfg = lens.Config()
+    assert (
+        lens.run(m, cfg).metrics["target_logprob"]
+        == lens.run(m, cfg, text=ids([cfg.text])[0]).metrics["target_logprob"]
+    )
+    cfg = logits.Config(n_samples=10, n_new_tokens=2)
+    x, y = logits.run(m, cfg).metrics, logits.run(m, cfg, prompt=ids([cfg.prompt])[0]).metrics
+    assert (x["target_logprob"], x["greedy_tokens"]) == (y["target_logprob"], y["greedy_tokens"])
+    doc = load_texts("coffee")
+    cfg = distances.Config(n_synthetic=100, mi_bins=(4,))
+    assert (
+        distances.run(m, cfg, texts=doc).metrics["kendall_tau_by_layer"]
+        == (distances.run(m, cfg, texts=ids(doc)).metrics["kendall_tau_by_layer"])
+    )
+    with pytest.raises(TokenError, match="outside the vocabulary"):
+        lens.run(m, cfg=lens.Config(), text=[1, 2, 50257])

@@ -21,6 +21,7 @@ import json
 import pathlib
 import urllib.parse
 import urllib.request
+from collections.abc import Sequence
 
 from mechlens import hub
 from mechlens.errors import DataError
@@ -180,11 +181,11 @@ def check_source(source: str) -> None:
     load_texts(source)
 
 
-def split_train_test(texts: list[str], n_train: int, n_test: int) -> tuple[list[str], list[str]]:
+def split_train_test(texts: Sequence, n_train: int, n_test: int) -> tuple[list, list]:
     """The first ``n_train`` texts and the next ``n_test`` (no overlap); an error naming how many exist."""
     if n_train + n_test > len(texts):
         raise DataError(
             f"asked for {n_train} train + {n_test} test texts but the source has only {len(texts)}: "
             f"lower --n-train/--n-test (e.g. {len(texts) // 2} + {len(texts) - len(texts) // 2})"
         )
-    return texts[:n_train], texts[n_train : n_train + n_test]
+    return list(texts[:n_train]), list(texts[n_train : n_train + n_test])

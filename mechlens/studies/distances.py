@@ -32,7 +32,7 @@ from mechlens.options import Options, check_layer, option
 from mechlens.stats.distance import minkowski, pairwise_minkowski
 from mechlens.stats.information import mi_histogram, mi_knn, pairwise_mi
 from mechlens.studies.result import StudyResult, format_values
-from mechlens.tokens import TokenBatch, encode, single_token_id, target_positions
+from mechlens.tokens import Texts, TokenBatch, encode, single_token_id, target_positions
 
 MEASURES = ("MI", "L1", "L2")
 KINDS = {"attn": "hook_attn_out", "mlp": "hook_mlp_out"}
@@ -93,7 +93,7 @@ def kendall(measure: np.ndarray, pos_dist: np.ndarray) -> tuple[float, float]:
     return float(res.statistic), float(res.pvalue)
 
 
-def run(model, cfg: Config | None = None, texts: list[str] | None = None) -> StudyResult:
+def run(model, cfg: Config | None = None, texts: Texts | None = None) -> StudyResult:
     cfg = cfg or Config()
     torch.manual_seed(cfg.seed)
     text = (load_texts(cfg.data) if texts is None else texts)[0]

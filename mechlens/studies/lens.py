@@ -16,7 +16,7 @@ the final layer; heatmap and rank trajectories.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -122,8 +122,8 @@ def _decode(model, ids) -> list[str]:
     return [model.tokenizer.decode([int(i)]) for i in ids]
 
 
-def run_masked(model, cfg: Config) -> tuple[dict, dict, dict]:
-    batch = encode(model, [cfg.text], bos=True)
+def run_masked(model, cfg: Config, text: str | Sequence[int] | None = None) -> tuple[dict, dict, dict]:
+    batch = encode(model, [cfg.text if text is None else text], bos=True)
     cols = torch.nonzero(batch.text_mask[0]).squeeze(-1)
     if not 0 <= cfg.position < len(cols):
         fail("position", f"must be in 0..{len(cols) - 1} (the text has {len(cols)} tokens), got {cfg.position}")
@@ -212,8 +212,8 @@ def run_masked(model, cfg: Config) -> tuple[dict, dict, dict]:
     return metrics, tables, figs
 
 
-def run_causal(model, cfg: Config) -> tuple[dict, dict, dict]:
-    batch = encode(model, [cfg.text], bos=True)
+def run_causal(model, cfg: Config, text: str | Sequence[int] | None = None) -> tuple[dict, dict, dict]:
+    batch = encode(model, [cfg.text if text is None else text], bos=True)
     targets = next_token_targets(batch)
     st = lens_stats(model, batch, targets, k=cfg.top_k, kl_to_final=True, max_chunk_bytes=cfg.max_chunk_bytes)
     n_pos = int(batch.lengths[0]) - 1  # positions with a next token
@@ -265,11 +265,13 @@ def run_causal(model, cfg: Config) -> tuple[dict, dict, dict]:
     return metrics, tables, figs
 
 
-def run(model, cfg: Config | None = None) -> StudyResult:
+def run(model, cfg: Config | None = None, text: str | Sequence[int] | None = None) -> StudyResult:
+    """The lens on ``cfg.text``, or on ``text``: a string, or the text's token ids exactly as another
+    tool fed them (without special tokens: mechlens adds ``<s> ... </s>`` or BOS as for a string)."""
     cfg = cfg or Config()
     torch.manual_seed(cfg.seed)
     kind = arch.kind_of(model)
-    metrics, tables, figs = (run_masked if kind == "masked" else run_causal)(model, cfg)
+    metrics, tables, figs = (run_masked if kind == "masked" else run_causal)(model, cfg, text)
     prov = provenance_of(model).replace(bos="prepend", padding_side="right", seed=cfg.seed)
     res = StudyResult("lens", prov.model, metrics, prov.to_dict(), dataclasses.asdict(cfg), tables)
     res.figures = figs

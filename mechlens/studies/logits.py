@@ -20,7 +20,7 @@ target still becomes the argmax, as every such map is increasing.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -138,12 +138,14 @@ def sampling_loop(model, tokens: Int[Tensor, "1 pos"], n: int, temperature: floa
     return new
 
 
-def run(model, cfg: Config | None = None) -> StudyResult:
+def run(model, cfg: Config | None = None, prompt: str | Sequence[int] | None = None) -> StudyResult:
+    """The study on ``cfg.prompt``, or on ``prompt``: a string, or its token ids exactly as another tool
+    fed them (without special tokens: BOS follows ``cfg.bos``; a masked LM gets ``<s> ... <mask> </s>``)."""
     cfg = cfg or Config()
     torch.manual_seed(cfg.seed)
     tok = model.tokenizer
     masked = arch.kind_of(model) == "masked"
-    batch = encode(model, [cfg.prompt], bos=cfg.bos or masked)
+    batch = encode(model, [cfg.prompt if prompt is None else prompt], bos=cfg.bos or masked)
     tokens, col = with_slot(model, batch.tokens), prediction_column(model)
     target = single_token_id(model, cfg.target)
     logits = last_logits(model, tokens, col)

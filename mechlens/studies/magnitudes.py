@@ -29,7 +29,7 @@ from mechlens.ops import RunningPositionStats, stack_layers, vector_norm
 from mechlens.options import Options, fail, option
 from mechlens.stats.regression import lstsq_line
 from mechlens.studies.result import StudyResult, format_values, none_where
-from mechlens.tokens import encode
+from mechlens.tokens import Texts, encode
 
 
 @dataclasses.dataclass
@@ -97,7 +97,7 @@ class MagnitudeAccumulator:
         self.lengths += [int(n) for n in lengths]
 
 
-def run(model, cfg: Config | None = None, texts: list[str] | None = None) -> StudyResult:
+def run(model, cfg: Config | None = None, texts: Texts | None = None) -> StudyResult:
     cfg = cfg or Config()
     torch.manual_seed(cfg.seed)
     texts = load_texts(cfg.data) if texts is None else texts

@@ -32,7 +32,7 @@ from mechlens.ops import next_token_loss
 from mechlens.options import Options, fail, option
 from mechlens.stats.regression import LogisticConfig, logistic, ols
 from mechlens.studies.result import StudyResult
-from mechlens.tokens import TokenBatch, encode
+from mechlens.tokens import Texts, TokenBatch, encode
 
 SOLVERS = ("lbfgs", "newton-cg", "newton-cholesky", "sag", "saga")  # sklearn's multinomial solvers
 
@@ -60,7 +60,7 @@ class Config(Options):
                            f"got {self.seqlen}")  # fmt: skip
 
 
-def loss_matrix(model, texts: list[str], cfg: Config) -> tuple[Float[Tensor, "n n_pos"], TokenBatch]:
+def loss_matrix(model, texts: Texts, cfg: Config) -> tuple[Float[Tensor, "n n_pos"], TokenBatch]:
     """The per-token loss matrix of the first ``seqlen`` text tokens of each text, by text position.
 
     Causal LMs: next-token loss at positions 0..seqlen-2 (one batched forward per mini-batch, reduced
@@ -127,7 +127,7 @@ def analyse(loss_train: np.ndarray, loss_test: np.ndarray, cfg: Config) -> dict:
     }
 
 
-def run(model, cfg: Config | None = None, texts: list[str] | None = None) -> StudyResult:
+def run(model, cfg: Config | None = None, texts: Texts | None = None) -> StudyResult:
     cfg = cfg or Config()
     texts = load_texts(cfg.data) if texts is None else texts
     half = min(500, len(texts) // 2)

@@ -54,6 +54,38 @@ def _prov_table(entries: Mapping[str, Mapping[str, Any]]) -> str:
     return f"<table><tr>{head}</tr>{rows}</table>"
 
 
+_MAX_INLINE = 12  # longer lists stay in results.json and the CSVs
+
+
+def _flatten(x: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(x, Mapping):
+        return [kv for k, v in x.items() for kv in _flatten(v, f"{prefix}.{k}" if prefix else str(k))]
+    return [(prefix, x)]
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, str) and "\n" in v:
+        return f"<pre>{html.escape(v)}</pre>"  # e.g. statsmodels' OLS summary, as printed
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, list):
+        if all(isinstance(x, int | float) and not isinstance(x, bool) for x in v):
+            flat = "[" + ", ".join(f"{x:.6g}" for x in v) + "]"
+        else:
+            flat = json.dumps(v)
+        if len(v) > _MAX_INLINE or len(flat) > 300:
+            return f"<i>{len(v)} values: in results.json</i>"
+        return html.escape(flat)
+    return html.escape(str(v))
+
+
+def metrics_table(metrics: Mapping[str, Any]) -> str:
+    """A study's metrics as a readable two-column table: nested keys dotted, numbers to 6 digits,
+    multi-line text (the OLS summary) as printed, long arrays left to results.json and the CSVs."""
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{_cell(v)}</td></tr>" for k, v in _flatten(metrics))
+    return f"<table>{rows}</table>"
+
+
 def render(
     sections: Sequence[tuple[str, str, Mapping[str, Mapping[str, Any]], Mapping[str, Mapping[str, go.Figure]]]],
     notes: Sequence[str] = (),
@@ -82,9 +114,8 @@ def render(
             for fig in fs.values():
                 parts.append(fig.to_html(full_html=False, include_plotlyjs=False))
         for model, e in entries.items():
-            metrics = json.dumps(e["metrics"], indent=1)
             parts.append(f"<details><summary>{html.escape(study)} metrics: {html.escape(model)}</summary>"
-                         f"<pre>{html.escape(metrics[:200_000])}</pre></details>")  # fmt: skip
+                         f"{metrics_table(e['metrics'])}</details>")  # fmt: skip
     js = plotly.offline.get_plotlyjs()
     return (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

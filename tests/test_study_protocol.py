@@ -207,3 +207,14 @@ def test_every_study_accepts_token_ids_as_well_as_texts(tmp_path):
     )
     with pytest.raises(TokenError, match="outside the vocabulary"):
         lens.run(m, cfg=lens.Config(), text=[1, 2, 50257])
+
+
+def test_report_shows_metrics_as_a_readable_table():
+    from mechlens.report import metrics_table
+
+    html = metrics_table(
+        {"ols": {"r2": 0.123456789, "summary": "line one\nline two"}, "short": [1.0, 2.5], "long": list(range(50))}
+    )
+    assert "<td>ols.r2</td><td>0.123457</td>" in html
+    assert "<pre>line one\nline two</pre>" in html  # the OLS summary as printed, not one line with \\n
+    assert "<td>short</td><td>[1, 2.5]</td>" in html and "50 values: in results.json" in html

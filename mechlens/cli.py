@@ -148,19 +148,20 @@ def cmd_list() -> None:
         print(f"  {name:<24} {desc}")
 
 
-def _log(args: argparse.Namespace, message: str) -> None:
+def _log(message: str) -> None:
     from mechlens import progress
 
-    progress.QUIET = args.quiet
     progress.status(message)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    from mechlens import progress
     from mechlens.data import check_source
     from mechlens.errors import ConfigError
     from mechlens.outputs import prepare_output
     from mechlens.studies import STUDIES, get_study
 
+    progress.QUIET = args.quiet
     # 1. everything that needs no model: the options, the device, the data, the output directory
     studies = list(STUDIES) if args.study == "all" else [get_study(args.study).name]
     if args.seed < 0:
@@ -179,9 +180,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     configs = {s: make_config(STUDIES[s], overrides) for s in studies}
     if args.data is not None and not any(hasattr(c, "data") for c in configs.values()):
         raise ConfigError(f"--data does not apply to study {args.study!r}: it reads no data source", flag="--data")
-    for cfg in configs.values():
-        if getattr(cfg, "data", None):
-            check_source(cfg.data)
+    for source in {cfg.data for cfg in configs.values() if getattr(cfg, "data", None)}:
+        check_source(source)  # each source once, even when every study reads it
     from mechlens.loading import check_device
 
     check_device(args.device)
@@ -197,12 +197,11 @@ def _run_checked(args, studies, configs, overrides, dest) -> None:
     import torch
     import transformers
 
-    from mechlens import arch, progress
+    from mechlens import arch
     from mechlens.loading import load_model
-    from mechlens.runner import check_vocabularies, run_study, summary_rows, write_outputs
+    from mechlens.runner import check_applicable, check_vocabularies, run_study, summary_rows, write_outputs
     from mechlens.studies import STUDIES
 
-    progress.QUIET = args.quiet
     transformers.utils.logging.disable_progress_bar()  # one bar per long step: mechlens' own
     transformers.utils.logging.set_verbosity_error()
     t0 = time.perf_counter()
@@ -211,7 +210,7 @@ def _run_checked(args, studies, configs, overrides, dest) -> None:
     for study in studies:
         for spec in args.model or STUDIES[study].default_models:
             if spec not in cache:
-                _log(args, f"loading {spec}")
+                _log(f"loading {spec}")
                 cache[spec] = load_model(spec, device=args.device, weights=args.weights)
     notes: list[str] = []
     plan: dict[str, dict[str, object]] = {}
@@ -222,12 +221,10 @@ def _run_checked(args, studies, configs, overrides, dest) -> None:
         if len(models) < len(specs):
             skipped = [s for s in specs if s not in models]
             if args.study != "all":
-                from mechlens.runner import check_applicable
-
                 check_applicable(info, {s: cache[s] for s in skipped})
             notes.append(f"{study}: skipped for {', '.join(skipped)} (it applies to {' and '.join(sorted(info.kinds))}"
                          " LMs only)")  # fmt: skip
-            _log(args, notes[-1])
+            _log(notes[-1])
             if not models:
                 continue
         for m in models.values():
@@ -241,7 +238,7 @@ def _run_checked(args, studies, configs, overrides, dest) -> None:
     torch.manual_seed(args.seed)
     results = {}
     for study, models in plan.items():
-        _log(args, f"{study}: {', '.join(models)}")
+        _log(f"{study}: {', '.join(models)}")
         results[study] = run_study(study, models, overrides)
     write_outputs(results, dest, notes, context={"command": args.command_line})
     rows = summary_rows(results)

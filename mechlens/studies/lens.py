@@ -102,19 +102,9 @@ def next_token_targets(batch: TokenBatch) -> torch.Tensor:
 def sliding_mask_batch(model, batch: TokenBatch) -> tuple[TokenBatch, torch.Tensor, torch.Tensor]:
     """One variant per text position of ``batch`` (a single sequence) with that position masked.
 
-    Returns the variants, the masked column of each variant, and the original token there."""
-    cols = torch.nonzero(batch.text_mask[0]).squeeze(-1)
-    n = len(cols)
-    tokens = batch.tokens.expand(n, -1).clone()
-    originals = tokens[torch.arange(n), cols].clone()
-    tokens[torch.arange(n), cols] = arch.mask_id(model)
-    variants = TokenBatch(
-        tokens=tokens,
-        attention_mask=batch.attention_mask.expand(n, -1).clone(),
-        text_mask=batch.text_mask.expand(n, -1).clone(),
-        bos=batch.bos,
-        padding_side=batch.padding_side,
-    )
+    Returns the variants, the masked column of each variant, and the original token there
+    (:meth:`mechlens.tokens.TokenBatch.mask_each`)."""
+    variants, _, cols, originals = batch.mask_each(arch.mask_id(model))
     return variants, cols, originals
 
 

@@ -83,6 +83,31 @@ class TokenBatch:
     def bos_policy(self) -> str:
         return "prepend" if self.bos else "none"
 
+    @classmethod
+    def cat(cls, batches: Sequence[TokenBatch], pad_id: int = 0) -> TokenBatch:
+        """Rows of several batches as one batch (same BOS policy and padding side), padded on that side
+        to the widest with ``pad_id`` (padding is masked out, so its id only has to be in the
+        vocabulary: pass ``mechlens.arch.pad_id(model)``)."""
+        if not batches:
+            raise MechlensError("TokenBatch.cat needs at least one batch")
+        first = batches[0]
+        if any(b.bos != first.bos or b.padding_side != first.padding_side for b in batches):
+            raise MechlensError("TokenBatch.cat: batches differ in BOS policy or padding side")
+        width = max(b.tokens.shape[1] for b in batches)
+
+        def widen(x: Tensor, fill: int | bool) -> Tensor:
+            extra = width - x.shape[1]
+            pad = torch.full((x.shape[0], extra), fill, dtype=x.dtype, device=x.device)
+            return torch.cat([x, pad] if first.padding_side == "right" else [pad, x], dim=1)
+
+        return cls(
+            tokens=torch.cat([widen(b.tokens, pad_id) for b in batches]),
+            attention_mask=torch.cat([widen(b.attention_mask, 0) for b in batches]),
+            text_mask=torch.cat([widen(b.text_mask, False) for b in batches]),
+            bos=first.bos,
+            padding_side=first.padding_side,
+        )
+
     def mask_each(self, mask_id: int) -> tuple[TokenBatch, Int[Tensor, " n"], Int[Tensor, " n"], Int[Tensor, " n"]]:
         """One variant per text token of every sequence, with that token replaced by ``mask_id`` (the
         sliding mask of masked-LM studies). Returns the variants (in reading order, sequence by
@@ -105,6 +130,7 @@ def encode(
     max_tokens: int | None = None,
     min_tokens: int | None = None,
     fix: str | None = None,
+    specials_included: bool = False,
 ) -> TokenBatch:
     """Tokenise ``texts`` (strings, or lists of token ids) into a padded :class:`TokenBatch`.
 
@@ -112,15 +138,23 @@ def encode(
     texts with fewer text tokens (naming them). ``bos`` is the BOS policy for causal LMs; masked LMs
     always get their ``<s> ... </s>`` and need ``bos=True``. ``fix``: what the error for a sequence
     longer than the model's context tells the user to do (e.g. "lower --max-tokens").
+
+    ``specials_included=True``: ``texts`` are token ids that already carry their special tokens (e.g.
+    contexts cut from an encoded text, or another tool's exact inputs); they are padded as given, and
+    ``text_mask`` marks every token that is not one of the model's special tokens (BOS/EOS/``<s>``...).
+    ``bos`` then records whether the sequences start with BOS; ``max_tokens``/``min_tokens`` count all
+    tokens.
     """
     if padding_side not in PADDING_SIDES:
         raise MechlensError(f"padding_side={padding_side!r}: expected 'right' or 'left'")
     if len(texts) == 0:
         raise DataError("no texts to encode: pass at least one text")
     kind = arch.kind_of(model)
-    if kind == "masked" and not bos:
+    if kind == "masked" and not bos and not specials_included:
         raise MechlensError("masked LMs need their special tokens (<s> ... </s>): use --bos (bos=True in Python)")
     if isinstance(texts[0], str):
+        if specials_included:
+            raise MechlensError("specials_included=True takes token ids, not strings")
         ids = model.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     else:
         ids = [list(map(int, t)) for t in texts]
@@ -138,10 +172,15 @@ def encode(
             )
     if any(len(t) == 0 for t in ids):
         raise DataError("an empty text cannot be encoded: drop empty texts")
-    head = [arch.bos_id(model)] if bos else []
-    tail = [arch.eos_id(model)] if kind == "masked" else []
-    seqs = [head + t + tail for t in ids]
-    is_text = [[False] * len(head) + [True] * len(t) + [False] * len(tail) for t in ids]
+    if specials_included:
+        special = set(getattr(model.tokenizer, "all_special_ids", None) or [])
+        seqs = ids
+        is_text = [[i not in special for i in t] for t in ids]
+    else:
+        head = [arch.bos_id(model)] if bos else []
+        tail = [arch.eos_id(model)] if kind == "masked" else []
+        seqs = [head + t + tail for t in ids]
+        is_text = [[False] * len(head) + [True] * len(t) + [False] * len(tail) for t in ids]
     width = max(map(len, seqs))
     if width > model.cfg.n_ctx:
         raise DataError(
@@ -180,3 +219,35 @@ def single_token_id(model: TransformerBridge, token: str | int, *, flag: str = "
 def target_positions(batch: TokenBatch, token_id: int) -> Int[Tensor, "n 2"]:
     """(row, column) of every text occurrence of ``token_id``, in reading order."""
     return torch.nonzero((batch.tokens == token_id) & batch.text_mask)
+
+
+def word_index(model: TransformerBridge, texts: Sequence[str], batch: TokenBatch) -> Int[Tensor, "batch pos"]:
+    """For each token of ``batch`` (encoded from the strings ``texts``), the index of the whitespace
+    word it begins, or -1 (a token inside a word, a special token, padding).
+
+    This is the text-aligned position axis of cross-model comparisons when tokenizers differ: word
+    ``w`` is the ``w``-th run of non-whitespace characters of the text (``str.split()``), and the token
+    that begins it is the one whose character span (the tokenizer's offset mapping, leading
+    whitespace skipped) starts where the word starts. Needs a fast tokenizer (offset mappings)."""
+    if len(texts) != len(batch):
+        raise MechlensError(f"word_index: {len(texts)} texts for a batch of {len(batch)} sequences")
+    out = torch.full(batch.tokens.shape, -1, dtype=torch.long)
+    for row, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise MechlensError("word_index needs the texts as strings (token ids carry no character offsets)")
+        enc = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        starts, pos, in_word = {}, 0, False
+        for i, ch in enumerate(text):
+            if not ch.isspace() and not in_word:
+                starts[i], pos = pos, pos + 1
+            in_word = not ch.isspace()
+        cols = torch.nonzero(batch.text_mask[row]).squeeze(-1).tolist()
+        for col, tok_id, (a, b) in zip(cols, enc["input_ids"], enc["offset_mapping"], strict=False):
+            if int(batch.tokens[row, col]) != tok_id:
+                raise MechlensError(f"word_index: text {row} does not encode to the batch's tokens")
+            while a < b and text[a].isspace():
+                a += 1
+            if a in starts:
+                out[row, col] = starts[a]
+                del starts[a]  # a word is begun by its first token only
+    return out

@@ -2,8 +2,21 @@
 
 The registry holds what the command line needs without importing a study (so ``mechlens --help``,
 ``mechlens list`` and an unknown study answer without loading torch): name, title, the model kinds
-the study applies to and its default models. ``info.module`` imports the study module, which holds
-its ``Config`` and ``run``.
+the study applies to and its default models. ``info.module`` imports the study module.
+
+The study protocol (what a study module exposes; nothing outside it and this registry names a study):
+
+* ``Config``: a :class:`mechlens.options.Options` dataclass (its fields are the command-line flags);
+* one public **part function** per part of the original notebook, named after what it computes,
+  taking a model and a :class:`~mechlens.tokens.TokenBatch` or tensors and returning a frozen
+  dataclass with jaxtyping-annotated fields;
+* ``run(model, cfg, inputs) -> StudyResult``: composes the parts; ``result.parts`` is the typed result
+  and ``result.metrics`` (``results.json``) is derived from it (:func:`~mechlens.studies.result.metrics_of`);
+* ``figures(...)``, ``headline(metrics) -> list[str]`` (the findings in words; the first line is the
+  terminal summary) and ``compare(entries) -> dict[str, Figure]`` for several models;
+* ``samples(result) -> pandas.DataFrame``: per-unit statistics (one row per text, token or occurrence
+  and statistic) from which :mod:`mechlens.comparison` builds bootstrap intervals and ``comparison.csv``;
+* ``LESSON``: a tuple of :class:`Step`, the notebook and experiment script, part by part.
 """
 
 from __future__ import annotations
@@ -29,6 +42,17 @@ class StudyInfo:
 
     def applies_to(self, kind: str) -> bool:
         return kind in self.kinds
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One part of a study's lesson: a markdown cell (what the part computes, on which hook, what to
+    look for) and the code cell that calls it. Steps run in order in one namespace that starts with
+    ``load_model`` and the study module imported; the last step defines ``result`` (``run``'s)."""
+
+    title: str
+    text: str
+    code: str
 
 
 def _study(name: str, title: str, kinds: set[str], default_models: tuple[str, ...]) -> StudyInfo:

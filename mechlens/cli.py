@@ -263,27 +263,52 @@ def cmd_compare(args: argparse.Namespace) -> None:
             raise MechlensError(f"{path} cannot be read ({e}): pass directories written by 'mechlens run'") from None
     dest = prepare_output(args.out, inputs=args.dirs)
     try:
-        from mechlens.report import comparison_figures, render
+        import pandas as pd
+
+        from mechlens.comparison import comparison_frame
+        from mechlens.report import render, sections_of
         from mechlens.studies import STUDIES
 
         merged: dict[str, dict[str, dict]] = {}
+        samples: dict[str, dict[str, pd.DataFrame]] = {}
         for d, doc in runs:
             for study, entries in doc.items():
                 if study.startswith("_") or study not in STUDIES:
                     continue
                 for model, e in entries.items():
-                    merged.setdefault(study, {})[f"{model} ({d})"] = e
-        sections = [
-            (s, STUDIES[s].title, entries, {"comparison across runs": comparison_figures(s, entries)})
-            for s, entries in merged.items()
+                    label = f"{model} ({d})"
+                    merged.setdefault(study, {})[label] = e
+                    if e.get("samples_csv"):
+                        samples.setdefault(study, {})[label] = _read_samples(pathlib.Path(d) / e["samples_csv"])
+        frames = [
+            comparison_frame(s, per_model, {m: merged[s][m]["provenance"] for m in per_model})
+            for s, per_model in samples.items()
+            if len(per_model) >= 2
         ]
+        comparison = pd.concat(frames, ignore_index=True) if frames else None
+        sections, findings = sections_of(merged, comparison)
         with dest.writing() as tmp:
             (tmp / "results.json").write_text(json.dumps(merged, indent=1))
-            (tmp / "report.html").write_text(render(sections, title="mechlens comparison"), encoding="utf-8")
+            if comparison is not None:
+                comparison.to_csv(tmp / "comparison.csv", index=False)
+            (tmp / "report.html").write_text(
+                render(sections, title="mechlens comparison", findings=findings), encoding="utf-8"
+            )
     except BaseException:
         dest.abort()
         raise
-    print(f"wrote {args.out}/report.html comparing {len(args.dirs)} runs")
+    print(f"wrote {args.out}/report.html (and comparison.csv where runs share a study) comparing {len(args.dirs)} runs")
+
+
+def _read_samples(path: pathlib.Path):
+    import pandas as pd
+
+    from mechlens.errors import MechlensError
+
+    try:
+        return pd.read_csv(path, dtype={"layer": "Int64", "position": "Int64", "word": "Int64"})
+    except (OSError, ValueError) as e:
+        raise MechlensError(f"{path} cannot be read ({e}): pass directories written by 'mechlens run'") from None
 
 
 def cmd_export(args: argparse.Namespace) -> None:

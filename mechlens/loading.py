@@ -18,6 +18,7 @@ from mechlens import arch, hub
 from mechlens.errors import MechlensError, ModelNotAvailableError, NonFiniteError
 from mechlens.provenance import Provenance
 from mechlens.tokenizer import check_tokenizer
+from mechlens.tokens import tokenizer_signature
 from mechlens.zoo import EMBEDDED
 
 if TYPE_CHECKING:
@@ -95,6 +96,7 @@ def load_model(
         padding_side=bridge.tokenizer.padding_side,
         dtype=str(dtype).removeprefix("torch."),
         device=str(device),
+        tokenizer=tokenizer_signature(bridge.tokenizer),
         source_architecture=None if source_architecture == architecture else source_architecture,
         norm_placement=arch.norm_placement(hf_model.config, architecture),
         block_layout=arch.block_layout(hf_model.config, architecture),

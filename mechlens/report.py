@@ -91,9 +91,11 @@ def render(
     notes: Sequence[str] = (),
     title: str = "mechlens report",
     context: Mapping[str, Any] | None = None,
+    findings: Mapping[str, Sequence[str]] | None = None,
 ) -> str:
     """``sections``: (study, heading, {model: json entry}, {model or 'comparison': {name: figure}});
-    ``context``: what produced the report (command, date), shown under the title."""
+    ``context``: what produced the report (command, date), shown under the title; ``findings``: study ->
+    cross-model findings in words (:func:`mechlens.comparison.headline`)."""
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if context:
         parts.append("<p>" + "<br>".join(f"<b>{html.escape(k)}</b>: {html.escape(str(v))}" for k, v in context.items())
@@ -108,6 +110,10 @@ def render(
         for model, lines in headlines(study, entries).items():
             items = "".join(f"<li>{html.escape(line)}</li>" for line in lines[1:] or lines)
             parts.append(f"<p><b>{html.escape(model)}</b></p><ul>{items}</ul>")
+        if findings and findings.get(study):
+            items = "".join(f"<li>{html.escape(line)}</li>" for line in findings[study])
+            parts.append(f"<p><b>Across models</b> (paired bootstrap over the same inputs; comparison.csv)</p>"
+                         f"<ul>{items}</ul>")  # fmt: skip
         parts.append(_prov_table(entries))
         for owner, fs in figs.items():
             parts.append(f"<h3>{html.escape(owner)}</h3>")
@@ -124,19 +130,40 @@ def render(
     )
 
 
-def write_report(
-    results, path: pathlib.Path, notes: Sequence[str] = (), context: Mapping[str, Any] | None = None
-) -> None:
+def sections_of(
+    entries_by_study: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    comparison=None,
+    figures_by_study: Mapping[str, Mapping[str, Mapping[str, go.Figure]]] | None = None,
+) -> tuple[list, dict[str, list[str]]]:
+    """Report sections and cross-model findings: per study, the comparison figures (the study's own
+    ``compare`` and one per quantity of the comparison table, with confidence bands), then each
+    model's figures."""
+    from mechlens import comparison as comparison_mod
     from mechlens.studies import STUDIES
 
-    sections = []
-    for study, rs in results.items():
-        entries = {r.model: r.to_json() for r in rs}
+    sections, findings = [], {}
+    for study, entries in entries_by_study.items():
         figs: dict[str, dict[str, go.Figure]] = {}
-        comp = comparison_figures(study, entries)
+        comp = dict(comparison_figures(study, entries))
+        if comparison is not None and (comparison["study"] == study).any():
+            frame = comparison[comparison["study"] == study]
+            comp |= comparison_mod.figures(frame)
+            findings[study] = comparison_mod.headline(frame)
         if comp:
             figs["comparison across models"] = comp
-        for r in rs:
-            figs[r.model] = r.figures
+        figs |= (figures_by_study or {}).get(study, {})
         sections.append((study, STUDIES[study].title, entries, figs))
-    pathlib.Path(path).write_text(render(sections, notes, context=context), encoding="utf-8")
+    return sections, findings
+
+
+def write_report(
+    results,
+    path: pathlib.Path,
+    notes: Sequence[str] = (),
+    context: Mapping[str, Any] | None = None,
+    comparison=None,
+) -> None:
+    entries = {study: {r.model: r.to_json() for r in rs} for study, rs in results.items()}
+    figures = {study: {r.model: r.figures for r in rs} for study, rs in results.items()}
+    sections, findings = sections_of(entries, comparison, figures)
+    pathlib.Path(path).write_text(render(sections, notes, context=context, findings=findings), encoding="utf-8")

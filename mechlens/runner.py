@@ -117,7 +117,45 @@ def run_study(study: str, models: dict[str, Any], overrides: dict[str, Any] | No
     return results
 
 
-def _csv(path: pathlib.Path, rows: list[dict[str, Any]]) -> None:
+def samples_of(result: StudyResult):
+    """The study's per-unit samples of ``result`` (``samples(result)``, :mod:`mechlens.comparison`), checked:
+    the documented columns, finite values; ``None`` for a study without samples."""
+    import numpy as np
+
+    from mechlens.comparison import SAMPLE_COLUMNS
+
+    module = STUDIES[result.study].module
+    if not hasattr(module, "samples") or result.parts is None:
+        return None
+    frame = module.samples(result)
+    missing = [c for c in SAMPLE_COLUMNS if c not in frame.columns]
+    if missing:
+        raise MechlensError(f"{result.study}.samples() lacks the columns {missing} (a bug in the study)")
+    if not np.isfinite(frame["value"].to_numpy(np.float64)).all():
+        raise NonFiniteError(f"{result.study} on {result.model!r}: a per-unit sample is NaN or infinite")
+    return frame
+
+
+def comparisons(results: dict[str, list[StudyResult]], samples: dict[tuple[str, str], Any] | None = None):
+    """The comparison table (:func:`mechlens.comparison.comparison_frame`) of every study that ran on
+    two or more models, concatenated; ``None`` when there is none."""
+    import pandas as pd
+
+    from mechlens.comparison import comparison_frame
+
+    frames = []
+    for study, rs in results.items():
+        per_model = {r.model: (samples or {}).get((study, r.model)) for r in rs}
+        per_model = {
+            m: (f if f is not None else samples_of(r)) for (m, f), r in zip(per_model.items(), rs, strict=True)
+        }
+        per_model = {m: f for m, f in per_model.items() if f is not None}
+        if len(per_model) >= 2:
+            frames.append(comparison_frame(study, per_model, {r.model: r.provenance for r in rs}))
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def _csv(path, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
     with path.open("w", newline="") as f:
@@ -146,8 +184,17 @@ def write_outputs(
     from mechlens.report import write_report
 
     dest = out if isinstance(out, Destination) else prepare_output(out)
+    samples = {(study, r.model): samples_of(r) for study, rs in results.items() for r in rs}
+    comparison = comparisons(results, samples)
     with dest.writing() as tmp:
         doc = {study: {r.model: r.to_json() for r in rs} for study, rs in results.items()}
+        for (study, model), frame in samples.items():
+            if frame is not None:
+                name = f"{study}__{_slug(model)}__samples.csv"
+                frame.to_csv(tmp / name, index=False)
+                doc[study][model]["samples_csv"] = name  # per-unit statistics: mechlens compare rebuilds from them
+        if comparison is not None:
+            comparison.to_csv(tmp / "comparison.csv", index=False)
         doc["_notes"] = list(notes)
         doc["_run"] = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), **(context or {})}
         (tmp / "results.json").write_text(json.dumps(doc, indent=1, allow_nan=False))
@@ -155,7 +202,7 @@ def write_outputs(
             for r in rs:
                 for name, rows in r.tables.items():
                     _csv(tmp / f"{study}__{_slug(r.model)}__{name}.csv", rows)
-        write_report(results, tmp / "report.html", notes, context=doc["_run"])
+        write_report(results, tmp / "report.html", notes, context=doc["_run"], comparison=comparison)
 
 
 def summary_rows(results: dict[str, list[StudyResult]]) -> list[tuple[str, str, str]]:

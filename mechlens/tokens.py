@@ -199,6 +199,19 @@ def encode(
     return TokenBatch(tokens=tokens, attention_mask=attn, text_mask=text, bos=bos, padding_side=padding_side)
 
 
+_PROBE = "The coffee is hot, said Ana. Cafés open at 7:30; naïve tourists order 2 lattes!"
+
+
+def tokenizer_signature(tokenizer) -> str:
+    """A short fingerprint of how a tokenizer encodes text: its size and a hash of the ids of a probe
+    sentence. Two models with equal signatures see the same token ids for the same text (so token
+    positions align); otherwise comparisons align on words (:func:`word_index`)."""
+    import hashlib
+
+    ids = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
+    return f"{len(tokenizer)}:{hashlib.sha1(str(ids).encode()).hexdigest()[:12]}"
+
+
 def single_token_id(model: TransformerBridge, token: str | int, *, flag: str = "--target") -> int:
     """The id of a string that is exactly one token (e.g. ``" coffee"``); a clear error otherwise."""
     if isinstance(token, int):

@@ -22,6 +22,11 @@ _EXPORTS = {
     "encode": "mechlens.tokens",
     "single_token_id": "mechlens.tokens",
     "target_positions": "mechlens.tokens",
+    "word_index": "mechlens.tokens",
+    # studies and comparisons across models
+    "STUDIES": "mechlens.studies",
+    "compare": "mechlens.comparison",
+    "comparison_frame": "mechlens.comparison",
     # forward passes
     "run_cached": "mechlens.forward",
     "iter_cached": "mechlens.forward",
@@ -63,6 +68,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from mechlens.arch import readout, readout_hook_names
+    from mechlens.comparison import compare, comparison_frame
     from mechlens.errors import (
         DataError,
         MechlensError,
@@ -85,7 +91,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         vector_norm,
     )
     from mechlens.provenance import Provenance
+    from mechlens.studies import STUDIES
     from mechlens.tokenizer import TokenizerError
-    from mechlens.tokens import TokenBatch, encode, single_token_id, target_positions
+    from mechlens.tokens import TokenBatch, encode, single_token_id, target_positions, word_index
     from mechlens.zoo import EMBEDDED
     from mechlens.zoo.export import export_model

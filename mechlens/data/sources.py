@@ -1,4 +1,4 @@
-"""Text sources, by name.
+"""Text sources, by name, as streams.
 
 Built-in (offline, written for mechlens, shipped as package data):
 
@@ -8,23 +8,35 @@ Built-in (offline, written for mechlens, shipped as package data):
   "Turkish coffee" page), in which ``" coffee"`` is a single GPT-2 token occurring 21 times.
 
 Original sources, for online users: ``hellaswag`` (validation ``ctx``), ``rotten_tomatoes``
-(``test`` text), ``wikipedia:<Page title>`` (plain-text extract). Local files: ``.txt`` (one text per
-non-empty line; ``path.txt#document`` reads the whole file as one text), ``.jsonl`` and ``.csv``
-(column ``text``, or ``path.csv#column``).
+(``test`` text), ``wikipedia:<Page title>`` (plain-text extract), and any hub dataset as
+``hf:REPO[:CONFIG]:SPLIT[:COLUMN]`` (column ``text`` by default; with three parts the middle one is a
+split when it looks like one -- ``train``, ``test``, ``validation``, ``dev``... -- otherwise a config).
+Local files, read through Hugging Face ``datasets`` builders in streaming mode: ``.txt`` (one text per
+non-empty line; ``path.txt#document`` reads the whole file as one text), ``.jsonl``, ``.csv`` and
+``.parquet`` (column ``text``, or ``path.csv#COLUMN`` / ``#column=NAME``); ``#encoding=NAME`` for a
+text file that is not utf-8. Every text is stripped; empty ones are skipped.
+
+:func:`iter_texts` streams a source (memory does not grow with the corpus), cut to its first ``n_texts``
+and sharded by rank for data-parallel runs; :func:`load_texts` is the same as a list; :func:`check_source`
+checks a source cheaply (its first text only) before any model is loaded.
 """
 
 from __future__ import annotations
 
-import csv
 import importlib.resources
+import itertools
 import json
 import pathlib
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 from mechlens import hub
 from mechlens.errors import DataError
+
+T = TypeVar("T")
 
 BUILTIN = {
     "contexts": "everyday-activity contexts (>= 300), the offline stand-in for HellaSwag validation ctx",
@@ -37,9 +49,15 @@ HUB = {
 }
 SOURCES = {**BUILTIN, **{k: f"Hugging Face dataset {v[0]} ({v[1]} {v[2]}); needs the hub" for k, v in HUB.items()}}
 SOURCES["wikipedia:<title>"] = "plain text of an English Wikipedia page; needs the web"
-SOURCES["<file>.txt|.jsonl|.csv"] = (
-    "local texts (txt: one per line, or #document; jsonl/csv: #COLUMN, default text; #encoding=NAME, default utf-8)"
+SOURCES["hf:REPO[:CONFIG]:SPLIT[:COLUMN]"] = (
+    "any Hugging Face hub dataset, streamed (column text by default); needs the hub"
 )
+SOURCES["<file>.txt|.jsonl|.csv|.parquet"] = (
+    "local texts (txt: one per line, or #document; jsonl/csv/parquet: #COLUMN, default text; "
+    "#encoding=NAME, default utf-8)"
+)
+FILE_TYPES = (".txt", ".jsonl", ".csv", ".parquet")
+SPLIT_NAMES = ("train", "test", "validation", "valid", "dev", "eval", "evaluation", "val")
 
 
 def _builtin(name: str) -> list[str]:
@@ -47,18 +65,6 @@ def _builtin(name: str) -> list[str]:
     if name == "coffee":
         return [text.strip()]
     return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def _hub_dataset(name: str) -> list[str]:
-    repo, split, column, alternative = HUB[name]
-    if not hub.reachable():
-        raise DataError(
-            f"data source {name!r} needs the Hugging Face hub, which is unreachable (offline). Use the built-in "
-            f"{alternative!r} instead (--data {alternative}), or a local .txt/.jsonl/.csv file."
-        )
-    import datasets
-
-    return [str(t) for t in datasets.load_dataset(repo, split=split)[column]]
 
 
 def _wikipedia(title: str) -> list[str]:
@@ -102,83 +108,197 @@ def _options(path: pathlib.Path, opt: str) -> tuple[str | None, bool, str]:
     return column, document, encoding
 
 
-def _read_text(path: pathlib.Path, encoding: str) -> str:
-    try:
-        return path.read_bytes().decode(encoding)
-    except UnicodeDecodeError as e:
+def batched(iterable: Iterable[T], n: int) -> Iterator[tuple[T, ...]]:
+    """Tuples of ``n`` items (the last one shorter): ``itertools.batched`` of Python 3.12, here for 3.11."""
+    if n < 1:
+        raise ValueError(f"batch size must be >= 1, got {n}")
+    if hasattr(itertools, "batched"):
+        yield from itertools.batched(iterable, n)
+        return
+    it = iter(iterable)
+    while batch := tuple(itertools.islice(it, n)):
+        yield batch
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    """A hub dataset: ``hf:REPO[:CONFIG]:SPLIT[:COLUMN]`` (or a named original such as ``hellaswag``)."""
+
+    spec: str
+    repo: str
+    config: str | None
+    split: str
+    column: str | None
+
+    @property
+    def column_hint(self) -> str:
+        """How to name another column in this spec."""
+        if self.config:
+            return f"hf:{self.repo}:{self.config}:{self.split}:<column>"
+        if _looks_like_split(self.split):
+            return f"hf:{self.repo}:{self.split}:<column>"
+        return f"hf:{self.repo}:default:{self.split}:<column>"
+
+
+def _looks_like_split(name: str) -> bool:
+    low = name.lower()
+    return any(low == s or (low.startswith(s) and not low[len(s)].isalpha()) for s in SPLIT_NAMES)
+
+
+def parse_hf(spec: str) -> HubSpec:
+    """``hf:REPO:SPLIT``, ``hf:REPO:SPLIT:COLUMN`` or ``hf:REPO:CONFIG:SPLIT`` (three parts: the middle
+    one is a split when it looks like one, else a config), ``hf:REPO:CONFIG:SPLIT:COLUMN``."""
+    parts = spec.removeprefix("hf:").split(":")
+    if not 2 <= len(parts) <= 4 or not all(p.strip() for p in parts):
         raise DataError(
-            f"--data {path}: byte {e.start} is not valid {encoding} ({e.reason}); name the file's encoding, "
-            f"e.g. --data '{path}#encoding=latin-1'"
-        ) from None
-    except OSError as e:
-        raise DataError(f"--data {path}: cannot read the file ({e.strerror})") from None
+            f"--data {spec}: expected hf:REPO[:CONFIG]:SPLIT[:COLUMN], e.g. --data hf:stanfordnlp/imdb:test:text"
+        )
+    repo, *rest = (p.strip() for p in parts)
+    if len(rest) == 1:
+        return HubSpec(spec, repo, None, rest[0], None)
+    if len(rest) == 3:
+        return HubSpec(spec, repo, *rest)
+    if _looks_like_split(rest[0]):
+        return HubSpec(spec, repo, None, rest[0], rest[1])
+    return HubSpec(spec, repo, rest[0], rest[1], None)
 
 
-def _file(spec: str) -> list[str]:
-    path_s, _, opt = spec.partition("#")
+def _hub_offline(source: str) -> DataError:
+    if source in HUB:
+        alternative = HUB[source][3]
+        return DataError(
+            f"data source {source!r} needs the Hugging Face hub, which is unreachable (offline). Use the built-in "
+            f"{alternative!r} instead (--data {alternative}), or a local .txt/.jsonl/.csv/.parquet file."
+        )
+    return DataError(
+        f"--data {source} needs the Hugging Face hub, which is unreachable (offline): use a local "
+        ".txt/.jsonl/.csv/.parquet file (--data FILE) or a built-in source (--data contexts, reviews or coffee)"
+    )
+
+
+def _check_n(n_texts: int | None) -> int | None:
+    if n_texts is None:
+        return None
+    if isinstance(n_texts, bool) or not isinstance(n_texts, int) or n_texts < 1:
+        raise DataError(f"--n-texts must be a whole number >= 1 (or left out for all texts), got {n_texts!r}")
+    return n_texts
+
+
+def _check_shard(rank: int, world_size: int) -> None:
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+        raise ValueError(f"rank {rank!r} of world size {world_size!r}: need 0 <= rank < world_size")
+
+
+def _round_robin(texts: Iterable[str], n_texts: int | None, rank: int, world_size: int) -> Iterator[str]:
+    return itertools.islice(texts, rank, n_texts, world_size)
+
+
+def _file_parts(source: str) -> tuple[pathlib.Path, str | None, bool, str]:
+    path_s, _, opt = source.partition("#")
     path = pathlib.Path(path_s).expanduser()
     if not path.is_file():
-        raise DataError(f"no such file {path}: pass an existing .txt, .jsonl or .csv file or a built-in source")
+        raise DataError(
+            f"no such file {path}: pass an existing .txt, .jsonl, .csv or .parquet file or a built-in source"
+        )
     suffix = path.suffix.lower()
-    if suffix not in (".txt", ".jsonl", ".csv"):
-        raise DataError(f"unsupported file type {suffix!r}: use .txt, .jsonl or .csv")
+    if suffix not in FILE_TYPES:
+        raise DataError(f"--data {path}: unsupported file type {suffix!r}: use .txt, .jsonl, .csv or .parquet")
     column, document, encoding = _options(path, opt)
-    text = _read_text(path, encoding)
-    if suffix == ".txt":
-        return [text.strip()] if document else [ln.strip() for ln in text.splitlines() if ln.strip()]
-    column = column or "text"
-    if suffix == ".jsonl":
-        rows = []
-        for i, ln in enumerate(text.splitlines()):
-            if ln.strip():
-                try:
-                    row = json.loads(ln)
-                except ValueError as e:
-                    raise DataError(
-                        f"--data {path}: line {i + 1} is not JSON ({e.msg}): one JSON object per line"
-                    ) from None
-                if not isinstance(row, dict):
-                    raise DataError(f"--data {path}: line {i + 1} is not a JSON object: one object per line")
-                rows.append(row)
-    else:
-        rows = list(csv.DictReader(text.splitlines()))
-    if rows and column not in rows[0]:
-        raise DataError(f"{path} has no column {column!r} (columns: {sorted(rows[0])}): use {path}#<column>")
-    return [str(r[column]).strip() for r in rows if r.get(column) is not None and str(r[column]).strip()]
+    if suffix == ".parquet" and encoding != "utf-8":
+        raise DataError(f"--data {path}#{opt}: a .parquet file has no text encoding; drop #encoding")
+    return path, column, document, encoding
 
 
-def load_texts(source: str) -> list[str]:
-    """Texts of a source: a built-in name, ``hellaswag``, ``rotten_tomatoes``, ``wikipedia:<title>``,
-    or a local file (see module docstring). Offline use of a web source fails fast naming the built-in."""
+def _is_file(source: str) -> bool:
+    return bool(pathlib.Path(source.partition("#")[0]).suffix)
+
+
+def _stream(source: str, n_texts: int | None, rank: int, world_size: int) -> Iterator[str]:
+    """This rank's share of the first ``n_texts`` texts of a named source; cheap errors raised at once."""
+    from mechlens.data import stream
+
     if source in BUILTIN:
-        texts = _builtin(source)
-    elif source in HUB:
-        texts = _hub_dataset(source)
-    elif source.startswith("wikipedia:"):
-        texts = _wikipedia(source.removeprefix("wikipedia:"))
-    elif pathlib.Path(source.partition("#")[0]).suffix:
-        texts = _file(source)
-    else:
-        raise DataError(f"unknown data source {source!r}: expected one of {', '.join(SOURCES)}")
-    if not texts:
+        return _round_robin(_builtin(source), n_texts, rank, world_size)
+    if source in HUB or source.startswith("hf:"):
+        if source in HUB:
+            repo, split, column, _ = HUB[source]
+            spec = HubSpec(source, repo, None, split, column)
+        else:
+            spec = parse_hf(source)
+        if not hub.reachable():
+            raise _hub_offline(source)
+        return stream.hub_stream(
+            source, spec.repo, spec.config, spec.split, spec.column, n_texts, rank, world_size, spec.column_hint
+        )
+    if source.startswith("wikipedia:"):
+        return _round_robin(_wikipedia(source.removeprefix("wikipedia:")), n_texts, rank, world_size)
+    if _is_file(source):
+        path, column, document, encoding = _file_parts(source)
+        return stream.file_stream(path, column, document, encoding, n_texts, rank, world_size)
+    raise DataError(f"unknown data source {source!r}: expected one of {', '.join(SOURCES)}")
+
+
+def _not_empty(texts: Iterator[str], source: str, rank: int) -> Iterator[str]:
+    """Pass the texts through; rank 0 (which holds the stream's first text) raises if there were none."""
+    empty = True
+    for t in texts:
+        empty = False
+        yield t
+    if empty and rank == 0:
         raise DataError(f"--data {source}: the source holds no text (only empty or whitespace lines)")
-    return texts
+
+
+def iter_texts(
+    source: str | Iterable[str], n_texts: int | None = None, *, rank: int = 0, world_size: int = 1
+) -> Iterator[str]:
+    """Stream the texts of ``source``: a built-in name, ``hellaswag``, ``rotten_tomatoes``,
+    ``wikipedia:<title>``, ``hf:REPO[:CONFIG]:SPLIT[:COLUMN]``, a local file (see the module docstring),
+    or an iterable of texts (taken as they are).
+
+    The stream is the first ``n_texts`` texts of the whole source (all when None), of which this process
+    keeps those at global index ``i`` with ``i % world_size == rank``: the ranks' shards are disjoint and
+    their union is the single-process stream (see :func:`iter_indexed` for the global indices). Local files
+    and hub datasets stream through ``datasets`` (``split_dataset_by_node``), so memory does not grow with
+    the corpus. Cheap errors (unknown source, missing file, bad option, hub offline) are raised by this
+    call; errors inside a file (undecodable bytes, bad JSON) while iterating; rank 0 raises for a source
+    with no text at all.
+    """
+    n_texts = _check_n(n_texts)
+    _check_shard(rank, world_size)
+    if not isinstance(source, str):
+        return _round_robin(iter(source), n_texts, rank, world_size)
+    return _not_empty(_stream(source, n_texts, rank, world_size), source, rank)
+
+
+def iter_indexed(
+    source: str | Iterable[str], n_texts: int | None = None, *, rank: int = 0, world_size: int = 1
+) -> Iterator[tuple[int, str]]:
+    """:func:`iter_texts` with each text's global index (its place in the single-process stream):
+    ``rank, rank + world_size, ...``. Use it to key per-item work that must not depend on sharding,
+    such as :class:`mechlens.stats.streaming.Reservoir` priorities."""
+    texts = iter_texts(source, n_texts, rank=rank, world_size=world_size)
+    return ((rank + k * world_size, t) for k, t in enumerate(texts))
+
+
+def load_texts(source: str, n_texts: int | None = None) -> list[str]:
+    """All texts of a source (or its first ``n_texts``) as a list: :func:`iter_texts` in one process.
+    Offline use of a web source fails fast naming the built-in or local files."""
+    return list(iter_texts(source, n_texts))
 
 
 def check_source(source: str) -> None:
-    """Check a data source before any model is loaded: a local file is read (encoding, columns, at
-    least one text), an online source needs the network (it fails at once offline); built-ins pass."""
+    """Check a data source before any model is loaded, cheaply: a local file's first text only (missing
+    file, type, options, undecodable first bytes, bad first JSON lines, missing column, empty file), an
+    online source needs the network (it fails at once offline); a hub dataset is opened and its first
+    row read (name, config, split and column); built-ins pass."""
     if source in BUILTIN:
-        return
-    if source in HUB:
-        if not hub.reachable():
-            _hub_dataset(source)  # raises the offline error naming the built-in alternative
         return
     if source.startswith("wikipedia:"):
         if not hub.reachable("en.wikipedia.org"):
             _wikipedia(source.removeprefix("wikipedia:"))  # raises the offline error
         return
-    load_texts(source)
+    for _ in iter_texts(source, 1):
+        break
 
 
 def split_train_test(texts: Sequence, n_train: int, n_test: int) -> tuple[list, list]:

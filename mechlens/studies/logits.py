@@ -1,27 +1,36 @@
 """Study 2 -- logits and next-token prediction, and a logit intervention through a hook point.
 
 Causal LMs predict the token after the prompt; masked LMs get the fill-mask analogue: the prompt
-ends ``<mask> </s>`` and the logits at the mask are studied; the greedy and sampling loops fill one
-mask at a time left to right (a masked LM has no ``generate``: ``greedy_equals_generate`` is None).
-Conventions that differ from the original notebook (gpt2, HF tokenizer, no BOS): BOS is prepended by
-default (``--no-bos`` for the original's input).
+ends ``<mask> </s>`` and the logits at the mask are studied (the **prediction column**, see
+:func:`prediction_column`); the greedy and sampling loops fill one mask at a time left to right (a
+masked LM has no ``generate``: ``greedy_equals_generate`` is None). Conventions that differ from the
+original notebook (gpt2, HF tokenizer, no BOS): BOS is prepended by default (``Config(bos=False)``,
+``--no-bos``, for the original's input); a prompt may also be given as token ids (without special
+tokens), exactly as another tool fed them.
 
-For a prompt: the logit vector at its last position; softmax computed naively (exp / sum), stably
-(max-subtracted) and as log-softmax, with the naive form overflowing on large logits; the top-k
-table; rank, logit and probability of a chosen token. Seeded multinomial sampling; a manual greedy
-loop (equal to the bridge's own ``generate``) and a manual sampling loop. Then an intervention on
-``unembed.hook_out`` that lifts the chosen token's logit to the current maximum + ``delta``.
+The parts, in the original notebook's order, each a function returning a frozen typed result:
+:func:`next_token` (the logits at every position of the prompt, read on ``unembed.hook_out``;
+softmax computed naively (exp / sum), stably (max-subtracted) and as log-softmax at the prediction
+column, the naive form overflowing on scaled logits; the top-k table; rank, logit and probability of
+a chosen token; the log-prob of each of the prompt's own next tokens), :func:`sample` (seeded
+multinomial sampling, counts against probabilities, and a sampling loop), :func:`greedy_vs_generate`
+(a manual greedy loop against the bridge's own ``generate``) and :func:`force_token` (an intervention
+on ``unembed.hook_out`` that lifts the chosen token's logit to the current maximum + ``delta``, the
+logits before and after it, and the text generated under it). :func:`run` composes them.
 ``unembed.hook_out`` is ``lm_head``'s output before any post-processing the model applies (Granite's
 ``logits_scaling``, Cohere's ``logit_scale``, Gemma2/3's soft-cap, see :mod:`mechlens.arch`): ``delta``
 is measured there, so on those families the final logits move by the scaled or capped amount; the
 target still becomes the argmax, as every such map is increasing.
 """
 
+# not_in_metrics() is a dataclasses.field factory, not a shared default value
+# ruff: noqa: RUF009
+
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -30,10 +39,15 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechlens import arch
+from mechlens.errors import MechlensError
 from mechlens.loading import provenance_of
 from mechlens.options import Options, fail, option
-from mechlens.studies.result import StudyResult
-from mechlens.tokens import encode, single_token_id
+from mechlens.studies import Step
+from mechlens.studies.result import StudyResult, metrics_of, not_in_metrics
+from mechlens.tokens import TokenBatch, encode, single_token_id, word_index
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 HOOK = "unembed.hook_out"  # the logits
 
@@ -57,6 +71,9 @@ class Config(Options):
         single_token_id(model, self.target, flag="--target")
         if self.top_k > model.cfg.d_vocab:
             fail("top_k", f"must be <= {model.cfg.d_vocab} (the vocabulary size), got {self.top_k}")
+
+
+# -- helpers -------------------------------------------------------------------------------------
 
 
 def naive_softmax(x: Tensor) -> Tensor:
@@ -83,6 +100,20 @@ def with_slot(model, tokens: Int[Tensor, "1 pos"]) -> Int[Tensor, "1 pos2"]:
     return torch.cat([tokens[:, :-1], torch.tensor([[arch.mask_id(model)]]), tokens[:, -1:]], 1)
 
 
+def prompt_batch(model, prompt: str | Sequence[int], bos: bool = True) -> TokenBatch:
+    """The one-row :class:`TokenBatch` every part reads: ``prompt`` (a string, or its token ids without
+    special tokens) with BOS prepended iff ``bos`` for a causal LM; for a masked LM
+    ``<s> prompt <mask> </s>`` (the ``<mask>`` is not a text token; ``bos`` is ignored: the special
+    tokens are always added)."""
+    masked = arch.kind_of(model) == "masked"
+    batch = encode(model, [prompt], bos=bos or masked)
+    if not masked:
+        return batch
+    tokens = with_slot(model, batch.tokens)
+    text = torch.cat([batch.text_mask[:, :-1], torch.zeros((1, 1), dtype=torch.bool), batch.text_mask[:, -1:]], 1)
+    return dataclasses.replace(batch, tokens=tokens, attention_mask=torch.ones_like(tokens), text_mask=text)
+
+
 def extend(model, tokens: Int[Tensor, "1 pos"], nxt: int) -> Int[Tensor, "1 pos2"]:
     """The prompt with ``nxt`` written into the prediction column: appended for a causal LM; filled into
     the ``<mask>`` of a masked LM, with a new ``<mask>`` after it (greedy left-to-right filling)."""
@@ -95,6 +126,12 @@ def extend(model, tokens: Int[Tensor, "1 pos"], nxt: int) -> Int[Tensor, "1 pos2
 def last_logits(model, tokens: Int[Tensor, "1 pos"], col: int = -1) -> Float[Tensor, " d_vocab"]:
     with torch.no_grad():
         return model(tokens, return_type="logits")[0, col].float()
+
+
+def all_logits(model, tokens: Int[Tensor, "1 pos"]) -> Float[Tensor, "pos d_vocab"]:
+    """The logits (``unembed.hook_out`` after the model's own post-processing) at every position, fp32."""
+    with torch.no_grad():
+        return model(tokens, return_type="logits")[0].float()
 
 
 def rank_of(logits: Float[Tensor, " d_vocab"], token: int) -> int:
@@ -138,116 +175,498 @@ def sampling_loop(model, tokens: Int[Tensor, "1 pos"], n: int, temperature: floa
     return new
 
 
-def run(model, cfg: Config | None = None, prompt: str | Sequence[int] | None = None) -> StudyResult:
-    """The study on ``cfg.prompt``, or on ``prompt``: a string, or its token ids exactly as another tool
-    fed them (without special tokens: BOS follows ``cfg.bos``; a masked LM gets ``<s> ... <mask> </s>``)."""
-    cfg = cfg or Config()
-    torch.manual_seed(cfg.seed)
+def _one_row(batch: TokenBatch) -> Int[Tensor, "1 pos"]:
+    if len(batch) != 1 or not bool(batch.attention_mask.all()):
+        raise MechlensError("the logits study reads one unpadded prompt: build it with logits.prompt_batch")
+    return batch.tokens
+
+
+def _ids(values: Sequence[int]) -> Int[Tensor, " n"]:
+    return torch.tensor(list(values), dtype=torch.long)
+
+
+# -- part 1: next-token logits -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The studied token: the string as given (e.g. ``" coffee"``) and its id."""
+
+    string: str
+    id: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKRow:
+    """One row of the top-k table at the prediction column (rank 0 = the argmax)."""
+
+    rank: int
+    id: int
+    token: str
+    logit: float
+    prob: float
+    logprob: float
+
+
+@dataclasses.dataclass(frozen=True)
+class NextToken:
+    """The logits at every position of the prompt and the next-token distribution at the prediction
+    column (:func:`prediction_column`: the last position of a causal LM, the ``<mask>`` of a masked LM).
+
+    ``next_token_logprobs[i]`` is the log-prob a causal LM gives the prompt's own token at position
+    ``next_token_positions[i]`` (the position of the **predicted** token), from the logits one position
+    earlier; None for a masked LM (it sees every prompt token, so no such prediction is defined)."""
+
+    prediction: str  # "next-token" (causal) or "fill-mask" (masked)
+    prompt_tokens: Int[Tensor, " pos"]
+    logits_max: float
+    logits_mean: float
+    softmax_naive_vs_stable_max_abs_diff: float
+    log_softmax_vs_log_of_softmax_max_abs_diff: float
+    overflow_scale: float
+    naive_softmax_finite_on_scaled_logits: bool
+    stable_softmax_finite_on_scaled_logits: bool
+    log_softmax_finite_on_scaled_logits: bool
+    topk: tuple[TopKRow, ...]
+    target: Target
+    target_rank: int
+    target_logit: float
+    target_prob: float
+    target_logprob: float
+    next_token_logprobs: Float[Tensor, " n_pred"] | None
+    next_token_logprob_mean: float | None
+    logits: Float[Tensor, "pos d_vocab"] = not_in_metrics()
+    column: int = not_in_metrics()  # the prediction column, 0-based
+    probs: Float[Tensor, " d_vocab"] = not_in_metrics()  # softmax at the prediction column (stable form)
+    logprobs: Float[Tensor, " d_vocab"] = not_in_metrics()  # log-softmax at the prediction column
+    topk_ids: Int[Tensor, " k"] = not_in_metrics()
+    topk_logits: Float[Tensor, " k"] = not_in_metrics()
+    topk_probs: Float[Tensor, " k"] = not_in_metrics()
+    topk_logprobs: Float[Tensor, " k"] = not_in_metrics()
+    next_token_positions: Int[Tensor, " n_pred"] | None = not_in_metrics()
+    prompt_strings: tuple[str, ...] = not_in_metrics()  # each prompt token decoded
+    prompt_text: str = not_in_metrics()  # the prompt's text tokens decoded
+
+    @property
+    def prediction_logits(self) -> Float[Tensor, " d_vocab"]:
+        """The logits at the prediction column."""
+        return self.logits[self.column]
+
+
+def next_token(
+    model, batch: TokenBatch, target: str | int, *, top_k: int = 10, overflow_scale: float = 100.0
+) -> NextToken:
+    """The logits at every position of the one-prompt ``batch`` (:func:`prompt_batch`), read on
+    ``unembed.hook_out`` (with the model's own post-processing, e.g. a soft-cap) in fp32; at the
+    prediction column: naive vs stable softmax vs log-softmax (and the same on the logits scaled by
+    ``overflow_scale``, where exp overflows), the top-k tokens, and the rank (0 = argmax; ties are not
+    counted above), logit, probability and log-prob of ``target`` (a one-token string or an id)."""
+    tokens = _one_row(batch)
     tok = model.tokenizer
     masked = arch.kind_of(model) == "masked"
-    batch = encode(model, [cfg.prompt if prompt is None else prompt], bos=cfg.bos or masked)
-    tokens, col = with_slot(model, batch.tokens), prediction_column(model)
-    target = single_token_id(model, cfg.target)
-    logits = last_logits(model, tokens, col)
-    logp = torch.log_softmax(logits, -1)
-    probs = stable_softmax(logits)
-    naive = naive_softmax(logits)
-    big = logits * cfg.overflow_scale
-    top = torch.topk(logits, cfg.top_k)
-    topk = [
-        {"rank": i, "id": int(t), "token": tok.decode([int(t)]), "logit": float(logits[t]), "prob": float(probs[t])}
+    target_id = single_token_id(model, target)
+    logits = all_logits(model, tokens)
+    col = logits.shape[0] + prediction_column(model)
+    at = logits[col]
+    logp = torch.log_softmax(at, -1)
+    probs = stable_softmax(at)
+    naive = naive_softmax(at)
+    big = at * overflow_scale
+    top = torch.topk(at, top_k)
+    rows = tuple(
+        TopKRow(i, int(t), tok.decode([int(t)]), float(at[t]), float(probs[t]), float(logp[t]))
         for i, t in enumerate(top.indices)
-    ]
-    gen = torch.Generator().manual_seed(cfg.seed)
-    samples = torch.multinomial(probs, cfg.n_samples, replacement=True, generator=gen)
-    counts = torch.bincount(samples, minlength=len(probs))
-    greedy = greedy_loop(model, tokens, cfg.n_new_tokens)
-    generated = None  # a masked LM has no generate(): its greedy filling is compared with nothing
+    )
+    nxt_lp = positions = mean = None
     if not masked:
+        keep = batch.text_mask[0, 1:]  # predicted tokens: every text token but a first one without BOS
+        lp = torch.log_softmax(logits[:-1], -1).gather(-1, tokens[0, 1:, None])[:, 0]
+        nxt_lp, positions = lp[keep], batch.positions[0, 1:][keep]
+        mean = float(nxt_lp.double().mean()) if len(nxt_lp) else None
+    return NextToken(
+        prediction="fill-mask" if masked else "next-token",
+        prompt_tokens=tokens[0],
+        logits_max=float(at.max()),
+        logits_mean=float(at.mean()),
+        softmax_naive_vs_stable_max_abs_diff=float((naive - probs).abs().max()),
+        log_softmax_vs_log_of_softmax_max_abs_diff=float((logp - probs.log()).abs().max()),
+        overflow_scale=float(overflow_scale),
+        naive_softmax_finite_on_scaled_logits=bool(torch.isfinite(naive_softmax(big)).all()),
+        stable_softmax_finite_on_scaled_logits=bool(torch.isfinite(stable_softmax(big)).all()),
+        log_softmax_finite_on_scaled_logits=bool(torch.isfinite(torch.log_softmax(big, -1)).all()),
+        topk=rows,
+        target=Target(target if isinstance(target, str) else tok.decode([target_id]), target_id),
+        target_rank=rank_of(at, target_id),
+        target_logit=float(at[target_id]),
+        target_prob=float(probs[target_id]),
+        target_logprob=float(logp[target_id]),
+        next_token_logprobs=nxt_lp,
+        next_token_logprob_mean=mean,
+        logits=logits,
+        column=int(col),
+        probs=probs,
+        logprobs=logp,
+        topk_ids=top.indices,
+        topk_logits=top.values,
+        topk_probs=probs[top.indices],
+        topk_logprobs=logp[top.indices],
+        next_token_positions=positions,
+        prompt_strings=tuple(tok.decode([int(t)]) for t in tokens[0]),
+        prompt_text=tok.decode(tokens[0][batch.text_mask[0]].tolist()),
+    )
+
+
+# -- part 2: sampling ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampled:
+    """Seeded draws from the next-token distribution (their counts against the probabilities) and a
+    seeded sampling loop."""
+
+    sample_counts_top: dict[str, int]  # the 10 most drawn tokens (decoded) -> count
+    sample_freq_vs_prob_max_abs_diff_topk: float  # max |frequency - probability| over the top-k tokens
+    sampled_tokens: Int[Tensor, " n_new"]
+    sampled_text: str
+    draws: Int[Tensor, " n_samples"] = not_in_metrics()
+    counts: Int[Tensor, " d_vocab"] = not_in_metrics()
+    topk_ids: Int[Tensor, " k"] = not_in_metrics()
+    topk_freqs: Float[Tensor, " k"] = not_in_metrics()  # counts / n_samples
+    topk_probs: Float[Tensor, " k"] = not_in_metrics()
+
+
+def sample(
+    model,
+    batch: TokenBatch,
+    logits: Float[Tensor, " d_vocab"],
+    *,
+    n_samples: int = 1000,
+    seed: int = 0,
+    top_k: int = 10,
+    n_new_tokens: int = 12,
+    temperature: float = 1.0,
+) -> Sampled:
+    """``n_samples`` multinomial draws (``torch.Generator`` seeded with ``seed``) from the softmax of
+    ``logits`` (the prediction column's, :attr:`NextToken.prediction_logits`); the counts of the
+    ``top_k`` most likely tokens against their probabilities; and a sampling loop of ``n_new_tokens``
+    tokens at ``temperature`` from the prompt in ``batch`` (one forward per token, same seed)."""
+    tokens = _one_row(batch)
+    tok = model.tokenizer
+    probs = stable_softmax(logits)
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.multinomial(probs, n_samples, replacement=True, generator=gen)
+    counts = torch.bincount(draws, minlength=len(probs))
+    top = torch.topk(logits, top_k).indices
+    freqs = counts[top] / n_samples
+    sampled = sampling_loop(model, tokens, n_new_tokens, temperature, seed)
+    return Sampled(
+        sample_counts_top={tok.decode([int(i)]): int(counts[i]) for i in counts.argsort(descending=True)[:10]},
+        sample_freq_vs_prob_max_abs_diff_topk=float((freqs - probs[top]).abs().max()),
+        sampled_tokens=_ids(sampled),
+        sampled_text=tok.decode(sampled),
+        draws=draws,
+        counts=counts,
+        topk_ids=top,
+        topk_freqs=freqs.float(),
+        topk_probs=probs[top],
+    )
+
+
+# -- part 3: greedy loop vs generate -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GreedyVsGenerate:
+    """A manual greedy loop against the bridge's ``generate`` (causal LMs; None for a masked LM)."""
+
+    greedy_tokens: Int[Tensor, " n_new"]
+    greedy_text: str
+    generate_tokens: Int[Tensor, " n_new"] | None
+    greedy_equals_generate: bool | None
+
+
+def greedy_vs_generate(model, batch: TokenBatch, n_new_tokens: int = 12) -> GreedyVsGenerate:
+    """``n_new_tokens`` of argmax decoding by hand (one full forward per token, :func:`greedy_loop`)
+    and with ``model.generate(do_sample=False, stop_at_eos=False)``; equal token for token unless two
+    logits tie. A masked LM fills ``<mask>`` left to right and has no ``generate``: the comparison is
+    None."""
+    tokens = _one_row(batch)
+    greedy = greedy_loop(model, tokens, n_new_tokens)
+    generated = None
+    if arch.kind_of(model) != "masked":
         with torch.no_grad():
             generated = model.generate(
-                tokens, max_new_tokens=cfg.n_new_tokens, do_sample=False, verbose=False, stop_at_eos=False
+                tokens, max_new_tokens=n_new_tokens, do_sample=False, verbose=False, stop_at_eos=False
             )[0, tokens.shape[1] :].tolist()
-    sampled = sampling_loop(model, tokens, cfg.n_new_tokens, cfg.temperature, cfg.seed)
+    return GreedyVsGenerate(
+        greedy_tokens=_ids(greedy),
+        greedy_text=model.tokenizer.decode(greedy),
+        generate_tokens=None if generated is None else _ids(generated),
+        greedy_equals_generate=None if generated is None else greedy == generated,
+    )
 
-    hooks = [(HOOK, lift_hook(target, cfg.delta, col))]
+
+# -- part 4: the logit intervention --------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ForcedToken:
+    """The logits before and after lifting one token's logit on ``unembed.hook_out`` at the prediction
+    column, the checks that exactly that logit moved and that the hook left nothing behind, and the
+    greedy text generated with the hook active at every step."""
+
+    intervention_delta: float
+    intervention_argmax_is_target: bool
+    intervention_changed_logits: Int[Tensor, " n_changed"]  # token ids whose logit moved
+    intervention_exactly_one_logit_changed: bool
+    logits_restored_after_hooks: bool
+    steered_text: str
+    steered_tokens: Int[Tensor, " n_new"]
+    target: Target = not_in_metrics()
+    column: int = not_in_metrics()
+    logits_before: Float[Tensor, "pos d_vocab"] = not_in_metrics()
+    logits_after: Float[Tensor, "pos d_vocab"] = not_in_metrics()  # with the hook
+    shown_ids: Int[Tensor, " n_shown"] = not_in_metrics()  # the 20 largest logits after the intervention
+    shown_strings: tuple[str, ...] = not_in_metrics()
+
+
+def force_token(
+    model, batch: TokenBatch, target: str | int, *, delta: float = 1.0, n_new_tokens: int = 12
+) -> ForcedToken:
+    """A forward hook on ``unembed.hook_out`` (:func:`lift_hook`) sets ``target``'s logit at the
+    prediction column to the maximum there + ``delta``. Returns the logits at every position without and
+    with the hook, which token logits changed, whether a forward after the hook's removal equals the
+    one before it (bit for bit), and ``n_new_tokens`` of greedy text with the hook active at every step."""
+    tokens = _one_row(batch)
+    tok = model.tokenizer
+    target_id = single_token_id(model, target)
+    col = tokens.shape[1] + prediction_column(model)
+    hooks = [(HOOK, lift_hook(target_id, delta, prediction_column(model)))]
+    before = all_logits(model, tokens)
     with torch.no_grad():
-        intervened = model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits")[0, col].float()
-    after = last_logits(model, tokens, col)
-    changed = torch.nonzero(intervened != logits).flatten().tolist()
-    steered = greedy_loop(model, tokens, cfg.n_new_tokens, fwd_hooks=hooks)
+        after = model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits")[0].float()
+    restored = all_logits(model, tokens)
+    changed = torch.nonzero(after[col] != before[col]).flatten()
+    steered = greedy_loop(model, tokens, n_new_tokens, fwd_hooks=hooks)
+    shown = torch.topk(after[col], min(20, after.shape[-1])).indices
+    return ForcedToken(
+        intervention_delta=float(delta),
+        intervention_argmax_is_target=int(after[col].argmax()) == target_id,
+        intervention_changed_logits=changed,
+        intervention_exactly_one_logit_changed=changed.tolist() == [target_id],
+        logits_restored_after_hooks=bool(torch.equal(restored, before)),
+        steered_text=tok.decode(steered),
+        steered_tokens=_ids(steered),
+        target=Target(target if isinstance(target, str) else tok.decode([target_id]), target_id),
+        column=int(col),
+        logits_before=before,
+        logits_after=after,
+        shown_ids=shown,
+        shown_strings=tuple(tok.decode([int(t)]) for t in shown),
+    )
 
-    metrics = {
-        "prompt_tokens": tokens[0].tolist(),
-        "logits_max": float(logits.max()),
-        "logits_mean": float(logits.mean()),
-        "softmax_naive_vs_stable_max_abs_diff": float((naive - probs).abs().max()),
-        "log_softmax_vs_log_of_softmax_max_abs_diff": float((logp - probs.log()).abs().max()),
-        "overflow_scale": cfg.overflow_scale,
-        "naive_softmax_finite_on_scaled_logits": bool(torch.isfinite(naive_softmax(big)).all()),
-        "stable_softmax_finite_on_scaled_logits": bool(torch.isfinite(stable_softmax(big)).all()),
-        "log_softmax_finite_on_scaled_logits": bool(torch.isfinite(torch.log_softmax(big, -1)).all()),
-        "topk": topk,
-        "target": {"string": cfg.target, "id": target},
-        "target_rank": rank_of(logits, target),
-        "target_logit": float(logits[target]),
-        "target_prob": float(probs[target]),
-        "target_logprob": float(logp[target]),
-        "sample_counts_top": {tok.decode([int(i)]): int(counts[i]) for i in counts.argsort(descending=True)[:10]},
-        "sample_freq_vs_prob_max_abs_diff_topk": float(
-            (counts[top.indices] / cfg.n_samples - probs[top.indices]).abs().max()
-        ),
-        "greedy_tokens": greedy,
-        "greedy_text": tok.decode(greedy),
-        "generate_tokens": generated,
-        "greedy_equals_generate": None if generated is None else greedy == generated,
-        "prediction": "fill-mask" if masked else "next-token",
-        "sampled_text": tok.decode(sampled),
-        "intervention_delta": cfg.delta,
-        "intervention_argmax_is_target": int(intervened.argmax()) == target,
-        "intervention_changed_logits": changed,
-        "intervention_exactly_one_logit_changed": changed == [target],
-        "logits_restored_after_hooks": bool(torch.equal(after, logits)),
-        "steered_text": tok.decode(steered),
-        "steered_tokens": steered,
-    }  # fmt: skip
+
+# -- the study -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitsResult:
+    """The study's typed result: every metric of ``results.json`` under its own name (copied from the
+    part that computed it), then the four parts themselves and the word index of each prompt token."""
+
+    prompt_tokens: Int[Tensor, " pos"]
+    logits_max: float
+    logits_mean: float
+    softmax_naive_vs_stable_max_abs_diff: float
+    log_softmax_vs_log_of_softmax_max_abs_diff: float
+    overflow_scale: float
+    naive_softmax_finite_on_scaled_logits: bool
+    stable_softmax_finite_on_scaled_logits: bool
+    log_softmax_finite_on_scaled_logits: bool
+    topk: tuple[TopKRow, ...]
+    target: Target
+    target_rank: int
+    target_logit: float
+    target_prob: float
+    target_logprob: float
+    sample_counts_top: dict[str, int]
+    sample_freq_vs_prob_max_abs_diff_topk: float
+    greedy_tokens: Int[Tensor, " n_new"]
+    greedy_text: str
+    generate_tokens: Int[Tensor, " n_new"] | None
+    greedy_equals_generate: bool | None
+    prediction: str
+    sampled_text: str
+    intervention_delta: float
+    intervention_argmax_is_target: bool
+    intervention_changed_logits: Int[Tensor, " n_changed"]
+    intervention_exactly_one_logit_changed: bool
+    logits_restored_after_hooks: bool
+    steered_text: str
+    steered_tokens: Int[Tensor, " n_new"]
+    sampled_tokens: Int[Tensor, " n_new"]
+    next_token_logprobs: Float[Tensor, " n_pred"] | None
+    next_token_logprob_mean: float | None
+    next: NextToken = not_in_metrics()
+    sampled: Sampled = not_in_metrics()
+    greedy: GreedyVsGenerate = not_in_metrics()
+    forced: ForcedToken = not_in_metrics()
+    words: Int[Tensor, " pos"] = not_in_metrics()  # word_index of each prompt token; -1: none / token ids
+
+    @classmethod
+    def compose(
+        cls, next: NextToken, sampled: Sampled, greedy: GreedyVsGenerate, forced: ForcedToken, words: Tensor
+    ) -> LogitsResult:
+        """The result from its parts: each metric field is taken from the first part (in this order)
+        that has a field of the same name."""
+        parts = {"next": next, "sampled": sampled, "greedy": greedy, "forced": forced}
+        values: dict[str, Any] = {**parts, "words": words}
+        for f in dataclasses.fields(cls):
+            if f.name not in values:
+                owner = [p for p in parts.values() if f.name in {g.name for g in dataclasses.fields(p)}]
+                if not owner:
+                    raise MechlensError(f"LogitsResult.compose: no part computes {f.name!r}")
+                values[f.name] = getattr(owner[0], f.name)
+        return cls(**values)
+
+
+def run(model, cfg: Config | None = None, prompt: str | Sequence[int] | None = None) -> StudyResult:
+    """The study on ``cfg.prompt``, or on ``prompt``: a string, or its token ids exactly as another tool
+    fed them (without special tokens: BOS follows ``cfg.bos``; a masked LM gets ``<s> ... <mask> </s>``).
+    ``result.parts`` is the :class:`LogitsResult`; ``result.metrics`` is derived from it."""
+    cfg = cfg or Config()
+    torch.manual_seed(cfg.seed)
+    text = cfg.prompt if prompt is None else prompt
+    batch = prompt_batch(model, text, bos=cfg.bos)
+    nt = next_token(model, batch, cfg.target, top_k=cfg.top_k, overflow_scale=cfg.overflow_scale)
+    sm = sample(model, batch, nt.prediction_logits, n_samples=cfg.n_samples, seed=cfg.seed, top_k=cfg.top_k,
+                n_new_tokens=cfg.n_new_tokens, temperature=cfg.temperature)  # fmt: skip
+    gv = greedy_vs_generate(model, batch, cfg.n_new_tokens)
+    ft = force_token(model, batch, cfg.target, delta=cfg.delta, n_new_tokens=cfg.n_new_tokens)
+    # the word each prompt token begins (-1: none); token ids carry no text, so no words
+    words = word_index(model, [text], batch)[0] if isinstance(text, str) else torch.full_like(batch.tokens[0], -1)
+    parts = LogitsResult.compose(nt, sm, gv, ft, words=words)
+
     prov = provenance_of(model).replace(bos=batch.bos_policy(), padding_side=batch.padding_side, seed=cfg.seed)
+    metrics = metrics_of(parts)
     tables = {
-        "topk": topk,
-        "logits": [{"id": i, "logit": v} for i, v in enumerate(logits.tolist())],
+        "topk": metrics["topk"],
+        "logits": [{"id": i, "logit": v} for i, v in enumerate(nt.prediction_logits.tolist())],
     }
-    res = StudyResult("logits", prov.model, metrics, prov.to_dict(), dataclasses.asdict(cfg), tables)
-    res.figures = figures(logits, logp, intervened, target, tokens, model, cfg)
+    if nt.next_token_logprobs is not None:
+        tables["next_token_logprob"] = [
+            {"position": p, "id": int(nt.prompt_tokens[p]), "token": nt.prompt_strings[p], "logprob": v,
+             "word": int(words[p]) if int(words[p]) >= 0 else None}
+            for p, v in zip(nt.next_token_positions.tolist(), nt.next_token_logprobs.tolist(), strict=True)
+        ]  # fmt: skip
+    res = StudyResult("logits", prov.model, metrics, prov.to_dict(), dataclasses.asdict(cfg), tables, parts=parts)
+    res.figures = figures(parts)
     return res
 
 
-def figures(logits, logp, intervened, target, tokens, model, cfg) -> dict[str, go.Figure]:
-    ids = np.arange(len(logits))
-    nxt = int(logits.argmax())
-    tok = model.tokenizer
-    f = go.Figure(go.Scattergl(x=ids, y=logits.numpy(), mode="markers", marker={"size": 2}, name="logits"))
-    for t, name in ((nxt, "argmax"), (target, "target")):
-        f.add_scatter(x=[t], y=[float(logits[t])], mode="markers+text", text=[f"{name}: {tok.decode([t])!r}"],
+# -- per-unit samples for cross-model comparison -------------------------------------------------
+
+SAMPLE_COLUMNS = ["quantity", "layer", "relative_depth", "position", "word", "unit", "sample", "value"]
+
+
+def samples(result: StudyResult) -> pd.DataFrame:
+    """Per-token statistics of one run for :mod:`mechlens.comparison` (unit ``"token"``: the prompt's
+    own tokens; ``sample`` = ``position``, the position of the **predicted** token, so the same prompt
+    and tokenizer give the same sample ids in every model). Two quantities, both the log-prob (nats) a
+    causal LM gives the prompt's actual next token, from the logits one position earlier:
+
+    * ``next_token_logprob``: keyed by ``position`` (and ``word``, :func:`mechlens.tokens.word_index`
+      of the predicted token; <NA> inside a word or for token-id input): one unit per position, the
+      per-position curve (its values are the metric ``next_token_logprobs``);
+    * ``next_token_logprob_pooled``: the same rows with ``position`` and ``word`` <NA>, so that their
+      mean over tokens is the metric ``next_token_logprob_mean`` and the bootstrap runs over tokens.
+
+    ``layer`` is <NA> and ``relative_depth`` NaN (the model's output, no layer). A masked LM has no
+    next-token prediction of its prompt (it sees every token; the study's prediction column is a
+    ``<mask>`` after the prompt, with no original token): an empty frame with the same columns."""
+    import pandas as pd
+
+    nt: NextToken = result.parts.next
+    words: Tensor = result.parts.words
+    if nt.next_token_logprobs is None or len(nt.next_token_logprobs) == 0:
+        pos, val, word = [], [], []
+    else:
+        pos = nt.next_token_positions.tolist()
+        val = nt.next_token_logprobs.double().tolist()
+        word = [int(words[p]) if int(words[p]) >= 0 else None for p in pos]
+    n = len(pos)
+
+    def frame(quantity: str, position: list, word: list) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "quantity": pd.Series([quantity] * n, dtype=object),
+                "layer": pd.array([None] * n, dtype="Int64"),
+                "relative_depth": np.full(n, np.nan),
+                "position": pd.array(position, dtype="Int64"),
+                "word": pd.array(word, dtype="Int64"),
+                "unit": pd.Series(["token"] * n, dtype=object),
+                "sample": np.asarray(pos, dtype=np.int64),
+                "value": np.asarray(val, dtype=np.float64),
+            },
+            columns=SAMPLE_COLUMNS,
+        )
+
+    out = pd.concat([frame("next_token_logprob", pos, word), frame("next_token_logprob_pooled", [None] * n,
+                                                                    [None] * n)], ignore_index=True)  # fmt: skip
+    if not np.isfinite(out["value"].to_numpy()).all():
+        raise MechlensError("logits.samples: a log-prob is not finite")
+    return out
+
+
+# -- figures, headline, comparison ---------------------------------------------------------------
+
+
+def logits_figure(nt: NextToken) -> go.Figure:
+    """Every token's logit at the prediction column, the argmax and the target marked."""
+    at = nt.prediction_logits
+    f = go.Figure(go.Scattergl(x=np.arange(len(at)), y=at.numpy(), mode="markers", marker={"size": 2}, name="logits"))
+    for t, s, name in ((nt.topk[0].id, nt.topk[0].token, "argmax"), (nt.target.id, nt.target.string, "target")):
+        f.add_scatter(x=[t], y=[float(at[t])], mode="markers+text", text=[f"{name}: {s!r}"],
                       textposition="top center", marker={"size": 10}, name=name)  # fmt: skip
-    f.update_layout(title=f"Logits after {cfg.prompt!r}", xaxis_title="token id", yaxis_title="logit")
-    figs = {"logits": f}
-    order = torch.argsort(logits, descending=True)[:200]
+    where = "at the <mask> after" if nt.prediction == "fill-mask" else "after"
+    f.update_layout(title=f"Logits {where} {nt.prompt_text!r}", xaxis_title="token id", yaxis_title="logit")
+    return f
+
+
+def softmax_figure(nt: NextToken, n: int = 200) -> go.Figure:
+    """Softmax (probability) and log-softmax (nats) of the ``n`` most likely tokens, on twin axes."""
+    at = nt.prediction_logits
+    n = min(n, len(at))
+    order = torch.argsort(at, descending=True)[:n]
     f = go.Figure()
-    f.add_scatter(x=np.arange(200), y=torch.softmax(logits, -1)[order].numpy(), name="softmax (probability)")
-    f.add_scatter(x=np.arange(200), y=logp[order].numpy(), name="log-softmax (nats)", yaxis="y2")
+    f.add_scatter(x=np.arange(n), y=torch.softmax(at, -1)[order].numpy(), name="softmax (probability)")
+    f.add_scatter(x=np.arange(n), y=nt.logprobs[order].numpy(), name="log-softmax (nats)", yaxis="y2")
     f.update_layout(
-        title="Softmax vs log-softmax over the 200 most likely tokens",
+        title=f"Softmax vs log-softmax over the {n} most likely tokens",
         xaxis_title="rank",
         yaxis={"title": "probability"},
         yaxis2={"title": "log-prob", "overlaying": "y", "side": "right"},
     )
-    figs["softmax_vs_log_softmax"] = f
-    top = torch.topk(intervened, 20).indices
-    f = go.Figure([go.Bar(x=[tok.decode([int(t)]) for t in top], y=logits[top].numpy(), name="before"),
-                   go.Bar(x=[tok.decode([int(t)]) for t in top], y=intervened[top].numpy(), name="after")])  # fmt: skip
-    f.update_layout(title=f"Logits before/after lifting {cfg.target!r} via {HOOK}", barmode="group")
-    figs["intervention"] = f
-    return figs
+    return f
+
+
+def intervention_figure(ft: ForcedToken) -> go.Figure:
+    """The 20 largest logits after the intervention, before and after it, at the prediction column."""
+    x = list(ft.shown_strings)
+    before, after = ft.logits_before[ft.column, ft.shown_ids], ft.logits_after[ft.column, ft.shown_ids]
+    f = go.Figure([go.Bar(x=x, y=before.numpy(), name="before"), go.Bar(x=x, y=after.numpy(), name="after")])
+    f.update_layout(title=f"Logits before/after lifting {ft.target.string!r} via {HOOK}", barmode="group")
+    return f
+
+
+def figures(parts: LogitsResult) -> dict[str, go.Figure]:
+    """The study's figures, from its typed result: the logits at the prediction column, softmax vs
+    log-softmax, and the logits before/after the intervention."""
+    return {
+        "logits": logits_figure(parts.next),
+        "softmax_vs_log_softmax": softmax_figure(parts.next),
+        "intervention": intervention_figure(parts.forced),
+    }
 
 
 def headline(m: Mapping[str, Any]) -> list[str]:
@@ -262,7 +681,7 @@ def headline(m: Mapping[str, Any]) -> list[str]:
         else "The greedy loop " + ("equals" if m["greedy_equals_generate"] else "differs from") + " the bridge's "
         "generate"
     )
-    return [
+    lines = [
         f"target {t!r} rank {m['target_rank']} p={m['target_prob']:.4f}; greedy==generate "
         f"{m['greedy_equals_generate']}; intervention hits target {m['intervention_argmax_is_target']}",
         f"The most likely token {where} is {top['token']!r} (p = {top['prob']:.3f}); {t!r} is ranked "
@@ -272,6 +691,12 @@ def headline(m: Mapping[str, Any]) -> list[str]:
         + ("makes it the argmax" if m["intervention_argmax_is_target"] else "does not make it the argmax")
         + (" and changes exactly one logit." if m["intervention_exactly_one_logit_changed"] else "."),
     ]
+    if m.get("next_token_logprob_mean") is not None:
+        lines.append(
+            f"The prompt's own tokens get a mean log-prob of {m['next_token_logprob_mean']:.2f} nats from the "
+            f"position before them ({len(m['next_token_logprobs'])} predicted tokens)."
+        )
+    return lines
 
 
 def compare(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, go.Figure]:
@@ -279,3 +704,85 @@ def compare(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, go.Figure]:
     f = go.Figure(go.Bar(x=list(entries), y=[e["metrics"]["target_logprob"] for e in entries.values()]))
     f.update_layout(title="Log-prob of the target token, per model", yaxis_title="log-prob")
     return {"comparison": f}
+
+
+# -- the lesson (notebooks/logits.ipynb and experiments/logits.py are generated from it) ------------
+
+LESSON = (
+    Step(
+        "Setup: the prompt, the target token, the model",
+        "The prompt and the token studied. Unlike the original notebook (GPT-2 with the Hugging Face "
+        "tokenizer, no BOS), mechlens prepends BOS by default: pass `bos=False` for the original's input. "
+        "`prompt_batch` encodes the prompt as every part reads it: one row, BOS first (a masked LM gets "
+        "`<s> prompt <mask> </s>` instead, and every part studies the logits at the `<mask>`). The embedded "
+        "`tiny-gpt2` runs offline; its outputs are those of a tiny model, not of GPT-2.",
+        """config = logits.Config(prompt="I like oat milk in my", target=" coffee", delta=1.0, bos=True)
+model = load_model("tiny-gpt2")  # or "gpt2" online
+batch = logits.prompt_batch(model, config.prompt, bos=config.bos)
+print(batch.tokens[0].tolist(), [model.tokenizer.decode([t]) for t in batch.tokens[0].tolist()])""",
+    ),
+    Step(
+        "Logits at every position; softmax vs log-softmax; top-k; the target's rank",
+        "`next_token` reads the logits (`unembed.hook_out`) at every position of the prompt, `[pos, d_vocab]`; "
+        "the prediction is the last row. There, the naive softmax (exp / sum) equals the max-subtracted one "
+        "on ordinary logits but overflows to NaN once the logits are scaled up (x100), while log-softmax "
+        "stays finite and is more precise for tiny probabilities. Look at the top-k table, the target's "
+        "rank (0 = argmax) and log-prob, and the log-prob the model gives each of the prompt's own tokens "
+        "(keyed by the position of the predicted token).",
+        """nt = logits.next_token(model, batch, config.target, top_k=config.top_k, overflow_scale=config.overflow_scale)
+print("logits:", tuple(nt.logits.shape), "| prediction column:", nt.column)
+for row in nt.topk:
+    print(row)
+print("target", nt.target, "rank", nt.target_rank, "log-prob", round(nt.target_logprob, 3))
+print("naive softmax finite on x100 logits:", nt.naive_softmax_finite_on_scaled_logits,
+      "| log-softmax:", nt.log_softmax_finite_on_scaled_logits)
+print("log-prob of each prompt token:", dict(zip(nt.next_token_positions.tolist(),
+                                               nt.next_token_logprobs.numpy().round(2).tolist())))
+logits.logits_figure(nt).show()
+logits.softmax_figure(nt).show()""",
+    ),
+    Step(
+        "Sampling from the next-token distribution",
+        "`sample` draws `n_samples` tokens (seeded `torch.Generator`) from the softmax at the prediction "
+        "column and counts them: the frequencies approach the probabilities (the error shrinks like "
+        "1/sqrt(n_samples)). It also runs a sampling loop (one forward per new token) at `temperature`.",
+        """s = logits.sample(model, batch, nt.prediction_logits, n_samples=config.n_samples, seed=config.seed,
+                  top_k=config.top_k, n_new_tokens=config.n_new_tokens, temperature=config.temperature)
+print(s.sample_counts_top)
+print("frequency - probability over the top-k:", (s.topk_freqs - s.topk_probs).numpy().round(3))
+print("sampled:", repr(s.sampled_text))""",
+    ),
+    Step(
+        "Greedy decoding by hand vs generate",
+        "`greedy_vs_generate` decodes `n_new_tokens` by argmax, one full forward per token (no KV cache), "
+        "and compares them with the bridge's own `generate(do_sample=False)`: they should agree token for "
+        "token (a masked LM has no `generate`; the comparison is then None).",
+        """g = logits.greedy_vs_generate(model, batch, config.n_new_tokens)
+print(repr(g.greedy_text), "| equals generate:", g.greedy_equals_generate)""",
+    ),
+    Step(
+        "A logit intervention through a hook point",
+        "`force_token` adds a forward hook on `unembed.hook_out` that sets the target's logit at the "
+        "prediction column to the current maximum + `delta`. It keeps the logits before and after the "
+        "intervention (`[pos, d_vocab]` each): exactly one logit moves, the target becomes the argmax, a "
+        "forward after the hook is removed equals the one before it, and greedy decoding with the hook "
+        "active at every step repeats the target.",
+        """f = logits.force_token(model, batch, config.target, delta=config.delta, n_new_tokens=config.n_new_tokens)
+print("changed:", f.intervention_changed_logits.tolist(), "| argmax is target:", f.intervention_argmax_is_target,
+      "| restored:", f.logits_restored_after_hooks)
+print("steered:", repr(f.steered_text))
+logits.intervention_figure(f).show()""",
+    ),
+    Step(
+        "The whole study",
+        "`run` composes the four parts into one typed result (`result.parts`), from which `results.json` "
+        "(`result.metrics`), the CSV tables and the figures are derived; `logits.samples(result)` gives "
+        "the per-token log-probs that cross-model comparisons bootstrap over.",
+        """result = logits.run(model, config)
+print(result.metrics["target_rank"], result.metrics["steered_text"])
+print(logits.samples(result).head())
+result.figures["logits"].show()
+result.figures["intervention"].show()
+result.provenance""",
+    ),
+)

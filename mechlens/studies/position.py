@@ -184,8 +184,9 @@ def word_of(model, texts: Texts, losses: LossMatrix) -> Int[np.ndarray, "batch t
     """For each entry of the loss matrix, the index of the whitespace word that the token at its text
     position begins (:func:`mechlens.tokens.word_index`), -1 where that token begins no word (it is
     inside one). For a causal LM this is the word of the token the prediction is made from, not of the
-    predicted token. All -1 when the inputs are token ids (no characters to align)."""
-    if len(texts) == 0 or not isinstance(texts[0], str):
+    predicted token. All -1 when the inputs are token ids (no characters to align) or the tokenizer
+    gives no character offsets (a slow, Python tokenizer)."""
+    if len(texts) == 0 or not isinstance(texts[0], str) or not getattr(model.tokenizer, "is_fast", False):
         return np.full(tuple(losses.loss.shape), -1, dtype=np.int64)
     return word_index(model, texts, losses.batch).gather(1, losses.column).numpy()
 

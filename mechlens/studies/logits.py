@@ -97,7 +97,8 @@ def with_slot(model, tokens: Int[Tensor, "1 pos"]) -> Int[Tensor, "1 pos2"]:
     for a masked LM (the fill-mask analogue of next-token prediction)."""
     if arch.kind_of(model) != "masked":
         return tokens
-    return torch.cat([tokens[:, :-1], torch.tensor([[arch.mask_id(model)]]), tokens[:, -1:]], 1)
+    mask = torch.tensor([[arch.mask_id(model)]], dtype=tokens.dtype, device=tokens.device)
+    return torch.cat([tokens[:, :-1], mask, tokens[:, -1:]], 1)
 
 
 def prompt_batch(model, prompt: str | Sequence[int], bos: bool = True) -> TokenBatch:
@@ -117,7 +118,7 @@ def prompt_batch(model, prompt: str | Sequence[int], bos: bool = True) -> TokenB
 def extend(model, tokens: Int[Tensor, "1 pos"], nxt: int) -> Int[Tensor, "1 pos2"]:
     """The prompt with ``nxt`` written into the prediction column: appended for a causal LM; filled into
     the ``<mask>`` of a masked LM, with a new ``<mask>`` after it (greedy left-to-right filling)."""
-    new = torch.tensor([[nxt]], dtype=tokens.dtype)
+    new = torch.tensor([[nxt]], dtype=tokens.dtype, device=tokens.device)
     if arch.kind_of(model) != "masked":
         return torch.cat([tokens, new], 1)
     return torch.cat([tokens[:, :-2], new, tokens[:, -2:]], 1)
@@ -129,9 +130,10 @@ def last_logits(model, tokens: Int[Tensor, "1 pos"], col: int = -1) -> Float[Ten
 
 
 def all_logits(model, tokens: Int[Tensor, "1 pos"]) -> Float[Tensor, "pos d_vocab"]:
-    """The logits (``unembed.hook_out`` after the model's own post-processing) at every position, fp32."""
+    """The logits (``unembed.hook_out`` after the model's own post-processing) at every position, fp32,
+    on the CPU."""
     with torch.no_grad():
-        return model(tokens, return_type="logits")[0].float()
+        return model(tokens, return_type="logits")[0].float().cpu()
 
 
 def rank_of(logits: Float[Tensor, " d_vocab"], token: int) -> int:
@@ -168,17 +170,18 @@ def sampling_loop(model, tokens: Int[Tensor, "1 pos"], n: int, temperature: floa
     out, new, col = tokens, [], prediction_column(model)
     with torch.no_grad():
         for _ in range(n):
-            probs = torch.softmax(model(out, return_type="logits")[0, col].float() / temperature, -1)
+            probs = torch.softmax(model(out, return_type="logits")[0, col].float().cpu() / temperature, -1)
             nxt = int(torch.multinomial(probs, 1, generator=gen))
             new.append(nxt)
             out = extend(model, out, nxt)
     return new
 
 
-def _one_row(batch: TokenBatch) -> Int[Tensor, "1 pos"]:
+def _one_row(model, batch: TokenBatch) -> Int[Tensor, "1 pos"]:
+    """The batch's one unpadded row, on the model's device."""
     if len(batch) != 1 or not bool(batch.attention_mask.all()):
         raise MechlensError("the logits study reads one unpadded prompt: build it with logits.prompt_batch")
-    return batch.tokens
+    return batch.tokens.to(next(model.parameters()).device)
 
 
 def _ids(values: Sequence[int]) -> Int[Tensor, " n"]:
@@ -261,7 +264,7 @@ def next_token(
     prediction column: naive vs stable softmax vs log-softmax (and the same on the logits scaled by
     ``overflow_scale``, where exp overflows), the top-k tokens, and the rank (0 = argmax; ties are not
     counted above), logit, probability and log-prob of ``target`` (a one-token string or an id)."""
-    tokens = _one_row(batch)
+    tokens = _one_row(model, batch)
     tok = model.tokenizer
     masked = arch.kind_of(model) == "masked"
     target_id = single_token_id(model, target)
@@ -280,12 +283,12 @@ def next_token(
     nxt_lp = positions = mean = None
     if not masked:
         keep = batch.text_mask[0, 1:]  # predicted tokens: every text token but a first one without BOS
-        lp = torch.log_softmax(logits[:-1], -1).gather(-1, tokens[0, 1:, None])[:, 0]
+        lp = torch.log_softmax(logits[:-1], -1).gather(-1, batch.tokens[0, 1:, None])[:, 0]
         nxt_lp, positions = lp[keep], batch.positions[0, 1:][keep]
         mean = float(nxt_lp.double().mean()) if len(nxt_lp) else None
     return NextToken(
         prediction="fill-mask" if masked else "next-token",
-        prompt_tokens=tokens[0],
+        prompt_tokens=batch.tokens[0],
         logits_max=float(at.max()),
         logits_mean=float(at.mean()),
         softmax_naive_vs_stable_max_abs_diff=float((naive - probs).abs().max()),
@@ -311,8 +314,8 @@ def next_token(
         topk_probs=probs[top.indices],
         topk_logprobs=logp[top.indices],
         next_token_positions=positions,
-        prompt_strings=tuple(tok.decode([int(t)]) for t in tokens[0]),
-        prompt_text=tok.decode(tokens[0][batch.text_mask[0]].tolist()),
+        prompt_strings=tuple(tok.decode([int(t)]) for t in batch.tokens[0]),
+        prompt_text=tok.decode(batch.tokens[0][batch.text_mask[0]].tolist()),
     )
 
 
@@ -350,7 +353,7 @@ def sample(
     ``logits`` (the prediction column's, :attr:`NextToken.prediction_logits`); the counts of the
     ``top_k`` most likely tokens against their probabilities; and a sampling loop of ``n_new_tokens``
     tokens at ``temperature`` from the prompt in ``batch`` (one forward per token, same seed)."""
-    tokens = _one_row(batch)
+    tokens = _one_row(model, batch)
     tok = model.tokenizer
     probs = stable_softmax(logits)
     gen = torch.Generator().manual_seed(seed)
@@ -390,7 +393,7 @@ def greedy_vs_generate(model, batch: TokenBatch, n_new_tokens: int = 12) -> Gree
     and with ``model.generate(do_sample=False, stop_at_eos=False)``; equal token for token unless two
     logits tie. A masked LM fills ``<mask>`` left to right and has no ``generate``: the comparison is
     None."""
-    tokens = _one_row(batch)
+    tokens = _one_row(model, batch)
     greedy = greedy_loop(model, tokens, n_new_tokens)
     generated = None
     if arch.kind_of(model) != "masked":
@@ -437,14 +440,14 @@ def force_token(
     prediction column to the maximum there + ``delta``. Returns the logits at every position without and
     with the hook, which token logits changed, whether a forward after the hook's removal equals the
     one before it (bit for bit), and ``n_new_tokens`` of greedy text with the hook active at every step."""
-    tokens = _one_row(batch)
+    tokens = _one_row(model, batch)
     tok = model.tokenizer
     target_id = single_token_id(model, target)
     col = tokens.shape[1] + prediction_column(model)
     hooks = [(HOOK, lift_hook(target_id, delta, prediction_column(model)))]
     before = all_logits(model, tokens)
     with torch.no_grad():
-        after = model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits")[0].float()
+        after = model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits")[0].float().cpu()
     restored = all_logits(model, tokens)
     changed = torch.nonzero(after[col] != before[col]).flatten()
     steered = greedy_loop(model, tokens, n_new_tokens, fwd_hooks=hooks)

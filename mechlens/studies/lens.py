@@ -710,9 +710,9 @@ def run(model, cfg: Config | None = None, text: str | Sequence[int] | None = Non
     masked = arch.kind_of(model) == "masked"
     source = cfg.text if text is None else text
     batch = text_batch(model, source, bos=cfg.bos)
-    if isinstance(source, str):
+    if isinstance(source, str) and getattr(model.tokenizer, "is_fast", False):
         words = word_index(model, [source], batch)[0]
-    else:  # token ids carry no character offsets
+    else:  # token ids carry no characters, a slow (Python) tokenizer no character offsets: no words
         words = torch.full(batch.tokens.shape[1:], -1, dtype=torch.long)
     if not masked and int(batch.lengths[0]) < 2:
         fail("text", "is one token and no BOS is prepended: nothing to predict (pass a longer text or --bos)")
@@ -915,6 +915,9 @@ def samples(result: StudyResult):
       ``rank_by_layer``), ``top1_agreement_by_layer``.
     * masked: ``target_logprob``, the sliding-mask log-prob of the original token per text position
       ``p``; ``word`` the word that token begins. Mean over units: ``sliding_target_logprob_by_layer``.
+
+    ``word`` is empty where the token begins no word (it continues one, or is BOS), and everywhere when
+    the inputs were token ids or the tokenizer is a slow one (no character offsets).
     """
     import pandas as pd
 

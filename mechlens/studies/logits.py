@@ -23,9 +23,6 @@ is measured there, so on those families the final logits move by the scaled or c
 target still becomes the argmax, as every such map is increasing.
 """
 
-# not_in_metrics() is a dataclasses.field factory, not a shared default value
-# ruff: noqa: RUF009
-
 from __future__ import annotations
 
 import dataclasses

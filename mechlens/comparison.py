@@ -27,7 +27,8 @@ seeded) over the units; a difference between two models is the paired bootstrap 
 differences on the same units (the same texts), at the same relative depth and position, so depths
 that only one model has get no difference row. Alignment: token positions when all models share a
 tokenizer (:func:`mechlens.tokens.tokenizer_signature`), otherwise word indices
-(:func:`mechlens.tokens.word_index`). A study may declare quantities that are not comparable between
+(:func:`mechlens.tokens.word_index`); units that are tokens are then paired by the word they begin
+(tokens that begin no word are left out). A study may declare quantities that are not comparable between
 two models (``incomparable(provenances) -> {quantity: reason}``): they are kept, flagged in ``note``
 and in the figures, and get no difference rows.
 """
@@ -84,9 +85,13 @@ def _aligned(samples: pd.DataFrame, axis: str) -> pd.DataFrame:
     s["layer"] = s["layer"].astype("Int64")
     s["position"] = s["position"].astype("Int64")
     if axis == "word":
+        # tokens are units of their own tokenizer: pair them across models by the word they begin
+        by_token = s["unit"] == "token"
         has_pos = s["position"].notna()
-        s = s[~has_pos | s["word"].notna()].copy()
+        s = s[~(has_pos | by_token) | s["word"].notna()].copy()
+        by_token, has_pos = s["unit"] == "token", s["position"].notna()
         s.loc[has_pos, "position"] = s.loc[has_pos, "word"]
+        s.loc[by_token, "sample"] = s.loc[by_token, "word"].astype("int64")
     s["position_axis"] = np.where(s["position"].notna(), axis, "")
     s["depth_key"] = s["relative_depth"].round(9)
     return s

@@ -174,3 +174,22 @@ def test_post_ln_against_pre_ln_is_flagged(tmp_path):
     assert set(own["position_axis"].dropna()) == {"word"}
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["magnitudes"]["tiny-mlm"]["samples_csv"].endswith("__samples.csv")
+
+
+def test_token_units_pair_by_word_when_tokenizers_differ():
+    """Per-token units (one text): with different tokenizers, a token is paired with the other model's
+    token that begins the same word; tokens that begin no word are left out."""
+    base = {"quantity": "q", "layer": pd.NA, "relative_depth": np.nan, "position": pd.NA, "unit": "token"}
+    a = pd.DataFrame(
+        [
+            base | {"word": w, "sample": i, "value": v}
+            for i, (w, v) in enumerate([(0, 1.0), (pd.NA, 9.0), (1, 2.0), (2, 3.0)])
+        ]
+    )
+    b = pd.DataFrame(
+        [base | {"word": w, "sample": i, "value": v} for i, (w, v) in enumerate([(0, 1.5), (1, 2.5), (2, 3.5)])]
+    )
+    f = comparison_frame("lens", {"a": a, "b": b}, {"a": {"tokenizer": "x"}, "b": {"tokenizer": "y"}})
+    assert f[(f.model == "a") & (f.reference == "")]["value"].item() == pytest.approx(2.0)  # 9.0 left out
+    diff = f[f.reference == "a"]
+    assert diff["value"].item() == pytest.approx(0.5) and diff["n"].item() == 3

@@ -215,9 +215,9 @@ class OLSFit:
     summary: str
     sklearn_intercept: float = not_in_metrics()  # sklearn LinearRegression on the same rows
     sklearn_slope: float = not_in_metrics()
-    predictions: Float[np.ndarray, " row"] = not_in_metrics()  # noqa: RUF009 -- fitted position of every row
-    position: Int[np.ndarray, " row"] = not_in_metrics()  # noqa: RUF009 -- true position of every row
-    loss: Float[np.ndarray, " row"] = not_in_metrics()  # noqa: RUF009
+    predictions: Float[np.ndarray, " row"] = not_in_metrics()  # fitted position of every row
+    position: Int[np.ndarray, " row"] = not_in_metrics()  # true position of every row
+    loss: Float[np.ndarray, " row"] = not_in_metrics()  # the loss of every row (float64)
 
 
 def fit_position_ols(losses: Float[Tensor, "batch text_pos"] | Float[np.ndarray, "batch text_pos"]) -> OLSFit:
@@ -264,14 +264,14 @@ class LogisticFit:
     n_iter: int
     accuracy_train: float = not_in_metrics()
     accuracy_test: float = not_in_metrics()
-    accuracy_by_position_train: Float[np.ndarray, " text_pos"] = not_in_metrics()  # noqa: RUF009
-    accuracy_by_position_test: Float[np.ndarray, " text_pos"] = not_in_metrics()  # noqa: RUF009
-    position_train: Int[np.ndarray, " row"] = not_in_metrics()  # noqa: RUF009
-    position_test: Int[np.ndarray, " row_test"] = not_in_metrics()  # noqa: RUF009
-    predicted_train: Int[np.ndarray, " row"] = not_in_metrics()  # noqa: RUF009
-    predicted_test: Int[np.ndarray, " row_test"] = not_in_metrics()  # noqa: RUF009
-    probabilities_train: Float[np.ndarray, "row text_pos"] = not_in_metrics()  # noqa: RUF009
-    probabilities_test: Float[np.ndarray, "row_test text_pos"] = not_in_metrics()  # noqa: RUF009
+    accuracy_by_position_train: Float[np.ndarray, " text_pos"] = not_in_metrics()
+    accuracy_by_position_test: Float[np.ndarray, " text_pos"] = not_in_metrics()
+    position_train: Int[np.ndarray, " row"] = not_in_metrics()
+    position_test: Int[np.ndarray, " row_test"] = not_in_metrics()
+    predicted_train: Int[np.ndarray, " row"] = not_in_metrics()
+    predicted_test: Int[np.ndarray, " row_test"] = not_in_metrics()
+    probabilities_train: Float[np.ndarray, "row text_pos"] = not_in_metrics()
+    probabilities_test: Float[np.ndarray, "row_test text_pos"] = not_in_metrics()
 
 
 def fit_position_logistic(
@@ -371,10 +371,10 @@ class PositionResult:
     confusion_row_percent_train: Float[np.ndarray, "text_pos text_pos"]
     confusion_row_percent_test: Float[np.ndarray, "text_pos text_pos"]
     loss_kind: str
-    train: LossMatrix = not_in_metrics()  # noqa: RUF009
-    test: LossMatrix = not_in_metrics()  # noqa: RUF009
-    confusion: Confusion = not_in_metrics()  # noqa: RUF009
-    word: Int[np.ndarray, "batch text_pos"] = not_in_metrics()  # noqa: RUF009
+    train: LossMatrix = not_in_metrics()
+    test: LossMatrix = not_in_metrics()
+    confusion: Confusion = not_in_metrics()
+    word: Int[np.ndarray, "batch text_pos"] = not_in_metrics()
 
     @classmethod
     def of(cls, train: LossMatrix, test: LossMatrix, lin: OLSFit, logit: LogisticFit, conf: Confusion,

@@ -93,8 +93,8 @@ class SyntheticMI:
     pearson_r: float
     minkowski_demo: dict[str, float]
     minkowski_scipy: dict[str, float]
-    x: Float[np.ndarray, " n"] = not_in_metrics()  # noqa: RUF009
-    y: Float[np.ndarray, " n"] = not_in_metrics()  # noqa: RUF009
+    x: Float[np.ndarray, " n"] = not_in_metrics()
+    y: Float[np.ndarray, " n"] = not_in_metrics()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,9 +171,9 @@ class KendallByLayer:
     kendall_p_by_layer: dict[str, dict[str, Float[np.ndarray, " layer"]]]
     mean_normalised_distance_by_layer: dict[str, dict[str, Float[np.ndarray, " layer"]]]
     kendall_tau_rowwise_by_layer: dict[str, dict[str, Float[np.ndarray, " layer"]]]
-    occurrence_tau: dict[str, dict[str, Float[np.ndarray, "layer target"]]] = not_in_metrics()  # noqa: RUF009
-    occurrence_normalised: dict[str, dict[str, Float[np.ndarray, "layer target"]]] = not_in_metrics()  # noqa: RUF009
-    distance_matrices_by_layer: dict[str, dict[str, Float[np.ndarray, "layer target target"]]] = not_in_metrics()  # noqa: RUF009
+    occurrence_tau: dict[str, dict[str, Float[np.ndarray, "layer target"]]] = not_in_metrics()
+    occurrence_normalised: dict[str, dict[str, Float[np.ndarray, "layer target"]]] = not_in_metrics()
+    distance_matrices_by_layer: dict[str, dict[str, Float[np.ndarray, "layer target target"]]] = not_in_metrics()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,8 +187,8 @@ class InterlayerMI:
     context_norms: dict[str, Float[np.ndarray, "layer target"]]
     interlayer_mi: dict[str, Float[np.ndarray, "layer layer"]]
     interlayer_mi_by_gap: dict[str, Float[np.ndarray, " gap"]]
-    contexts: TokenBatch = not_in_metrics()  # noqa: RUF009
-    last: Int[np.ndarray, " target"] = not_in_metrics()  # noqa: RUF009 -- the column of each context's last token
+    contexts: TokenBatch = not_in_metrics()
+    last: Int[np.ndarray, " target"] = not_in_metrics()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,11 +212,11 @@ class DistancesResult:
     interlayer_mi: dict[str, Float[np.ndarray, "layer layer"]]
     interlayer_mi_by_gap: dict[str, Float[np.ndarray, " gap"]]
     kendall_tau_rowwise_by_layer: dict[str, dict[str, Float[np.ndarray, " layer"]]]
-    outputs: TargetOutputs = not_in_metrics()  # noqa: RUF009
-    pairwise: PairwiseMeasures = not_in_metrics()  # noqa: RUF009
-    sweep: KendallByLayer = not_in_metrics()  # noqa: RUF009
-    interlayer: InterlayerMI = not_in_metrics()  # noqa: RUF009
-    target_words: Int[np.ndarray, " target"] = not_in_metrics()  # noqa: RUF009
+    outputs: TargetOutputs = not_in_metrics()
+    pairwise: PairwiseMeasures = not_in_metrics()
+    sweep: KendallByLayer = not_in_metrics()
+    interlayer: InterlayerMI = not_in_metrics()
+    target_words: Int[np.ndarray, " target"] = not_in_metrics()
 
 
 # -- parts ---------------------------------------------------------------------------------------------

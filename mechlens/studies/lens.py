@@ -565,14 +565,14 @@ class MaskedLensResult:
     sliding_target_logprob_by_layer: Float[np.ndarray, " layer"]  # mean over text positions
     intercepts_by_position: dict[str, Float[np.ndarray, " pos"]]
     heatmap_specials: bool
-    masked: MaskedLens = not_in_metrics()  # noqa: RUF009
+    masked: MaskedLens = not_in_metrics()
     # with <s>/</s> when heatmap_specials (metrics: text only)
-    sliding: SlidingMask = not_in_metrics()  # noqa: RUF009
+    sliding: SlidingMask = not_in_metrics()
     # of the sliding target log-prob, per text position
-    fit: SqrtLayerFit = not_in_metrics()  # noqa: RUF009
-    fit_max: SqrtLayerFit = not_in_metrics()  # noqa: RUF009
+    fit: SqrtLayerFit = not_in_metrics()
+    fit_max: SqrtLayerFit = not_in_metrics()
     # word begun by each text token, -1 if none
-    word: Int[np.ndarray, " pos"] = not_in_metrics()  # noqa: RUF009
+    word: Int[np.ndarray, " pos"] = not_in_metrics()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -605,11 +605,11 @@ class CausalLensResult:
     top1_agreement_by_layer: Float[np.ndarray, " layer"]
     rank_mean_by_layer: Float[np.ndarray, " layer"]
     intercepts_by_position: dict[str, Float[np.ndarray, " pos"]]
-    lens: CausalLens = not_in_metrics()  # noqa: RUF009
-    fit: SqrtLayerFit = not_in_metrics()  # noqa: RUF009
-    fit_max: SqrtLayerFit = not_in_metrics()  # noqa: RUF009
+    lens: CausalLens = not_in_metrics()
+    fit: SqrtLayerFit = not_in_metrics()
+    fit_max: SqrtLayerFit = not_in_metrics()
     # word begun by each position's TARGET token, -1 if none
-    word: Int[np.ndarray, " pos"] = not_in_metrics()  # noqa: RUF009
+    word: Int[np.ndarray, " pos"] = not_in_metrics()
 
 
 def _run_masked(model, cfg: Config, batch: TokenBatch, words: torch.Tensor) -> MaskedLensResult:

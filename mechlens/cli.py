@@ -155,15 +155,25 @@ def _log(message: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from mechlens import progress
+    from mechlens import distributed, progress
     from mechlens.data import check_source
     from mechlens.errors import ConfigError
     from mechlens.outputs import prepare_output
     from mechlens.studies import STUDIES, get_study
 
-    progress.QUIET = args.quiet
+    # under torchrun every rank runs this command: rank 0 alone checks the output, shows progress and writes
+    _rank, world_size = distributed.init_from_env()
+    progress.QUIET = args.quiet or not distributed.is_main()
     # 1. everything that needs no model: the options, the device, the data, the output directory
     studies = list(STUDIES) if args.study == "all" else [get_study(args.study).name]
+    if world_size > 1:
+        serial = [s for s in studies if not STUDIES[s].data_parallel]
+        if serial:
+            raise ConfigError(
+                f"study {serial[0]!r} does not run data-parallel (torchrun with {world_size} processes): run it "
+                f"in one process; data-parallel studies: {', '.join(s for s in STUDIES if STUDIES[s].data_parallel)}",
+                flag="torchrun",
+            )
     if args.seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {args.seed}", flag="--seed")
     if args.model and len(set(args.model)) != len(args.model):
@@ -181,16 +191,22 @@ def cmd_run(args: argparse.Namespace) -> None:
     if args.data is not None and not any(hasattr(c, "data") for c in configs.values()):
         raise ConfigError(f"--data does not apply to study {args.study!r}: it reads no data source", flag="--data")
     for source in {cfg.data for cfg in configs.values() if getattr(cfg, "data", None)}:
-        check_source(source)  # each source once, even when every study reads it
+        distributed.on_main(check_source, source)  # each source once, even when every study reads it
     from mechlens.loading import check_device
 
     check_device(args.device)
-    dest = prepare_output(args.out)
+    args.device = distributed.local_device(args.device)  # one GPU per rank under torchrun
+    prepared: dict[str, object] = {}  # rank 0 prepares the output; its error, if any, reaches every rank
+    distributed.on_main(lambda: prepared.setdefault("dest", prepare_output(args.out)) and None)
+    dest = prepared.get("dest")
     try:
         _run_checked(args, studies, configs, overrides, dest)
     except BaseException:
-        dest.abort()
+        if dest is not None:
+            dest.abort()
         raise
+    finally:
+        distributed.shutdown()
 
 
 def _run_checked(args, studies, configs, overrides, dest) -> None:
@@ -240,6 +256,8 @@ def _run_checked(args, studies, configs, overrides, dest) -> None:
     for study, models in plan.items():
         _log(f"{study}: {', '.join(models)}")
         results[study] = run_study(study, models, overrides)
+    if dest is None:  # a rank other than 0: its statistics were merged into rank 0's, which writes
+        return
     write_outputs(results, dest, notes, context={"command": args.command_line})
     rows = summary_rows(results)
     width = max((len(r[1]) for r in rows), default=0)

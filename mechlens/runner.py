@@ -111,9 +111,12 @@ def run_study(study: str, models: dict[str, Any], overrides: dict[str, Any] | No
     check_applicable(s, models)
     for model in models.values():
         cfg.check_model(model)
+    from mechlens.distributed import world
+
     results = [s.module.run(model, cfg) for model in models.values()]
     for r in results:
         check_finite(r)
+        r.provenance["world_size"] = world()[1]  # processes whose shards were merged into these statistics
     return results
 
 

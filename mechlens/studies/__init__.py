@@ -35,6 +35,7 @@ class StudyInfo:
     kinds: frozenset[str]  # model kinds the study applies to: "causal", "masked"
     default_models: tuple[str, ...]
     module_name: str
+    data_parallel: bool = False  # runs under torchrun: shards its data by rank and merges its statistics
 
     @property
     def module(self) -> ModuleType:
@@ -55,8 +56,10 @@ class Step:
     code: str
 
 
-def _study(name: str, title: str, kinds: set[str], default_models: tuple[str, ...]) -> StudyInfo:
-    return StudyInfo(name, title, frozenset(kinds), default_models, f"mechlens.studies.{name}")
+def _study(
+    name: str, title: str, kinds: set[str], default_models: tuple[str, ...], data_parallel: bool = False
+) -> StudyInfo:
+    return StudyInfo(name, title, frozenset(kinds), default_models, f"mechlens.studies.{name}", data_parallel)
 
 
 BOTH = {"causal", "masked"}
@@ -65,8 +68,8 @@ STUDIES: dict[str, StudyInfo] = {
     for s in (
         _study("position", "1. Token position from loss", BOTH, ("tiny-gpt2",)),
         _study("logits", "2. Logits, next-token prediction and a logit intervention", BOTH, ("tiny-gpt2",)),
-        _study("lens", "3. Logit lens (masked and causal)", BOTH, ("tiny-mlm", "tiny-gpt2")),
-        _study("magnitudes", "4. Attention-output magnitudes", BOTH, ("tiny-gpt2",)),
+        _study("lens", "3. Logit lens (masked and causal)", BOTH, ("tiny-mlm", "tiny-gpt2"), data_parallel=True),
+        _study("magnitudes", "4. Attention-output magnitudes", BOTH, ("tiny-gpt2",), data_parallel=True),
         _study("distances", "5. Distances, mutual information and token position", BOTH, ("tiny-gpt2",)),
     )
 }

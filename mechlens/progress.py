@@ -4,7 +4,8 @@ pipes and tests see results and errors alone."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -28,3 +29,14 @@ def status(message: str) -> None:
 
     if not QUIET and sys.stderr.isatty():
         print(f"[mechlens] {message}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """No bars or status lines inside (e.g. per-batch steps under a stream's own bar: one bar at a time)."""
+    global QUIET
+    before, QUIET = QUIET, True
+    try:
+        yield
+    finally:
+        QUIET = before

@@ -42,6 +42,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import einops
 import numpy as np
 import plotly.graph_objects as go
 import torch
@@ -49,7 +50,7 @@ from jaxtyping import Bool, Float, Int
 
 from mechlens import arch, progress
 from mechlens.axes import readout_depth
-from mechlens.errors import MechlensError
+from mechlens.errors import DataError, MechlensError
 from mechlens.forward import run_cached
 from mechlens.loading import provenance_of
 from mechlens.ops import LensStats, lens_reduce, stack_layers
@@ -82,8 +83,26 @@ class Config(Options):
     max_chunk_bytes: int = option(128 * 2**20, "memory budget of the vocabulary readout in bytes (>= 1 MiB)",
                                   ge=2**20)  # fmt: skip
     seed: int = option(0, "random seed", ge=0)
+    data: str | None = option(None, "causal LMs: a corpus (a built-in name, a local .txt/.jsonl/.csv/.parquet "
+                              "file or hf:REPO[:CONFIG]:SPLIT[:COLUMN]) for the corpus lens: per-layer means "
+                              "over every next-token position of its texts, streamed (default: the one --text)",
+                              nonempty=True)  # fmt: skip
+    n_texts: int | None = option(None, "corpus lens: the first N texts of --data (default: all of them)", ge=1)
+    max_tokens: int = option(128, "corpus lens: text tokens kept per text", ge=1)
+    n_samples: int = option(10_000, "corpus lens: size of the seeded reservoir of texts whose per-text means "
+                            "give the bootstrap intervals of comparisons", ge=1)  # fmt: skip
 
     def check_model(self, model) -> None:
+        if self.data is not None:
+            if arch.kind_of(model) == "masked":
+                fail("data", "the corpus lens reads next-token predictions: it applies to causal LMs (run it "
+                             "with --model on a causal LM, or drop --data for the masked lens of --text)")  # fmt: skip
+            room = model.cfg.n_ctx - int(self.bos)
+            if self.max_tokens > room:
+                fail("max_tokens", f"must be <= {room} (the model's context with BOS), got {self.max_tokens}")
+            if self.top_k > model.cfg.d_vocab:
+                fail("top_k", f"must be <= {model.cfg.d_vocab} (the vocabulary size), got {self.top_k}")
+            return
         check_layer("layer", self.layer, model.cfg.n_layers + 1, "readout points")
         n_text = len(model.tokenizer(self.text, add_special_tokens=False)["input_ids"])
         masked = arch.kind_of(model) == "masked"
@@ -530,6 +549,176 @@ def causal_lens(
     )
 
 
+# -- the corpus lens (streamed, data-parallel) ------------------------------------------------------
+
+CORPUS_QUANTITIES = ("target_logprob", "rank", "entropy", "kl_to_final", "top1_agrees_final")
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusLens:
+    """The causal lens over a corpus, as tuned-lens reports it: at each readout point, the mean over every
+    next-token position of every text of the next token's log-prob, its 0-based rank, the entropy, the
+    KL(final readout || this readout) (nats) and the top-1 agreement with the final readout, with the
+    population std of each. Accumulated in float64 sums per batch (memory constant in the number of
+    texts) and, under ``torchrun``, summed over the ranks. ``per_text`` holds, for a seeded reservoir of
+    at most ``n_samples`` texts (:class:`mechlens.stats.streaming.Reservoir`: the same texts whatever
+    the sharding), each text's mean of each quantity per readout point; comparisons bootstrap over them."""
+
+    n_texts: int
+    n_predictions: int
+    target_logprob_by_layer: Float[np.ndarray, " layer"]
+    rank_mean_by_layer: Float[np.ndarray, " layer"]
+    entropy_by_layer: Float[np.ndarray, " layer"]
+    kl_to_final_by_layer: Float[np.ndarray, " layer"]
+    top1_agreement_by_layer: Float[np.ndarray, " layer"]
+    std_by_layer: dict[str, Float[np.ndarray, " layer"]]
+    n_samples: int
+    sample_text_index: Int[np.ndarray, " sample"] = not_in_metrics()
+    per_text: Float[np.ndarray, "sample quantity layer"] = not_in_metrics()
+
+
+def corpus_lens(
+    model,
+    texts,
+    *,
+    bos: bool = True,
+    max_tokens: int = 128,
+    batch_size: int = 64,
+    max_chunk_bytes: int = 128 * 2**20,
+    n_samples: int = 10_000,
+    seed: int = 0,
+) -> CorpusLens:
+    """The corpus lens of a causal LM over ``texts``: an iterable of ``(global index, text)`` pairs (e.g.
+    :func:`mechlens.data.iter_indexed`, this rank's shard under ``torchrun``) or of strings. Texts are
+    tokenised one batch at a time (the first ``max_tokens`` tokens, BOS per ``bos``); each batch's readout
+    points go through the model's head at every position with a next token (one forward caching the
+    ``n_layers + 1`` residual-stream hook points, reduced over the vocabulary in tiles), and the
+    statistics are summed. The sums (and the reservoir) are merged over the ranks of a process group."""
+    from mechlens import distributed
+    from mechlens.data import batched
+    from mechlens.stats.streaming import Moments, Reservoir
+
+    n_points = model.cfg.n_layers + 1
+    moments = Moments((len(CORPUS_QUANTITIES), n_points))
+    reservoir = Reservoir(n_samples, seed)
+    n_texts = 0
+    indexed = ((i, t) if isinstance(t, str) else t for i, t in enumerate(texts))
+    stream = progress.bar(batched(indexed, batch_size), "corpus lens", unit="batch", show=distributed.is_main())
+    for chunk in stream:
+        index = torch.tensor([i for i, _ in chunk], dtype=torch.long)
+        batch = encode(model, [t for _, t in chunk], bos=bos, max_tokens=max_tokens,
+                       fix="lower --max-tokens")  # fmt: skip
+        targets = next_token_targets(batch)
+        with progress.quiet():
+            st = lens_stats(model, batch, targets, k=1, entropy=True, kl_to_final=True,
+                            batch_size=batch_size, max_chunk_bytes=max_chunk_bytes)  # fmt: skip
+        pred = st.predicted
+        values = torch.stack(
+            [st.target_logprob.double(), st.target_rank.double(), st.entropy.double(), st.kl_to_final.double(),
+             (pred == pred[-1:]).double()]
+        )  # [quantity, layer, batch, pos]  # fmt: skip
+        valid = (targets >= 0).to(values.device)  # [batch, pos]
+        flat = einops.rearrange(values, "q layer batch pos -> (batch pos) q layer")
+        moments.update(flat, valid.reshape(-1, 1, 1))
+        v = torch.where(valid[None, None], values, torch.zeros((), dtype=values.dtype, device=values.device))
+        n = valid.sum(-1).clamp(min=1).double()  # [batch]
+        per_text = einops.rearrange(v.sum(-1) / n, "q layer batch -> batch q layer")
+        has = valid.any(-1).cpu()
+        reservoir.update(index[has], per_text.cpu()[has])
+        n_texts += len(chunk)
+    distributed.merge(moments)
+    distributed.merge(reservoir)
+    n_texts = int(sum(distributed.all_gather_object(n_texts)))
+    count = moments.count[0, 0].item()
+    if count == 0:
+        raise DataError("the corpus has no next-token position (texts of one token and no BOS): use longer texts")
+    mean, std = moments.mean, moments.std
+    rows = reservoir.rows if reservoir.rows is not None else np.zeros((0, len(CORPUS_QUANTITIES), n_points))
+    return CorpusLens(
+        n_texts=n_texts,
+        n_predictions=int(count),
+        target_logprob_by_layer=mean[0],
+        rank_mean_by_layer=mean[1],
+        entropy_by_layer=mean[2],
+        kl_to_final_by_layer=mean[3],
+        top1_agreement_by_layer=mean[4],
+        std_by_layer={q: std[i] for i, q in enumerate(CORPUS_QUANTITIES)},
+        n_samples=len(reservoir.index),
+        sample_text_index=reservoir.index.astype(np.int64),
+        per_text=rows.reshape(-1, len(CORPUS_QUANTITIES), n_points).astype(np.float64),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusLensResult:
+    """``run`` on a corpus (``--data``): the corpus lens and the sqrt(layer) fit of its mean log-prob."""
+
+    kind: str
+    data: str
+    n_texts: int
+    n_predictions: int
+    target_logprob_by_layer: Float[np.ndarray, " layer"]
+    rank_mean_by_layer: Float[np.ndarray, " layer"]
+    entropy_by_layer: Float[np.ndarray, " layer"]
+    kl_to_final_by_layer: Float[np.ndarray, " layer"]
+    top1_agreement_by_layer: Float[np.ndarray, " layer"]
+    std_by_layer: dict[str, Float[np.ndarray, " layer"]]
+    sqrt_layer_fit: LineFit
+    n_samples: int
+    bos: bool
+    corpus: CorpusLens = not_in_metrics()
+
+
+def _run_corpus(model, cfg: Config, texts=None) -> CorpusLensResult:
+    from mechlens import distributed
+    from mechlens.data import iter_indexed
+
+    rank, world_size = distributed.world()
+    if texts is None:
+        stream = iter_indexed(cfg.data, cfg.n_texts, rank=rank, world_size=world_size)
+    else:  # texts given in Python: this rank's share, keyed by global index
+        stream = ((i, t) for i, t in enumerate(texts[: cfg.n_texts] if cfg.n_texts else texts)
+                  if i % world_size == rank)  # fmt: skip
+    c = corpus_lens(model, stream, bos=cfg.bos, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
+                    max_chunk_bytes=cfg.max_chunk_bytes, n_samples=cfg.n_samples, seed=cfg.seed)  # fmt: skip
+    return CorpusLensResult(
+        kind="corpus",
+        data=cfg.data or "(texts given in Python)",
+        n_texts=c.n_texts,
+        n_predictions=c.n_predictions,
+        target_logprob_by_layer=c.target_logprob_by_layer,
+        rank_mean_by_layer=c.rank_mean_by_layer,
+        entropy_by_layer=c.entropy_by_layer,
+        kl_to_final_by_layer=c.kl_to_final_by_layer,
+        top1_agreement_by_layer=c.top1_agreement_by_layer,
+        std_by_layer=c.std_by_layer,
+        sqrt_layer_fit=_line(c.target_logprob_by_layer),
+        n_samples=c.n_samples,
+        bos=cfg.bos,
+        corpus=c,
+    )
+
+
+def corpus_figures(r: CorpusLensResult) -> dict[str, go.Figure]:
+    depth = readout_depth(len(r.target_logprob_by_layer))
+    titles = {"target_logprob": "next-token log-prob", "rank": "rank of the next token (mean, 0-based)",
+              "entropy": "entropy (nats)", "kl_to_final": "KL to the final readout (nats)",
+              "top1_agrees_final": "top-1 agreement with the final readout"}  # fmt: skip
+    means = dict(zip(CORPUS_QUANTITIES, (r.target_logprob_by_layer, r.rank_mean_by_layer, r.entropy_by_layer,
+                                         r.kl_to_final_by_layer, r.top1_agreement_by_layer), strict=True))  # fmt: skip
+    figs = {}
+    for q, y in means.items():
+        sd = r.std_by_layer[q]
+        f = go.Figure(go.Scatter(x=np.arange(len(y)), y=y, mode="lines+markers", name="mean",
+                                 error_y={"array": sd, "visible": True}))  # fmt: skip
+        f.update_layout(title=f"Corpus lens: {titles[q]} by readout point<br><sup>{r.n_texts} texts, "
+                              f"{r.n_predictions} next-token positions; bars: ±1 std over positions</sup>",
+                        xaxis_title="readout point (0 = embeddings)", yaxis_title=titles[q])  # fmt: skip
+        f.update_xaxes(tickvals=np.arange(len(y)), ticktext=[f"{i} ({d:.2f})" for i, d in enumerate(depth)])
+        figs[f"corpus_{q}"] = f
+    return figs
+
+
 # -- run: the parts composed ---------------------------------------------------------------------
 
 
@@ -708,6 +897,8 @@ def run(model, cfg: Config | None = None, text: str | Sequence[int] | None = Non
     cfg = cfg or Config()
     torch.manual_seed(cfg.seed)
     masked = arch.kind_of(model) == "masked"
+    if cfg.data is not None or (text is not None and not isinstance(text, str) and text and not _is_ids(text)):
+        return _corpus_result(model, cfg, None if cfg.data is not None else text)
     source = cfg.text if text is None else text
     batch = text_batch(model, source, bos=cfg.bos)
     if isinstance(source, str) and getattr(model.tokenizer, "is_fast", False):
@@ -721,6 +912,28 @@ def run(model, cfg: Config | None = None, text: str | Sequence[int] | None = Non
     res = StudyResult("lens", prov.model, metrics_of(typed), prov.to_dict(), dataclasses.asdict(cfg), tables(typed),
                       parts=typed)  # fmt: skip
     res.figures = figures(typed)
+    return res
+
+
+def _is_ids(text) -> bool:
+    """One text as token ids (a sequence of ints), as opposed to a corpus (a sequence of strings)."""
+    return all(isinstance(t, int | np.integer) for t in text)
+
+
+def _corpus_result(model, cfg: Config, texts) -> StudyResult:
+    if arch.kind_of(model) == "masked":
+        fail("data", "the corpus lens reads next-token predictions: it applies to causal LMs")
+    typed = _run_corpus(model, cfg, texts)
+    prov = provenance_of(model).replace(bos="prepend" if cfg.bos else "none", seed=cfg.seed)
+    rows = [
+        {"layer": i, "relative_depth": float(d), **{q: float(getattr(typed, f)[i]) for q, f in
+         zip(CORPUS_QUANTITIES, ("target_logprob_by_layer", "rank_mean_by_layer", "entropy_by_layer",
+                                 "kl_to_final_by_layer", "top1_agreement_by_layer"), strict=True)}}
+        for i, d in enumerate(readout_depth(len(typed.target_logprob_by_layer)))
+    ]  # fmt: skip
+    res = StudyResult("lens", prov.model, metrics_of(typed), prov.to_dict(), dataclasses.asdict(cfg),
+                      {"corpus_lens": rows}, parts=typed)  # fmt: skip
+    res.figures = corpus_figures(typed)
     return res
 
 
@@ -849,6 +1062,18 @@ def headline(m: Mapping[str, Any]) -> list[str]:
     """The findings in words, from the metrics (a live result's or a saved ``results.json`` entry's)."""
     fit = m["sqrt_layer_fit"]
     lp = m["target_logprob_by_layer"]
+    if m["kind"] == "corpus":
+        kl, agree = m["kl_to_final_by_layer"], m["top1_agreement_by_layer"]
+        return [
+            f"corpus lens over {m['n_texts']} texts ({m['n_predictions']} predictions): log-prob by layer "
+            f"{format_values(lp)}",
+            f"Over {m['n_predictions']} next-token positions of {m['n_texts']} texts of {m['data']}, the next "
+            f"token's mean log-prob goes from {lp[0]:.2f} at the embeddings to {lp[-1]:.2f} at the last layer "
+            f"(sqrt(layer) slope {fit['slope']:.2f}).",
+            f"KL to the final layer falls from {kl[0]:.2f} nats at the embeddings to {kl[-2]:.2f} one layer "
+            f"before the last; the lens' top-1 agrees with the final layer's at {100 * agree[0]:.0f}% and "
+            f"{100 * agree[-2]:.0f}% of positions there.",
+        ]
     lines = [
         f"{m['kind']} lens: target log-prob by layer {format_values(lp)}; sqrt(layer) slope {fit['slope']:.3f}",
         f"The target's log-prob goes from {lp[0]:.2f} at the embeddings to {lp[-1]:.2f} at the last layer; "
@@ -922,6 +1147,28 @@ def samples(result: StudyResult):
     import pandas as pd
 
     r = result.parts
+    if isinstance(r, CorpusLensResult):
+        c = r.corpus
+        n_s, n_points = c.per_text.shape[0], c.per_text.shape[2]
+        layer = np.tile(np.arange(n_points), n_s)
+        return pd.concat(
+            [
+                pd.DataFrame(
+                    {
+                        "quantity": q,
+                        "layer": pd.array(layer, dtype="Int64"),
+                        "relative_depth": readout_depth(n_points)[layer].astype(np.float64),
+                        "position": pd.array([pd.NA] * len(layer), dtype="Int64"),
+                        "word": pd.array([pd.NA] * len(layer), dtype="Int64"),
+                        "unit": "text",
+                        "sample": np.repeat(c.sample_text_index, n_points).astype(np.int64),
+                        "value": c.per_text[:, qi, :].reshape(-1),
+                    }
+                )
+                for qi, q in enumerate(CORPUS_QUANTITIES)
+            ],
+            ignore_index=True,
+        )
     if isinstance(r, MaskedLensResult):
         quantities = {"target_logprob": r.sliding_target_logprob}
     else:

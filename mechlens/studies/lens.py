@@ -889,11 +889,12 @@ def _run_causal(model, cfg: Config, batch: TokenBatch, words: torch.Tensor) -> C
     )
 
 
-def run(model, cfg: Config | None = None, text: str | Sequence[int] | None = None) -> StudyResult:
+def run(model, cfg: Config | None = None, text: str | Sequence[int] | Sequence[str] | None = None) -> StudyResult:
     """The lens on ``cfg.text``, or on ``text``: a string, or the text's token ids exactly as another
     tool fed them (without special tokens: mechlens adds ``<s> ... </s>``, or BOS per ``cfg.bos``, as
-    for a string). ``result.parts`` is a :class:`MaskedLensResult` or :class:`CausalLensResult`;
-    ``result.metrics`` is derived from it."""
+    for a string). A list of strings, or ``cfg.data``, is a corpus: the corpus lens (causal LMs,
+    :func:`corpus_lens`). ``result.parts`` is a :class:`MaskedLensResult`, :class:`CausalLensResult` or
+    :class:`CorpusLensResult`; ``result.metrics`` is derived from it."""
     cfg = cfg or Config()
     torch.manual_seed(cfg.seed)
     masked = arch.kind_of(model) == "masked"

@@ -934,7 +934,7 @@ def _corpus_result(model, cfg: Config, texts) -> StudyResult:
     ]  # fmt: skip
     res = StudyResult("lens", prov.model, metrics_of(typed), prov.to_dict(), dataclasses.asdict(cfg),
                       {"corpus_lens": rows}, parts=typed)  # fmt: skip
-    res.figures = corpus_figures(typed)
+    res.figures = figures(typed)
     return res
 
 
@@ -967,8 +967,11 @@ def tables(r: MaskedLensResult | CausalLensResult) -> dict[str, list[dict[str, A
     }  # fmt: skip
 
 
-def figures(r: MaskedLensResult | CausalLensResult) -> dict[str, go.Figure]:
-    """``laminar`` and ``heatmap`` (and, causal, ``rank_trajectories``) from a typed result."""
+def figures(r: MaskedLensResult | CausalLensResult | CorpusLensResult) -> dict[str, go.Figure]:
+    """``laminar`` and ``heatmap`` (and, causal, ``rank_trajectories``) from a typed result; the corpus
+    lens' per-layer figures (:func:`corpus_figures`) from a corpus result."""
+    if isinstance(r, CorpusLensResult):
+        return corpus_figures(r)
     if isinstance(r, MaskedLensResult):
         where = f"masked position {r.position} ({r.position_token!r})"
         return {

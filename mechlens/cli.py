@@ -139,13 +139,15 @@ def cmd_list() -> None:
     print("studies:")
     for s in STUDIES.values():
         kinds = " and ".join(sorted(s.kinds))
-        print(f"  {s.name:<12} {s.title} ({kinds} LMs; default models: {', '.join(s.default_models)})")
+        dp = "; data-parallel under torchrun" if s.data_parallel else ""
+        print(f"  {s.name:<12} {s.title} ({kinds} LMs; default models: {', '.join(s.default_models)}{dp})")
     print("embedded models:")
     for m in EMBEDDED.values():
         print(f"  {m.name:<12} {m.description}")
     print("data sources:")
+    width = max(map(len, SOURCES))
     for name, desc in SOURCES.items():
-        print(f"  {name:<24} {desc}")
+        print(f"  {name:<{width}} {desc}")
 
 
 def _log(message: str) -> None:

@@ -38,6 +38,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     weights: str = "raw",
     allow_readout_mismatch: bool = False,
+    device_map: str | dict[str, Any] | None = None,
 ) -> TransformerBridge:
     """Load a causal or masked LM as a ``TransformerBridge`` (eval mode) with a working tokenizer.
 
@@ -52,11 +53,19 @@ def load_model(
     readout of the last residual must equal the model's own log-probs, else
     :class:`~mechlens.errors.UnsupportedArchitectureError`, unless ``allow_readout_mismatch=True``
     (recorded in provenance).
+
+    ``device_map`` (a model larger than one device): passed to Hugging Face's ``from_pretrained``
+    (accelerate places the blocks, e.g. ``"auto"``, ``"balanced"`` or a dict of module -> device) for a
+    name or a directory; ``device`` is then ignored and the bridge computes where accelerate put each
+    block (inputs go to the embedding's device). An in-memory model is dispatched by its owner.
     """
     if weights not in WEIGHTS:
         raise MechlensError(f"--weights {weights} (weights={weights!r}): expected one of {', '.join(WEIGHTS)}")
     device = check_device(device)
-    label, hf_model, tokenizer = _resolve(spec, tokenizer, dtype)
+    if device_map is not None and not isinstance(spec, str | os.PathLike):
+        raise MechlensError("device_map applies when mechlens loads the weights (a name or a directory): dispatch an "
+                            "in-memory model yourself (from_pretrained(..., device_map=...)) and pass it")  # fmt: skip
+    label, hf_model, tokenizer = _resolve(spec, tokenizer, {"dtype": dtype, "device_map": device_map})
     check_finite_weights(label, hf_model)
     source_architecture = arch.architecture_of(hf_model)
     hf_model = arch.text_model_of(hf_model)
@@ -73,10 +82,17 @@ def load_model(
     from transformer_lens import TransformerBridge
 
     n_params = arch.parameter_count(hf_model)  # before the bridge adopts (and restructures) the model
-    hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    dispatched = getattr(hf_model, "hf_device_map", None) is not None
+    hf_model = (hf_model if dispatched else hf_model.to(device=device, dtype=dtype)).eval()
     bridge = TransformerBridge.boot_transformers(
-        label, hf_model=hf_model, tokenizer=arch.prepare_tokenizer_for_bridge(tokenizer), device=device, dtype=dtype
+        label,
+        hf_model=hf_model,
+        tokenizer=arch.prepare_tokenizer_for_bridge(tokenizer),
+        device=None if dispatched else device,
+        dtype=dtype,
     )
+    if dispatched:
+        device = str(bridge.cfg.device)
     if weights == "processed":
         bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()
@@ -156,7 +172,7 @@ def provenance_of(model: TransformerBridge) -> Provenance:
         ) from None
 
 
-def _resolve(spec: Any, tokenizer, dtype) -> tuple[str, PreTrainedModel, PreTrainedTokenizerBase]:
+def _resolve(spec: Any, tokenizer, load_kw: dict) -> tuple[str, PreTrainedModel, PreTrainedTokenizerBase]:
     """The model and tokenizer of a spec, read without transformers' own progress bars (mechlens shows
     one bar per long step; reading a checkpoint is not one)."""
     from transformers.utils import logging as hf_logging
@@ -164,13 +180,14 @@ def _resolve(spec: Any, tokenizer, dtype) -> tuple[str, PreTrainedModel, PreTrai
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        return _resolve_spec(spec, tokenizer, dtype)
+        kw = {k: v for k, v in load_kw.items() if v is not None}
+        return _resolve_spec(spec, tokenizer, kw)
     finally:
         if shown:
             hf_logging.enable_progress_bar()
 
 
-def _resolve_spec(spec: Any, tokenizer, dtype) -> tuple[str, PreTrainedModel, PreTrainedTokenizerBase]:
+def _resolve_spec(spec: Any, tokenizer, kw: dict) -> tuple[str, PreTrainedModel, PreTrainedTokenizerBase]:
     from transformers import PreTrainedModel
 
     if isinstance(spec, PreTrainedModel):
@@ -182,13 +199,13 @@ def _resolve_spec(spec: Any, tokenizer, dtype) -> tuple[str, PreTrainedModel, Pr
         raise MechlensError(f"model spec must be a name, a directory or a PreTrainedModel, not {type(spec).__name__}")
     name = os.fspath(spec)
     if name in EMBEDDED:
-        return name, *_load_embedded(name, tokenizer, dtype)
+        return name, *_load_embedded(name, tokenizer, kw)
     path = pathlib.Path(name).expanduser()
     if path.is_dir():
-        return name, *_load_dir(path, tokenizer, dtype)
+        return name, *_load_dir(path, tokenizer, kw)
     if path.exists() or name.startswith((".", "/", "~")):
         raise ModelNotAvailableError(f"{name!r} is not a model directory: pass a directory saved with save_pretrained")
-    return name, *_load_hub(name, tokenizer, dtype)
+    return name, *_load_hub(name, tokenizer, kw)
 
 
 def _model_class(architecture: str):
@@ -198,19 +215,19 @@ def _model_class(architecture: str):
     return getattr(transformers, architecture)
 
 
-def _load_embedded(name: str, tokenizer, dtype):
+def _load_embedded(name: str, tokenizer, load_kw: dict):
     from mechlens import tokenizer as toks
 
     m = EMBEDDED[name]
     if not (m.path / "model.safetensors").exists():
         raise ModelNotAvailableError(f"embedded model {name!r} has no weights at {m.path}: reinstall mechlens")
     cls = _model_class("GPT2LMHeadModel" if m.kind == "causal" else "RobertaForMaskedLM")
-    hf_model = cls.from_pretrained(m.path, dtype=dtype)
+    hf_model = cls.from_pretrained(m.path, **load_kw)
     tok = tokenizer or (toks.gpt2_tokenizer() if m.tokenizer == "gpt2" else toks.mlm_tokenizer())
     return hf_model, tok
 
 
-def _load_dir(path: pathlib.Path, tokenizer, dtype):
+def _load_dir(path: pathlib.Path, tokenizer, load_kw: dict):
     import json
 
     from transformers import AutoTokenizer
@@ -232,7 +249,7 @@ def _load_dir(path: pathlib.Path, tokenizer, dtype):
                 "(in Python you can also pass load_model(dir, tokenizer=tok))"
             )
         tokenizer = _read(path, lambda: AutoTokenizer.from_pretrained(path), "its tokenizer files")
-    return _read(path, lambda: cls.from_pretrained(path, dtype=dtype), "its weights"), tokenizer
+    return _read(path, lambda: cls.from_pretrained(path, **load_kw), "its weights"), tokenizer
 
 
 def _read(path: pathlib.Path, load, what: str):
@@ -250,7 +267,7 @@ def _read(path: pathlib.Path, load, what: str):
         ) from None
 
 
-def _load_hub(name: str, tokenizer, dtype):
+def _load_hub(name: str, tokenizer, load_kw: dict):
     from huggingface_hub import try_to_load_from_cache
     from transformers import AutoConfig, AutoTokenizer
 
@@ -267,4 +284,4 @@ def _load_hub(name: str, tokenizer, dtype):
     cls = _model_class(archs[0])
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(name, **kw)
-    return cls.from_pretrained(name, dtype=dtype, **kw), tokenizer
+    return cls.from_pretrained(name, **load_kw, **kw), tokenizer

@@ -81,3 +81,27 @@ def test_bad_specs(gpt2_pair):
     empty = GPT2TokenizerFast(vocab_file=str(d / "encoder.json"), merges_file=str(d / "vocab.bpe"))
     with pytest.raises(TokenizerError):
         load_model(copy.deepcopy(gpt2_pair.hf), tokenizer=empty)
+
+
+@pytest.mark.parametrize("device_map", ["cpu", "auto", {"": "cpu"}])
+def test_device_map_passes_through_to_from_pretrained(device_map, tmp_path):
+    """device_map goes to Hugging Face's from_pretrained (accelerate places the blocks): on this CPU-only
+    machine every placement is the CPU, and the logits equal an ordinary load exactly (same weights, same
+    kernels). A model split over GPUs is the same code path with a different map."""
+    from mechlens import encode, load_model
+    from mechlens.zoo.export import export_model
+
+    export_model("tiny-gpt2", tmp_path / "m")
+    plain, mapped = load_model(tmp_path / "m"), load_model(tmp_path / "m", device_map=device_map)
+    batch = encode(plain, ["I like oat milk in my coffee"], bos=True)
+    a = plain(batch.tokens, attention_mask=batch.attention_mask)
+    b = mapped(batch.tokens, attention_mask=batch.attention_mask)
+    assert torch.equal(a, b)
+
+
+def test_device_map_refused_for_an_in_memory_model(tiny_gpt2_pair):
+    from mechlens import load_model
+    from mechlens.errors import MechlensError
+
+    with pytest.raises(MechlensError, match="dispatch an in-memory model yourself"):
+        load_model(tiny_gpt2_pair.hf, tokenizer=tiny_gpt2_pair.tok, device_map="auto")

@@ -1,6 +1,6 @@
 """mechlens benchmarks: ratios and memory peaks, each measured within one run (medians of repeats).
 
-    HF_HUB_OFFLINE=1 python benchmarks/bench.py            # CPU items 1-4 and 6, writes benchmarks/RESULTS.md
+    HF_HUB_OFFLINE=1 python benchmarks/bench.py            # CPU items 1-4, 6 and 7, writes benchmarks/RESULTS.md
     HF_HUB_OFFLINE=1 python benchmarks/bench.py --quick    # smaller sizes, for a smoke run
 
 1. hook overhead: run_with_cache(names_filter=what a study needs) vs the plain HF forward (and the full cache)
@@ -9,6 +9,8 @@
 4. streaming attention-magnitude statistics: peak memory over 1,020 vs 10,200 sequences (the reviews
    repeated 15 and 150 times, so the statistics must be identical)
 6. mechlens' causal lens vs TransformerLens' tools.analysis.logit_lens (time and peak memory)
+7. corpus scale: peak memory of magnitudes and the corpus lens over 20,000 vs 2,000 lines of a local file,
+   and torchrun with 2 processes vs 1 (largest difference of any statistic, wall-time ratio)
 (5. the GPU lens throughput runs only where a CUDA device is present: benchmarks/gpu_lens.py)
 
 Peak memory is process RSS measured in a fresh child process: the kernel's peak counter is reset
@@ -449,6 +451,96 @@ def bench_streaming(quick: bool) -> list[dict]:
                        f"{b['seconds']:.1f} s for {big:,}; identical statistics: {same}"}]  # fmt: skip
 
 
+# -- 7. corpus scale: streamed sources, constant memory, data-parallel ---------------------------------
+
+
+def _corpus_file(n_lines: int) -> str:
+    """A local .txt of ``n_lines`` lines: the built-in reviews repeated (so statistics of 2,000 and
+    20,000 lines agree), written once per size under benchmarks/.cache."""
+    from mechlens.data import load_texts
+
+    path = ROOT / ".cache" / f"reviews_{n_lines}.txt"
+    if not path.exists():
+        reviews = load_texts("reviews")
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("\n".join((reviews * (n_lines // len(reviews) + 1))[:n_lines]) + "\n")
+    return str(path)
+
+
+def corpus_job(study: str, path: str):
+    def setup():
+        from mechlens import load_model
+
+        return load_model("tiny-gpt2")
+
+    def work(model):
+        from mechlens.studies import STUDIES
+
+        module = STUDIES[study].module
+        res = module.run(model, module.Config(data=path, n_texts=None))
+        key = {"magnitudes": "lognorm_mean_by_layer", "lens": "target_logprob_by_layer"}[study]
+        return res.metrics[key]
+
+    return setup, work
+
+
+def _numbers(x, prefix=""):
+    if isinstance(x, dict):
+        return {k: v for key, val in x.items() for k, v in _numbers(val, f"{prefix}.{key}").items()}
+    if isinstance(x, list):
+        try:
+            arr = np.array(x, dtype=np.float64)
+        except (TypeError, ValueError):
+            return {}
+        return {prefix: arr}
+    if isinstance(x, int | float) and not isinstance(x, bool):
+        return {prefix: np.array(float(x))}
+    return {}
+
+
+def bench_corpus(quick: bool) -> list[dict]:
+    """Peak RSS of the streamed studies over 20,000 vs 2,000 lines of a local file (targets <= 1.15), and
+    2 torchrun processes (gloo, CPU) vs 1: the largest difference of any statistic, and the wall-time ratio."""
+    import json
+    import shutil
+    import subprocess
+    import tempfile
+
+    small, big = (200, 2000) if quick else (2000, 20000)
+    rows = []
+    for study in ("magnitudes", "lens"):
+        a = in_child("corpus_job", exact_peak=True, study=study, path=_corpus_file(small))
+        b = in_child("corpus_job", exact_peak=True, study=study, path=_corpus_file(big))
+        ratio = b["peak_bytes"] / a["peak_bytes"]
+        same = np.allclose(a["out"], b["out"], rtol=1e-6, atol=1e-6)
+        rows.append({"item": "7", "what": f"{study} --data FILE peak: {big:,} vs {small:,} lines", "value": ratio,
+                     "unit": "x", "target": "<= 1.15", "ok": ratio <= 1.15,
+                     "detail": f"{a['peak_bytes'] / 2**20:.0f} MiB vs {b['peak_bytes'] / 2**20:.0f} MiB; "
+                               f"{b['seconds']:.0f} s for {big:,} lines; same statistics: {same}"})  # fmt: skip
+    binary = pathlib.Path(sys.executable).parent
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    for study in ("magnitudes", "lens"):
+        out, times = {}, {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for n in (1, 2):
+                cmd = [str(binary / "mechlens"), "run", study, "--model", "tiny-gpt2", "--data", _corpus_file(small),
+                       "--quiet", "--out", f"{tmp}/{n}"]  # fmt: skip
+                if n > 1:
+                    cmd = [shutil.which("torchrun", path=str(binary)) or "torchrun", "--standalone",
+                           f"--nproc-per-node={n}", "--no-python", *cmd]  # fmt: skip
+                t0 = time.perf_counter()
+                subprocess.run(cmd, check=True, env=env, capture_output=True)
+                times[n] = time.perf_counter() - t0
+                out[n] = _numbers(json.loads(pathlib.Path(f"{tmp}/{n}/results.json").read_text())[study]["tiny-gpt2"]
+                                  ["metrics"])  # fmt: skip
+        diff = max(float(np.nanmax(np.abs(out[1][k] - out[2][k]))) if out[1][k].size else 0.0 for k in out[1])
+        rows.append({"item": "7", "what": f"{study}: 2 processes vs 1 ({small:,} lines), max |diff| of any statistic",
+                     "value": diff, "unit": "", "target": "fp rounding", "ok": diff < 1e-4,
+                     "detail": f"wall time 2 procs / 1 proc = {times[2] / times[1]:.2f} (each process loads the "
+                               f"model; 2 cores)"})  # fmt: skip
+    return rows
+
+
 # -- report -------------------------------------------------------------------------------------------
 
 
@@ -482,7 +574,7 @@ def write_results(rows: list[dict], seconds: float, quick: bool) -> str:
 
 
 BENCHES = {"1": bench_hook_overhead, "2": bench_analysis, "3": bench_lens_memory, "4": bench_streaming,
-           "6": bench_vs_transformer_lens}  # fmt: skip
+           "6": bench_vs_transformer_lens, "7": bench_corpus}  # fmt: skip
 
 
 def main(argv=None) -> None:

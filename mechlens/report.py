@@ -36,10 +36,32 @@ def headlines(study: str, entries: Mapping[str, Mapping[str, Any]]) -> dict[str,
     return {model: STUDIES[study].module.headline(e["metrics"]) for model, e in entries.items()}
 
 
+def conventions(study: str) -> str:
+    """The paragraph of a study's docstring that states its conventions (those that differ from the
+    original notebook, and how to switch them), as plain text; empty if it has none."""
+    import re
+
+    from mechlens.studies import STUDIES
+
+    doc = (STUDIES[study].module.__doc__ or "") if study in STUDIES else ""
+    i = doc.find("Conventions")
+    if i < 0:
+        return ""
+    rest = doc[i:]
+    end = rest.find("\n\n")
+    text = rest if end < 0 else rest[:end]
+    if text.rstrip().endswith(":") and end >= 0:  # a list follows: keep it, up to the next blank line
+        tail = rest[end + 2 :]
+        stop = tail.find("\n\n")
+        text += "\n" + (tail if stop < 0 else tail[:stop])
+    text = re.sub(r":(?:func|class|meth|mod):`~?([^`]+)`", r"\1", text).replace("``", "").replace("**", "")
+    return " ".join(text.split())
+
+
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
 h2{border-bottom:2px solid #444;margin-top:2em}.note{background:#fff6d5;padding:.5em 1em;border-left:4px solid #e0b000}
-details{margin:.5em 0}"""
+details{margin:.5em 0}.caption{font-size:13px;color:#555;margin:0 0 1.5em}.conv{font-size:14px;color:#333}"""
 
 
 def _prov_table(entries: Mapping[str, Mapping[str, Any]]) -> str:
@@ -86,6 +108,15 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
     return f"<table>{rows}</table>"
 
 
+def caption(study: str, owner: str, name: str, fig: go.Figure) -> str:
+    """A one-line caption: which figure, of which model, and its title in plain words (subtitle included)."""
+    import re
+
+    title = fig.layout.title.text or name
+    plain = re.sub(r"<[^>]+>", " ", title.replace("<br>", " — "))
+    return f"{study} · {owner} · {name}: {' '.join(plain.split())}"
+
+
 def render(
     sections: Sequence[tuple[str, str, Mapping[str, Mapping[str, Any]], Mapping[str, Mapping[str, go.Figure]]]],
     notes: Sequence[str] = (),
@@ -107,6 +138,9 @@ def render(
     parts.append(f"<nav><b>Contents</b><ol>{toc}</ol></nav>")
     for study, heading, entries, figs in sections:
         parts.append(f'<h2 id="{html.escape(study)}">{html.escape(heading)}</h2>')
+        conv = conventions(study)
+        if conv:
+            parts.append(f'<p class="conv">{html.escape(conv)}</p>')
         for model, lines in headlines(study, entries).items():
             items = "".join(f"<li>{html.escape(line)}</li>" for line in lines[1:] or lines)
             parts.append(f"<p><b>{html.escape(model)}</b></p><ul>{items}</ul>")
@@ -117,11 +151,15 @@ def render(
         parts.append(_prov_table(entries))
         for owner, fs in figs.items():
             parts.append(f"<h3>{html.escape(owner)}</h3>")
-            for fig in fs.values():
+            for name, fig in fs.items():
                 parts.append(fig.to_html(full_html=False, include_plotlyjs=False))
+                parts.append(f'<p class="caption">{html.escape(caption(study, owner, name, fig))}</p>')
         for model, e in entries.items():
             parts.append(f"<details><summary>{html.escape(study)} metrics: {html.escape(model)}</summary>"
                          f"{metrics_table(e['metrics'])}</details>")  # fmt: skip
+            if e.get("config"):
+                parts.append(f"<details><summary>{html.escape(study)} configuration: {html.escape(model)}</summary>"
+                             f"{metrics_table(e['config'])}</details>")  # fmt: skip
     js = plotly.offline.get_plotlyjs()
     return (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

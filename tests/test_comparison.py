@@ -160,6 +160,8 @@ def test_run_writes_comparison_csv(study, extra, neox_dir, tmp_path):
     np.testing.assert_allclose(left["ci_low"].to_numpy(), right["ci_low"].to_numpy(), rtol=1e-9, atol=1e-12)
     report = (tmp_path / "out" / "report.html").read_text()
     assert "Across models" in report and "relative depth" in report
+    # the report states the study's conventions, and every figure has a one-line caption
+    assert "Conventions" in report and report.count('class="caption"') >= report.count('class="plotly-graph-div"')
 
 
 def test_post_ln_against_pre_ln_is_flagged(tmp_path):

@@ -306,7 +306,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
             if len(per_model) >= 2
         ]
         comparison = pd.concat(frames, ignore_index=True) if frames else None
-        sections, findings = sections_of(merged, comparison)
+        sections, findings = sections_of(merged, comparison, label="comparison across runs")
         with dest.writing() as tmp:
             (tmp / "results.json").write_text(json.dumps(merged, indent=1))
             if comparison is not None:

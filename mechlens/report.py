@@ -172,6 +172,7 @@ def sections_of(
     entries_by_study: Mapping[str, Mapping[str, Mapping[str, Any]]],
     comparison=None,
     figures_by_study: Mapping[str, Mapping[str, Mapping[str, go.Figure]]] | None = None,
+    label: str = "comparison across models",
 ) -> tuple[list, dict[str, list[str]]]:
     """Report sections and cross-model findings: per study, the comparison figures (the study's own
     ``compare`` and one per quantity of the comparison table, with confidence bands), then each
@@ -188,7 +189,7 @@ def sections_of(
             comp |= comparison_mod.figures(frame)
             findings[study] = comparison_mod.headline(frame)
         if comp:
-            figs["comparison across models"] = comp
+            figs[label] = comp
         figs |= (figures_by_study or {}).get(study, {})
         sections.append((study, STUDIES[study].title, entries, figs))
     return sections, findings

@@ -19,9 +19,19 @@ pre-LN models, but the block's output after the residual add and LayerNorm in po
 RoBERTa; see :mod:`mechlens.arch`). Across widths compare the log RMS, ``log(norm / sqrt(d_model)) =
 log norm - 0.5 log d_model``.
 
-Memory: only ``blocks.{l}.hook_attn_out`` is cached, one mini-batch at a time; the activations are
-reduced at once to running sums per (layer, position), fixed-bin histograms and the per-token log-norms
-(float32, ``n_layers`` numbers per token: 1/``d_model`` of the activations). Statistics key on the
+Corpus scale: texts stream from the source (``--data``; :func:`mechlens.data.iter_indexed`) and are
+tokenised one mini-batch at a time; only ``blocks.{l}.hook_attn_out`` is cached, and each batch is
+reduced at once to float64 sums: per (layer, position) (norm and log-norm means), per layer (histogram,
+the previous-norm regression's normal equations, per-text means), and counts of text lengths. Memory
+does not grow with the number of texts: the sums have ``n_layers x (max_tokens + 2)`` entries, and two
+seeded samples are capped at their sizes: ``n_token_samples`` tokens (200,000) for the log-norm
+percentiles, which are exact when the corpus has no more valid tokens and otherwise over that sample (the
+metric ``lognorm_percentile_basis`` and the figure say which), and ``n_samples`` texts (10,000) for the
+per-text statistics of comparisons, about ``(n_layers + 1) x (max_tokens + 3)`` float64 numbers per text
+(10,000 texts of gpt2-large at 128 tokens: 390 MB; lower ``--n-samples`` for longer texts). Both samples keep
+items by a hash of their global index, so they are the same whatever the batching or sharding. Under
+``torchrun`` each rank streams its share of the texts and the sums and samples are merged over the
+ranks: the results equal a single process's up to the order of float64 additions. Statistics key on the
 model's position ids and a valid-token mask (padding, and position 0 by default, excluded), so the
 padding side does not change them.
 
@@ -47,31 +57,36 @@ out = prepare_output("runs/magnitudes")  # checked (and made writable) before an
 # -- Set up: configuration, model and texts ----------------------------------------------------
 # The study's configuration (`magnitudes.Config`; its fields are the `mechlens run magnitudes`
 # flags), the embedded `tiny-gpt2` (offline; `gpt2-large` with `data="rotten_tomatoes"` reproduces
-# the original online) and the texts, encoded once. Conventions that differ from the original
+# the original online) and the texts as a stream of `(global index, text)` pairs: any source
+# streams (a local `.txt`/`.jsonl`/`.csv`/`.parquet` file, `hf:REPO:SPLIT`), tokenised one batch
+# at a time, so memory does not grow with the corpus. Conventions that differ from the original
 # notebook: BOS is prepended (`bos=False` to switch), position 0 is excluded from every statistic
 # (`exclude_first=False`), texts keep their first 128 tokens (`max_tokens`). Statistics key on the
 # model's position ids, so the padding side changes nothing.
 config = magnitudes.Config(data="reviews", n_texts=64, padding_side="right")
 model = load_model("tiny-gpt2")  # or "gpt2-large" online, with data="rotten_tomatoes"
-texts, batch = magnitudes.encode_inputs(model, config)
-print(len(batch), "texts,", int(batch.text_mask.sum()), "text tokens, BOS prepended:", batch.bos)
+texts = magnitudes.corpus(config)  # (global index, text) pairs, read lazily
+config
 
-# -- Part 1: attention-output norms by layer, text and position --------------------------------
-# `attn_out_norms` caches only `blocks.{l}.hook_attn_out`, one mini-batch at a time, and keeps the
-# L2 norm's log at every valid token (`norms.lognorm[text, layer, position]`), means by layer and
-# position, a histogram and percentiles of the log-norms per layer. Look for the layers whose
+# -- Part 1: attention-output norms by layer and position --------------------------------------
+# `attn_out_norms` caches only `blocks.{l}.hook_attn_out`, one mini-batch at a time, and reduces
+# the L2 norms at once to sums of constant size: means by layer and position, a histogram per
+# layer, and percentiles of the log-norms per layer from a seeded sample of at most
+# `n_token_samples` tokens (exact here: the sample holds every token). Look for the layers whose
 # attention writes the largest vectors, how wide each layer's distribution is (5th to 95th
 # percentile), and whether early positions stand out in the heatmap.
 norms = magnitudes.attn_out_norms(
     model,
-    batch,
+    texts,
+    bos=config.bos,
+    max_tokens=config.max_tokens,
     exclude_first=config.exclude_first,
     batch_size=config.batch_size,
-    hist_bins=config.hist_bins,
-    hist_range=config.hist_range,
+    n_token_samples=config.n_token_samples,
 )
+print(norms.n_sequences, "texts,", norms.n_valid_tokens, "valid tokens")
 print("mean log-norm by layer:", norms.lognorm_mean_by_layer.round(3))
-print("percentiles", norms.lognorm_percentile_levels, "by layer:")
+print("percentiles", norms.lognorm_percentile_levels, "over", norms.percentile_basis, "by layer:")
 print(norms.lognorm_percentiles_by_layer.round(3))
 magnitudes.density_figure(norms).show()
 magnitudes.heatmap_figure(norms).show()
@@ -90,18 +105,20 @@ print("slope by layer:", fit.slope.round(4))
 
 # -- Part 3: does a token's norm follow its predecessors'? -------------------------------------
 # `previous_norm_fit` regresses each token's log-norm on the log-norms of the two tokens before
-# it, per layer (ordinary least squares over every token whose two predecessors are valid). A
-# large coefficient at t-1 means norms persist from token to token.
-prev = magnitudes.previous_norm_fit(norms.lognorm, norms.valid)
+# it, per layer (ordinary least squares over every token whose two predecessors are valid), from
+# the normal equations X'X and X'y that part 1 summed batch by batch. A large coefficient at t-1
+# means norms persist from token to token.
+prev = magnitudes.previous_norm_fit(norms.triplet_xtx, norms.triplet_xty, norms.n_regression_triplets)
 print(prev.n_regression_triplets, "tokens with two valid predecessors")
 for layer, betas in enumerate(prev.by_layer()):
     print(f"layer {layer}:", {k: round(v, 3) for k, v in betas.items()})
 
 # -- The whole study ---------------------------------------------------------------------------
 # `run` composes the parts into one typed result (`result.parts`), from which the metrics
-# (`results.json`), the CSV tables and the figures derive. `magnitudes.samples(result)` gives the
-# per-text log RMS (`log(norm / sqrt(d_model))`) by layer and position, the input of cross-model
-# comparisons with bootstrap intervals over texts.
+# (`results.json`), the CSV tables and the figures derive; under `torchrun` each process streams
+# its share of the texts and the sums are merged. `magnitudes.samples(result)` gives the per-text
+# log RMS (`log(norm / sqrt(d_model))`) by layer and position for a seeded sample of at most
+# `n_samples` texts, the input of cross-model comparisons with bootstrap intervals over texts.
 result = magnitudes.run(model, config)
 result.figures["norm_heatmap"].show()
 result.figures["lognorm_percentiles"].show()

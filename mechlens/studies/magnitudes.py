@@ -20,9 +20,19 @@ pre-LN models, but the block's output after the residual add and LayerNorm in po
 RoBERTa; see :mod:`mechlens.arch`). Across widths compare the log RMS, ``log(norm / sqrt(d_model)) =
 log norm - 0.5 log d_model``.
 
-Memory: only ``blocks.{l}.hook_attn_out`` is cached, one mini-batch at a time; the activations are
-reduced at once to running sums per (layer, position), fixed-bin histograms and the per-token log-norms
-(float32, ``n_layers`` numbers per token: 1/``d_model`` of the activations). Statistics key on the
+Corpus scale: texts stream from the source (``--data``; :func:`mechlens.data.iter_indexed`) and are
+tokenised one mini-batch at a time; only ``blocks.{l}.hook_attn_out`` is cached, and each batch is
+reduced at once to float64 sums: per (layer, position) (norm and log-norm means), per layer (histogram,
+the previous-norm regression's normal equations, per-text means), and counts of text lengths. Memory
+does not grow with the number of texts: the sums have ``n_layers x (max_tokens + 2)`` entries, and two
+seeded samples are capped at their sizes: ``n_token_samples`` tokens (200,000) for the log-norm
+percentiles, which are exact when the corpus has no more valid tokens and otherwise over that sample (the
+metric ``lognorm_percentile_basis`` and the figure say which), and ``n_samples`` texts (10,000) for the
+per-text statistics of comparisons, about ``(n_layers + 1) x (max_tokens + 3)`` float64 numbers per text
+(10,000 texts of gpt2-large at 128 tokens: 390 MB; lower ``--n-samples`` for longer texts). Both samples keep
+items by a hash of their global index, so they are the same whatever the batching or sharding. Under
+``torchrun`` each rank streams its share of the texts and the sums and samples are merged over the
+ranks: the results equal a single process's up to the order of float64 additions. Statistics key on the
 model's position ids and a valid-token mask (padding, and position 0 by default, excluded), so the
 padding side does not change them.
 """
@@ -30,8 +40,9 @@ padding side does not change them.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import einops
@@ -42,15 +53,16 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mechlens import arch
+from mechlens import arch, distributed, progress
 from mechlens.axes import block_depth
-from mechlens.data import load_texts
+from mechlens.data import batched, iter_indexed, iter_texts
 from mechlens.errors import DataError
 from mechlens.forward import iter_cached
 from mechlens.loading import provenance_of
-from mechlens.ops import RunningPositionStats, stack_layers, vector_norm
+from mechlens.ops import stack_layers, vector_norm
 from mechlens.options import Options, fail, option
 from mechlens.stats.regression import lstsq_line
+from mechlens.stats.streaming import Moments, Reservoir, priorities
 from mechlens.studies import Step
 from mechlens.studies.result import StudyResult, format_values, metrics_of, none_where, not_in_metrics
 from mechlens.tokens import Texts, TokenBatch, encode, word_index
@@ -73,7 +85,10 @@ class Config(Options):
     n_fit_positions: int = option(30, "positions used by the fit of log mean norm on position", ge=2)
     hist_bins: int = option(60, "bins of the log-norm histograms", ge=1)
     hist_range: tuple[float, float] = option((-4.0, 8.0), "LOW HIGH: log-norm range of the histograms")
-    seed: int = option(0, "random seed", ge=0)
+    n_token_samples: int = option(200_000, "size of the seeded sample of tokens the log-norm percentiles are "
+                                  "computed from (exact when the corpus has no more valid tokens)", ge=1)  # fmt: skip
+    n_samples: int = option(10_000, "size of the seeded sample of texts kept for per-text comparisons", ge=1)
+    seed: int = option(0, "random seed (and the seed of the token and text samples)", ge=0)
 
     def check(self) -> None:
         lo, hi = self.hist_range
@@ -91,44 +106,82 @@ def attn_out_names(model) -> list[str]:
     return [f"blocks.{layer}.hook_attn_out" for layer in range(model.cfg.n_layers)]
 
 
+def position_budget(model, max_tokens: int | None) -> int:
+    """Positions every statistic is sized for: ``max_tokens`` text tokens plus BOS or ``<s>`` and ``</s>``
+    (all that fit the context when ``max_tokens`` is None). A token's global index in the token sample is
+    ``text_index * position_budget + position``."""
+    return (model.cfg.n_ctx if max_tokens is None else max_tokens) + 2
+
+
 # -- typed results -------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class AttnOutNorms:
     """Part 1: L2 norms (over ``d_model``, float32) of ``blocks.{l}.hook_attn_out`` at the valid tokens
-    (text tokens, without position 0 when it is excluded), and their statistics. ``pos`` indexes the
-    token position (the model's position id), not the batch column, so the padding side changes nothing.
+    (text tokens, without position 0 when it is excluded), reduced to statistics of constant size. ``pos``
+    indexes the token position (the model's position id), not the batch column, so the padding side
+    changes nothing; it runs to the longest sequence's last position.
 
-    * ``lognorm[text, layer, pos]``: the natural log of each valid token's norm, float32 (NaN where
-      ``valid`` is false: padding, special tokens, an excluded position 0);
     * ``norm_count_by_position``: valid tokens at each position (the sample size of every mean there);
       ``norm_mean_by_layer_position`` / ``lognorm_mean_by_layer_position``: mean norm / mean log-norm
-      there (float64 accumulation; NaN where the count is 0);
+      there (float64 sums; NaN where the count is 0);
     * ``lognorm_mean_by_layer`` / ``lognorm_std_by_layer``: over all valid tokens (std with ddof 0);
+      ``lognorm_text_mean_by_layer``: the mean over the ``n_texts_with_tokens`` texts that have a valid
+      token of each text's mean log-norm (each text weighs one);
     * ``lognorm_hist_counts[layer, bin]`` on the bins ``lognorm_hist_edges`` (values outside the range
-      go to the first or last bin); ``lognorm_percentiles_by_layer[layer, q]`` at the levels
-      ``lognorm_percentile_levels`` (``numpy.percentile``, linear interpolation): the distribution the
-      density figure shows;
-    * ``text_lengths``: text tokens per sequence (before position 0 is excluded).
+      go to the first or last bin);
+    * ``lognorm_percentiles_by_layer[layer, q]`` at the levels ``lognorm_percentile_levels``
+      (``numpy.percentile``, linear interpolation) of ``token_sample[token, layer]``: the log-norms of a
+      seeded sample of at most ``n_token_samples`` valid tokens (:class:`~mechlens.stats.streaming.Reservoir`
+      keyed on ``text_index * position_budget + position``), the token at position ``token_sample_position``
+      of the text of global index ``token_sample_text`` (in reading order). ``percentiles_exact``: the
+      sample holds every valid token, so the percentiles are those of the whole corpus;
+    * ``triplet_xtx[layer]`` / ``triplet_xty[layer]``: the normal equations ``X'X``, ``X'y`` of the
+      regression of a token's log-norm ``y`` on ``X = [1, log-norm at t-2, log-norm at t-1]`` over the
+      ``n_regression_triplets`` valid tokens whose two predecessors are valid (part 3 solves them);
+    * ``text_length_counts[n]``: texts with ``n`` text tokens (before position 0 is excluded);
+    * the text sample: ``sample_text_index`` (global indices, ascending) of a seeded sample of at most
+      ``n_samples`` texts, each text's mean log-norm per layer ``sample_text_lognorm`` (NaN for a text
+      without a valid token), its log-norms ``sample_lognorm[text, layer, pos]`` (NaN where no valid
+      token is) and ``sample_word[text, pos]``, the index of the whitespace word each token begins (-1
+      where none, or for token ids).
     """
 
     hook_names: tuple[str, ...]
     d_model: int
     n_sequences: int
     n_valid_tokens: int
-    text_lengths: Int[Tensor, " batch"]
+    text_length_counts: Int[np.ndarray, " length"]
     norm_count_by_position: Int[Tensor, " pos"]
     norm_mean_by_layer_position: Float[Tensor, "layer pos"]
     lognorm_mean_by_layer_position: Float[Tensor, "layer pos"]
     lognorm_mean_by_layer: Float[np.ndarray, " layer"]
     lognorm_std_by_layer: Float[np.ndarray, " layer"]
+    lognorm_text_mean_by_layer: Float[np.ndarray, " layer"]
+    n_texts_with_tokens: int
     lognorm_hist_edges: Float[np.ndarray, " edge"]
     lognorm_hist_counts: Int[Tensor, "layer bin"]
     lognorm_percentile_levels: Float[np.ndarray, " quantile"]
     lognorm_percentiles_by_layer: Float[np.ndarray, "layer quantile"]
-    lognorm: Float[Tensor, "batch layer pos"]
-    valid: Bool[Tensor, "batch pos"]
+    token_sample: Float[np.ndarray, "token layer"]
+    token_sample_text: Int[np.ndarray, " token"]
+    token_sample_position: Int[np.ndarray, " token"]
+    percentiles_exact: bool
+    triplet_xtx: Float[np.ndarray, "layer 3 3"]
+    triplet_xty: Float[np.ndarray, "layer 3"]
+    n_regression_triplets: int
+    sample_text_index: Int[np.ndarray, " sample"]
+    sample_text_lognorm: Float[np.ndarray, "sample layer"]
+    sample_lognorm: Float[np.ndarray, "sample layer pos"]
+    sample_word: Int[np.ndarray, "sample pos"]
+
+    @property
+    def percentile_basis(self) -> str:
+        """What the percentiles are computed from, in words."""
+        if self.percentiles_exact:
+            return f"all {self.n_valid_tokens} valid tokens"
+        return f"a seeded sample of {len(self.token_sample)} of the {self.n_valid_tokens} valid tokens"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,13 +214,10 @@ class MagnitudesResult:
     """The study's typed result; its fields without ``not_in_metrics`` are ``results.json``'s metrics.
 
     The ``..._by_layer_position`` and ``norm_mean_by_position`` metrics are nested lists with ``None`` at
-    positions no valid token reached (position 0 when it is excluded). Log RMS is ``log(norm /
-    sqrt(d_model)) = log norm - 0.5 log d_model``: ``log_rms_mean_by_layer`` is
-    ``lognorm_mean_by_layer`` shifted so (a mean over tokens); ``lognorm_text_mean_by_layer`` and
-    ``log_rms_text_mean_by_layer`` average each text's own mean over its valid tokens, each text weighing
-    one (what :func:`samples` resamples; equal to the token means when all texts have the same length).
-    ``word_by_position[text, pos]``: the whitespace word that the token at ``pos`` begins
-    (:func:`mechlens.tokens.word_index`), -1 where none does or the inputs were token ids."""
+    positions no valid token reached (position 0 when excluded; positions past the longest text), so
+    that NaN never stands for "no data". ``lognorm_percentiles_by_layer`` are over
+    ``lognorm_percentile_tokens`` valid tokens: all of them, or a seeded sample when the corpus has more
+    (``lognorm_percentile_basis`` says which); ``n_samples`` texts are kept for :func:`samples`."""
 
     n_sequences: int
     n_valid_tokens: int
@@ -187,92 +237,304 @@ class MagnitudesResult:
     d_model: int
     lognorm_percentile_levels: Float[np.ndarray, " quantile"]
     lognorm_percentiles_by_layer: Float[np.ndarray, "layer quantile"]
+    lognorm_percentile_tokens: int
+    lognorm_percentile_basis: str
     log_rms_mean_by_layer: Float[np.ndarray, " layer"]
     lognorm_text_mean_by_layer: Float[np.ndarray, " layer"]
     log_rms_text_mean_by_layer: Float[np.ndarray, " layer"]
+    n_samples: int
     norms: AttnOutNorms = not_in_metrics()
     position_fit: PositionFit = not_in_metrics()
     previous_norm_fit: PreviousNormFit = not_in_metrics()
-    word_by_position: Int[Tensor, "batch pos"] = not_in_metrics()
 
 
-# -- parts ---------------------------------------------------------------------------------------------
+# -- part 1: streamed norms ----------------------------------------------------------------------------
 
 
-def encode_inputs(model, cfg: Config, texts: Texts | None = None) -> tuple[list, TokenBatch]:
-    """The study's inputs: ``texts`` (default: ``cfg.data``; strings, or token ids without special tokens),
-    the first ``cfg.n_texts`` of them, encoded with the config's BOS policy, padding side and
-    ``max_tokens``."""
-    texts = load_texts(cfg.data) if texts is None else texts
-    texts = list(texts[: cfg.n_texts] if cfg.n_texts else texts)
-    batch = encode(model, texts, bos=cfg.bos, padding_side=cfg.padding_side, max_tokens=cfg.max_tokens,
-                   fix="lower --max-tokens")  # fmt: skip
-    return texts, batch
+def position_grid(
+    values: Float[Tensor, "layer batch col"], batch: TokenBatch, valid: Bool[Tensor, "batch col"], n_pos: int
+) -> tuple[Float[Tensor, "batch layer pos"], Bool[Tensor, "batch pos"]]:
+    """``values`` at the ``valid`` tokens re-keyed from batch column to position (the model's position id),
+    NaN elsewhere, and the valid mask keyed the same way: the padding side no longer matters."""
+    r, c = torch.nonzero(valid, as_tuple=True)
+    p = batch.positions[r, c]
+    grid = torch.full((len(batch), values.shape[0], n_pos), float("nan"), dtype=values.dtype)
+    grid[r, :, p] = values[:, r, c].T
+    mask = torch.zeros((len(batch), n_pos), dtype=torch.bool)
+    mask[r, p] = True
+    return grid, mask
+
+
+def previous_norm_equations(
+    lognorm: Float[Tensor, "batch layer pos"], valid: Bool[Tensor, "batch pos"]
+) -> tuple[Float[Tensor, "layer 3 3"], Float[Tensor, "layer 3"], int]:
+    """The normal equations of part 3 over ``lognorm`` (position-keyed, as :func:`position_grid` gives):
+    per layer ``X'X`` and ``X'y`` (float64) of ``log n(t)`` on ``X = [1, log n(t-2), log n(t-1)]`` over the
+    tokens whose two predecessors are valid, and the number of such tokens. Sums of batches add up to the
+    equations of their union."""
+    ln = einops.rearrange(lognorm.double(), "batch layer pos -> layer batch pos")
+    trip = valid[:, 2:] & valid[:, 1:-1] & valid[:, :-2]
+    y = ln[:, :, 2:][:, trip]
+    x = torch.stack([torch.ones_like(y), ln[:, :, :-2][:, trip], ln[:, :, 1:-1][:, trip]], -1)  # [layer, n, 3]
+    xtx = einops.einsum(x, x, "layer n i, layer n j -> layer i j")
+    xty = einops.einsum(x, y, "layer n i, layer n -> layer i")
+    return xtx, xty, int(trip.sum())
+
+
+class _Pending:
+    """Items waiting to enter a :class:`Reservoir`, added to it in blocks of about a quarter of its size
+    (each ``Reservoir.update`` re-sorts and copies all it holds). Once the reservoir is full, an item whose
+    priority is above the largest kept one can never enter and is dropped at once."""
+
+    def __init__(self, reservoir: Reservoir):
+        self.reservoir = reservoir
+        self.block = max(reservoir.size // 4, 1)
+        self.index: list[np.ndarray] = []
+        self.rows: list[np.ndarray] = []
+        self.n = 0
+
+    def add(self, index: np.ndarray, rows: np.ndarray) -> None:
+        res = self.reservoir
+        if len(res) >= res.size:
+            keep = priorities(index, res.seed) < res.priority.max()
+            index, rows = index[keep], rows[keep]
+        if len(index):
+            self.index.append(index)
+            self.rows.append(rows)
+            self.n += len(index)
+        if self.n >= self.block:
+            self.flush()
+
+    def flush(self) -> Reservoir:
+        if self.n:
+            self.reservoir.update(np.concatenate(self.index), np.concatenate(self.rows))
+            self.index, self.rows, self.n = [], [], 0
+        return self.reservoir
+
+
+class NormStatistics:
+    """The running state of part 1: every statistic of :class:`AttnOutNorms` as float64 sums and counts of
+    constant size (per layer and position up to ``n_pos``), plus two seeded samples capped at their sizes.
+    :meth:`update` adds one batch's norms, :meth:`merge_ranks` sums the state over the ranks of a process
+    group (and merges the samples), :meth:`result` gives the typed part."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        n_pos: int,
+        *,
+        hist_bins: int = 60,
+        hist_range: tuple[float, float] = (-4.0, 8.0),
+        n_token_samples: int = 200_000,
+        n_samples: int = 10_000,
+        seed: int = 0,
+    ):
+        self.n_layers, self.n_pos = n_layers, n_pos
+        self.hist_range, self.hist_bins = (float(hist_range[0]), float(hist_range[1])), hist_bins
+        self.norm = Moments((n_layers, n_pos))
+        self.lognorm = Moments((n_layers, n_pos))
+        self.text_lognorm = Moments(n_layers)  # each text's mean log-norm, over texts with a valid token
+        self.hist = torch.zeros((n_layers, hist_bins), dtype=torch.long)
+        self.xtx = torch.zeros((n_layers, 3, 3), dtype=torch.float64)
+        self.xty = torch.zeros((n_layers, 3), dtype=torch.float64)
+        # counts: [texts, triplets]; text tokens per text and tokens per sequence (special tokens included)
+        self.counts = torch.zeros(2, dtype=torch.long)
+        self.text_lengths = torch.zeros(n_pos + 1, dtype=torch.long)
+        self.seq_lengths = torch.zeros(n_pos + 1, dtype=torch.long)
+        self.tokens = _Pending(Reservoir(n_token_samples, seed))
+        self.texts = _Pending(Reservoir(n_samples, seed))
+
+    def update(
+        self,
+        batch: TokenBatch,
+        norms: Float[Tensor, "layer batch col"],
+        index: Int[Tensor, " batch"],
+        valid: Bool[Tensor, "batch col"],
+        words: Int[Tensor, "batch pos"] | None = None,
+    ) -> None:
+        """Add one batch: ``norms`` of every layer at every column of ``batch`` (float32; only ``valid``
+        tokens count), ``index`` the texts' global indices, ``words`` the position-keyed word index."""
+        batch = batch.to("cpu")
+        norms, valid, index = norms.float().cpu(), valid.cpu(), index.cpu()
+        if batch.max_position >= self.n_pos:
+            raise DataError(f"a sequence of {batch.max_position + 1} tokens exceeds the {self.n_pos} positions "
+                            "these statistics were sized for: lower --max-tokens")  # fmt: skip
+        logn32 = norms.clamp(min=1e-30).log()
+        lognorm, mask = position_grid(logn32, batch, valid, self.n_pos)  # [batch, layer, pos], [batch, pos]
+        norm, _ = position_grid(norms, batch, valid, self.n_pos)
+        self.norm.update(norm, mask[:, None, :])
+        self.lognorm.update(lognorm, mask[:, None, :])
+        lo, hi = self.hist_range
+        width = (hi - lo) / self.hist_bins
+        logn = logn32[:, valid].double()  # [layer, n]
+        idx = ((logn - lo) / width).floor().long().clamp(0, self.hist_bins - 1)
+        self.hist.scatter_add_(1, idx, torch.ones_like(idx))
+        xtx, xty, n_trip = previous_norm_equations(lognorm, mask)
+        self.xtx += xtx
+        self.xty += xty
+        n = mask.sum(-1)  # valid tokens per text
+        sums = torch.where(mask[:, None, :], lognorm.double(), 0.0).sum(-1)  # [batch, layer]
+        means = torch.where(n[:, None] > 0, sums / n.clamp(min=1)[:, None], float("nan"))
+        self.text_lognorm.update(means[n > 0])
+        self.counts += torch.tensor([len(batch), n_trip])
+        self.text_lengths += torch.bincount(batch.text_mask.sum(-1), minlength=self.n_pos + 1)
+        self.seq_lengths += torch.bincount(batch.lengths, minlength=self.n_pos + 1)
+        r, p = torch.nonzero(mask, as_tuple=True)
+        self.tokens.add((index[r] * self.n_pos + p).numpy(), lognorm[r, :, p].double().numpy())
+        w = torch.full((len(batch), self.n_pos), -1, dtype=torch.long) if words is None else words.cpu()
+        rows = torch.cat([means, einops.rearrange(lognorm.double(), "b l p -> b (l p)"), w.double()], 1)
+        self.texts.add(index.numpy().astype(np.int64), rows.numpy())
+
+    def merge_ranks(self) -> NormStatistics:
+        """Sum the state over the ranks of the process group and merge their samples (a no-op in one
+        process); every rank then holds the same statistics."""
+        sums = [*self.norm.state().values(), *self.lognorm.state().values(), *self.text_lognorm.state().values()]
+        distributed.all_reduce_sum(*sums, self.hist, self.xtx, self.xty, self.counts, self.text_lengths,
+                                   self.seq_lengths)  # fmt: skip
+        distributed.merge(self.tokens.flush())
+        distributed.merge(self.texts.flush())
+        return self
+
+    def result(
+        self, hook_names: Sequence[str], d_model: int, percentiles: Sequence[float] = PERCENTILES
+    ) -> AttnOutNorms:
+        n_texts, n_trip = (int(x) for x in self.counts)
+        if n_texts == 0:
+            raise DataError("no texts to read: pass at least one text (--data, --n-texts)")
+        n_pos = int(torch.nonzero(self.seq_lengths).max())  # the longest sequence: positions 0..n_pos-1
+        count = self.lognorm.count[0, :n_pos].round().long()
+        n_valid = int(count.sum())
+        sums = self.lognorm.sum[:, :n_pos]
+        mean = (sums.sum(1) / n_valid).numpy()
+        std = np.sqrt(np.maximum(self.lognorm.sumsq[:, :n_pos].sum(1).numpy() / n_valid - mean**2, 0))
+        tokens = self.tokens.flush()
+        token_rows = tokens.rows if tokens.rows is not None else np.zeros((0, self.n_layers))
+        levels = np.asarray(percentiles, dtype=np.float64)
+        pct = np.full((self.n_layers, len(levels)), np.nan)  # stays NaN only if no token is valid
+        if len(token_rows):
+            pct = np.percentile(token_rows, levels, axis=0).T
+        texts = self.texts.flush()
+        rows = texts.rows if texts.rows is not None else np.zeros((0, self.n_layers * (self.n_pos + 1) + self.n_pos))
+        grid = rows[:, self.n_layers : self.n_layers * (self.n_pos + 1)].reshape(-1, self.n_layers, self.n_pos)
+        lengths = self.text_lengths.numpy()
+        lo, hi = self.hist_range
+        return AttnOutNorms(
+            hook_names=tuple(hook_names),
+            d_model=int(d_model),
+            n_sequences=n_texts,
+            n_valid_tokens=n_valid,
+            text_length_counts=lengths[: int(np.nonzero(lengths)[0].max()) + 1],
+            norm_count_by_position=count,
+            norm_mean_by_layer_position=torch.from_numpy(self.norm.mean[:, :n_pos]),
+            lognorm_mean_by_layer_position=torch.from_numpy(self.lognorm.mean[:, :n_pos]),
+            lognorm_mean_by_layer=mean,
+            lognorm_std_by_layer=std,
+            lognorm_text_mean_by_layer=self.text_lognorm.mean,
+            n_texts_with_tokens=int(self.text_lognorm.count[0]),
+            lognorm_hist_edges=np.linspace(lo, hi, self.hist_bins + 1),
+            lognorm_hist_counts=self.hist.clone(),
+            lognorm_percentile_levels=levels,
+            lognorm_percentiles_by_layer=pct,
+            token_sample=token_rows,
+            token_sample_text=tokens.index.astype(np.int64) // self.n_pos,
+            token_sample_position=tokens.index.astype(np.int64) % self.n_pos,
+            percentiles_exact=len(token_rows) == n_valid,
+            triplet_xtx=self.xtx.numpy().copy(),
+            triplet_xty=self.xty.numpy().copy(),
+            n_regression_triplets=n_trip,
+            sample_text_index=texts.index.astype(np.int64),
+            sample_text_lognorm=rows[:, : self.n_layers],
+            sample_lognorm=grid[:, :, :n_pos],
+            sample_word=rows[:, -self.n_pos :][:, :n_pos].astype(np.int64),
+        )
+
+
+def _is_pair(item: Any) -> bool:
+    """``(global index, text)``, as opposed to a text (a string, or token ids)."""
+    return (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], int | np.integer)
+            and not isinstance(item[1], int | np.integer))  # fmt: skip
 
 
 def attn_out_norms(
     model,
-    batch: TokenBatch,
+    texts: TokenBatch | Iterable[tuple[int, str | Sequence[int]]] | Iterable[str | Sequence[int]],
     *,
+    bos: bool = True,
+    padding_side: str = "right",
+    max_tokens: int | None = 128,
     exclude_first: bool = True,
     batch_size: int | None = 16,
     hist_bins: int = 60,
     hist_range: tuple[float, float] = (-4.0, 8.0),
     percentiles: Sequence[float] = PERCENTILES,
-    progress: bool | str = False,
+    n_token_samples: int = 200_000,
+    n_samples: int = 10_000,
+    seed: int = 0,
+    progress_bar: bool = False,
 ) -> AttnOutNorms:
-    """Part 1: the norms of ``blocks.{l}.hook_attn_out`` (every layer) at the valid tokens of ``batch``,
-    streamed over mini-batches of ``batch_size`` texts (see :class:`AttnOutNorms`). Valid tokens are
-    ``batch.valid_mask(exclude_first)``: text tokens, without position 0 when ``exclude_first``."""
+    """Part 1: the norms of ``blocks.{l}.hook_attn_out`` (every layer) at the valid tokens of ``texts``,
+    reduced batch by batch to the statistics of :class:`AttnOutNorms` (memory constant in the number of
+    texts). Valid tokens are text tokens, without position 0 when ``exclude_first``.
+
+    ``texts``: a stream of ``(global index, text)`` pairs (:func:`corpus`, :func:`mechlens.data.iter_indexed`:
+    this rank's share under ``torchrun``) or of texts (strings, or token ids without special tokens; the
+    index is the place in the stream), read ``batch_size`` at a time and encoded with ``bos``,
+    ``padding_side`` and ``max_tokens``; the statistics are then merged over the ranks of a process
+    group. Or one encoded :class:`TokenBatch` (rows = texts 0, 1, ...; its own BOS policy, padding and
+    length; no word index; never merged over ranks), run in mini-batches of ``batch_size``; ``max_tokens``
+    then only sizes the statistics as for a stream (the token sample is keyed on
+    ``text_index * position_budget(model, max_tokens) + position``), so the same texts give the same
+    samples either way.
+    ``progress_bar``: one bar (rank 0 only) counting tokens."""
     names = attn_out_names(model)
-    n_layers, n_pos = len(names), batch.max_position + 1
-    positions, valid = batch.positions, batch.valid_mask(exclude_first=exclude_first)
-    norm_stats, log_stats = RunningPositionStats(n_pos), RunningPositionStats(n_pos)
-    hist = torch.zeros(n_layers, hist_bins, dtype=torch.long)
-    lo, hi = hist_range
-    width = (hi - lo) / hist_bins
-    lognorm = torch.full((len(batch), n_layers, n_pos), float("nan"), dtype=torch.float32)
-    valid_by_pos = torch.zeros((len(batch), n_pos), dtype=torch.bool)
-    for rows, _, acts in iter_cached(model, batch, names, batch_size=batch_size, progress=progress):
-        norms = vector_norm(stack_layers(acts, names)).cpu()  # [layer, batch, pos]
-        logn32 = norms.clamp(min=1e-30).log()
-        logn = logn32.double()
-        pos, ok = positions[rows], valid[rows]
-        norm_stats.update(norms, pos, ok)
-        log_stats.update(logn, pos, ok)
-        idx = ((logn[:, ok] - lo) / width).floor().long().clamp(0, hist_bins - 1)  # [layer, n]
-        hist.scatter_add_(1, idx, torch.ones_like(idx))
-        r, c = torch.nonzero(ok, as_tuple=True)
-        text = torch.arange(len(batch))[rows][r]
-        lognorm[text, :, pos[r, c]] = logn32[:, r, c].T
-        valid_by_pos[text, pos[r, c]] = True
-    count = log_stats.count.sum().double()
-    mean = (log_stats.sum.sum(1) / count).numpy()
-    std = np.sqrt(np.maximum(log_stats.sumsq.sum(1).numpy() / count.item() - mean**2, 0))
-    levels = np.asarray(percentiles, dtype=np.float64)
-    pct = np.full((n_layers, len(levels)), np.nan)  # stays NaN only if no token is valid
-    if valid_by_pos.any():
-        for layer in range(n_layers):  # one layer's values at a time (memory)
-            pct[layer] = np.percentile(lognorm[:, layer][valid_by_pos].double().numpy(), levels)
-    norm, logm = norm_stats.result(), log_stats.result()
-    return AttnOutNorms(
-        hook_names=tuple(names),
-        d_model=int(model.cfg.d_model),
-        n_sequences=len(batch),
-        n_valid_tokens=int(count),
-        text_lengths=batch.text_mask.sum(-1),
-        norm_count_by_position=norm.count,
-        norm_mean_by_layer_position=norm.mean,
-        lognorm_mean_by_layer_position=logm.mean,
-        lognorm_mean_by_layer=mean,
-        lognorm_std_by_layer=std,
-        lognorm_hist_edges=np.linspace(lo, hi, hist_bins + 1),
-        lognorm_hist_counts=hist,
-        lognorm_percentile_levels=levels,
-        lognorm_percentiles_by_layer=pct,
-        lognorm=lognorm,
-        valid=valid_by_pos,
-    )
+    n_layers = len(names)
+    options = {"hist_bins": hist_bins, "hist_range": hist_range, "n_token_samples": n_token_samples,
+               "n_samples": n_samples, "seed": seed}  # fmt: skip
+    if isinstance(texts, TokenBatch):
+        stats = NormStatistics(n_layers, max(position_budget(model, max_tokens), texts.max_position + 1), **options)
+        valid = texts.valid_mask(exclude_first=exclude_first)
+        rows = torch.arange(len(texts))
+        for sl, _, acts in iter_cached(model, texts, names, batch_size=batch_size, progress=progress_bar):
+            stats.update(texts.select(sl), vector_norm(stack_layers(acts, names)), rows[sl], valid[sl])
+        return stats.result(names, model.cfg.d_model, percentiles)
+    stats = NormStatistics(n_layers, position_budget(model, max_tokens), **options)
+    pairs = (item if _is_pair(item) else (i, item) for i, item in enumerate(texts))
+    chunks = batched(pairs, batch_size or 16)
+    bar = progress.bar(chunks, "study 4: attention-output norms", show=progress_bar and distributed.is_main(),
+                       unit="tok")  # fmt: skip
+    for chunk in bar:
+        index = torch.tensor([int(i) for i, _ in chunk], dtype=torch.long)
+        inputs = [t for _, t in chunk]
+        batch = encode(model, inputs, bos=bos, padding_side=padding_side, max_tokens=max_tokens,
+                       fix="lower --max-tokens")  # fmt: skip
+        words = word_by_position(model, inputs, batch, stats.n_pos)
+        for _, _, acts in iter_cached(model, batch, names):  # one forward: the whole chunk
+            stats.update(batch, vector_norm(stack_layers(acts, names)), index, batch.valid_mask(exclude_first), words)
+        if hasattr(bar, "update"):  # a tqdm bar counts one per batch itself: count the batch's tokens
+            bar.update(int(batch.attention_mask.sum()) - 1)
+    return stats.merge_ranks().result(names, model.cfg.d_model, percentiles)
+
+
+def corpus(cfg: Config, texts: Iterable | None = None) -> Iterator[tuple[int, Any]]:
+    """The study's inputs as ``(global index, text)`` pairs, this rank's share under ``torchrun``: the first
+    ``cfg.n_texts`` texts of ``cfg.data`` streamed (:func:`mechlens.data.iter_indexed`), or of ``texts``
+    given in Python (strings, or token ids without special tokens; index = place in the list, rank ``r``
+    of ``w`` keeping the indices ``i % w == r``)."""
+    rank, world_size = distributed.world()
+    if texts is None:
+        return iter_indexed(cfg.data, cfg.n_texts, rank=rank, world_size=world_size)
+    first = itertools.islice(enumerate(texts), cfg.n_texts)
+    return ((i, t) for i, t in first if i % world_size == rank)
+
+
+def encode_inputs(model, cfg: Config, texts: Texts | None = None) -> tuple[list, TokenBatch]:
+    """All of the study's inputs in one :class:`TokenBatch` (for small experiments; :func:`run` streams
+    them): ``texts`` (default: ``cfg.data``), the first ``cfg.n_texts`` of them, encoded with the config's
+    BOS policy, padding side and ``max_tokens``."""
+    texts = list(iter_texts(cfg.data, cfg.n_texts) if texts is None else itertools.islice(texts, cfg.n_texts))
+    batch = encode(model, texts, bos=cfg.bos, padding_side=cfg.padding_side, max_tokens=cfg.max_tokens,
+                   fix="lower --max-tokens")  # fmt: skip
+    return texts, batch
 
 
 def position_fit(
@@ -290,39 +552,28 @@ def position_fit(
 
 
 def previous_norm_fit(
-    lognorm: Float[Tensor, "batch layer pos"], valid: Bool[Tensor, "batch pos"], *, chunk: int = 16
+    xtx: Float[np.ndarray, "layer 3 3"], xty: Float[np.ndarray, "layer 3"], n_triplets: int
 ) -> PreviousNormFit:
-    """Part 3: per layer, OLS of ``log n(t)`` on ``[1, log n(t-2), log n(t-1)]`` over the tokens whose
-    two predecessors are valid (part 1's ``lognorm`` and ``valid``), from the normal equations in
-    float64, accumulated over ``chunk`` texts at a time (:func:`run` passes its forward batch size, so the
-    sums are added in the order of the streaming computation; the order matters only at rounding level,
-    ~1e-10 relative where the design is nearly collinear, e.g. a post-LN encoder's near-constant norms)."""
-    n_layers = lognorm.shape[1]
-    xtx = torch.zeros(n_layers, 3, 3, dtype=torch.float64)
-    xty = torch.zeros(n_layers, 3, dtype=torch.float64)
-    trip_all = valid[:, 2:] & valid[:, 1:-1] & valid[:, :-2]
-    for start in range(0, lognorm.shape[0], chunk):
-        ln = einops.rearrange(lognorm[start : start + chunk].double(), "batch layer pos -> layer batch pos")
-        trip = trip_all[start : start + chunk]
-        y = ln[:, :, 2:][:, trip]
-        x = torch.stack([torch.ones_like(y), ln[:, :, :-2][:, trip], ln[:, :, 1:-1][:, trip]], -1)  # [layer, n, 3]
-        xtx += einops.einsum(x, x, "layer n i, layer n j -> layer i j")
-        xty += einops.einsum(x, y, "layer n i, layer n -> layer i")
-    n = int(trip_all.sum())
-    if n < 3:
-        raise DataError(f"the previous-norm regression has 3 coefficients but only {n} tokens have two valid "
-                        "predecessors: use more or longer texts")  # fmt: skip
+    """Part 3: per layer, OLS of ``log n(t)`` on ``[1, log n(t-2), log n(t-1)]`` over the tokens whose two
+    predecessors are valid, solved from the normal equations accumulated in part 1 (``triplet_xtx``,
+    ``triplet_xty``, ``n_regression_triplets``; :func:`previous_norm_equations` gives them for explicit
+    arrays). Float64 throughout; the order in which batches were added matters only at rounding level,
+    ~1e-10 relative where the design is nearly collinear (e.g. a post-LN encoder's near-constant norms)."""
+    if n_triplets < 3:
+        raise DataError(f"the previous-norm regression has 3 coefficients but only {n_triplets} tokens have two "
+                        "valid predecessors: use more or longer texts")  # fmt: skip
+    a, b = torch.as_tensor(np.asarray(xtx, np.float64)), torch.as_tensor(np.asarray(xty, np.float64))
     try:
-        betas = torch.linalg.solve(xtx, xty.unsqueeze(-1)).squeeze(-1).numpy()  # [layer, 3]
+        betas = torch.linalg.solve(a, b.unsqueeze(-1)).squeeze(-1).numpy()  # [layer, 3]
     except torch.linalg.LinAlgError:
         raise DataError("the previous-norm regression is singular (too few distinct tokens): use more texts") from None
-    return PreviousNormFit(betas=betas, n_regression_triplets=n)
+    return PreviousNormFit(betas=betas, n_regression_triplets=int(n_triplets))
 
 
-def word_by_position(model, texts: Texts, batch: TokenBatch) -> Int[Tensor, "batch pos"]:
-    """:func:`mechlens.tokens.word_index` keyed on token position instead of batch column; all -1 when
-    ``texts`` are token ids (no character offsets)."""
-    out = torch.full((len(batch), batch.max_position + 1), -1, dtype=torch.long)
+def word_by_position(model, texts: Texts, batch: TokenBatch, n_pos: int | None = None) -> Int[Tensor, "batch pos"]:
+    """:func:`mechlens.tokens.word_index` keyed on token position instead of batch column (``n_pos``
+    positions, default the batch's); all -1 when ``texts`` are token ids (no character offsets)."""
+    out = torch.full((len(batch), n_pos or batch.max_position + 1), -1, dtype=torch.long)
     if not texts or not isinstance(texts[0], str):
         return out
     words = word_index(model, texts, batch)
@@ -331,59 +582,47 @@ def word_by_position(model, texts: Texts, batch: TokenBatch) -> Int[Tensor, "bat
     return out
 
 
-def text_means(
-    lognorm: Float[Tensor, "batch layer pos"], valid: Bool[Tensor, "batch pos"]
-) -> tuple[Float[np.ndarray, "text layer"], Int[np.ndarray, " text"]]:
-    """Each text's mean log-norm over its valid tokens, per layer, for the texts that have any (float64),
-    and those texts' indices."""
-    n = valid.sum(-1)
-    keep = torch.nonzero(n > 0).squeeze(-1)
-    sums = torch.stack([torch.where(valid, lognorm[:, layer].double(), 0.0).sum(-1)  # one layer at a time (memory)
-                        for layer in range(lognorm.shape[1])], -1)  # fmt: skip
-    return (sums[keep] / n[keep, None]).numpy(), keep.numpy().astype(np.int64)
-
-
 # -- the study -----------------------------------------------------------------------------------------
 
 
 def run(model, cfg: Config | None = None, texts: Texts | None = None) -> StudyResult:
-    """Every part on the first ``cfg.n_texts`` of ``texts`` (default: ``cfg.data``; strings or token ids
-    without special tokens). ``result.parts`` is the :class:`MagnitudesResult`; ``result.metrics``
-    derives from it."""
+    """Every part on the first ``cfg.n_texts`` of ``texts`` (default: ``cfg.data``, streamed; strings or
+    token ids without special tokens), this rank's share under ``torchrun`` with the statistics merged over
+    the ranks. ``result.parts`` is the :class:`MagnitudesResult`; ``result.metrics`` derives from it."""
     cfg = cfg or Config()
     torch.manual_seed(cfg.seed)
-    texts, batch = encode_inputs(model, cfg, texts)
-    valid = batch.valid_mask(exclude_first=cfg.exclude_first)
-    n_trip = int((valid[:, 2:] & valid[:, 1:-1] & valid[:, :-2]).sum())
-    if n_trip < 3:  # checked before any forward pass: the previous-norm regression has 3 coefficients
+    norms = attn_out_norms(
+        model, corpus(cfg, texts), bos=cfg.bos, padding_side=cfg.padding_side, max_tokens=cfg.max_tokens,
+        exclude_first=cfg.exclude_first, batch_size=cfg.batch_size, hist_bins=cfg.hist_bins,
+        hist_range=cfg.hist_range, n_token_samples=cfg.n_token_samples, n_samples=cfg.n_samples, seed=cfg.seed,
+        progress_bar=True,
+    )  # fmt: skip
+    if norms.n_regression_triplets < 3:  # the previous-norm regression has 3 coefficients
         raise DataError(
-            f"--data {cfg.data}: only {n_trip} tokens have two valid predecessors, and the previous-norm regression "
-            "needs at least 3; use more or longer texts (each needs >= 3 tokens after position 0)"
+            f"--data {cfg.data}: only {norms.n_regression_triplets} tokens have two valid predecessors, and the "
+            "previous-norm regression needs at least 3; use more or longer texts (each needs >= 3 tokens after "
+            "position 0)"
         )
-    norms = attn_out_norms(model, batch, exclude_first=cfg.exclude_first, batch_size=cfg.batch_size,
-                           hist_bins=cfg.hist_bins, hist_range=cfg.hist_range, progress="study 4 forward")  # fmt: skip
     fit = position_fit(norms.norm_mean_by_layer_position, norms.norm_count_by_position, cfg.n_fit_positions)
-    prev = previous_norm_fit(norms.lognorm, norms.valid, chunk=cfg.batch_size)
-    typed = compose(norms, fit, prev, word_by_position(model, texts, batch))
-    prov = provenance_of(model).replace(bos=batch.bos_policy(), padding_side=batch.padding_side, seed=cfg.seed)
+    prev = previous_norm_fit(norms.triplet_xtx, norms.triplet_xty, norms.n_regression_triplets)
+    typed = compose(norms, fit, prev)
+    bos = "prepend" if cfg.bos else "none"
+    prov = provenance_of(model).replace(bos=bos, padding_side=cfg.padding_side, seed=cfg.seed)
     res = StudyResult("magnitudes", prov.model, metrics_of(typed), prov.to_dict(), dataclasses.asdict(cfg),
                       tables(typed), parts=typed)  # fmt: skip
     res.figures = figures(typed)
     return res
 
 
-def compose(
-    norms: AttnOutNorms, fit: PositionFit, prev: PreviousNormFit, words: Int[Tensor, "batch pos"]
-) -> MagnitudesResult:
-    """The typed result from the three parts (and the word index of each position)."""
+def compose(norms: AttnOutNorms, fit: PositionFit, prev: PreviousNormFit) -> MagnitudesResult:
+    """The typed result from the three parts."""
     empty = (norms.norm_count_by_position == 0).numpy()
     mean_np = norms.norm_mean_by_layer_position.numpy()
     shift = 0.5 * math.log(norms.d_model)
-    per_text, _ = text_means(norms.lognorm, norms.valid)
     return MagnitudesResult(
         n_sequences=norms.n_sequences,
         n_valid_tokens=norms.n_valid_tokens,
-        seq_length_counts=np.bincount(norms.text_lengths.numpy()),
+        seq_length_counts=norms.text_length_counts,
         lognorm_mean_by_layer=norms.lognorm_mean_by_layer,
         lognorm_std_by_layer=norms.lognorm_std_by_layer,
         lognorm_hist_edges=norms.lognorm_hist_edges,
@@ -401,13 +640,15 @@ def compose(
         d_model=norms.d_model,
         lognorm_percentile_levels=norms.lognorm_percentile_levels,
         lognorm_percentiles_by_layer=norms.lognorm_percentiles_by_layer,
+        lognorm_percentile_tokens=len(norms.token_sample),
+        lognorm_percentile_basis=norms.percentile_basis,
         log_rms_mean_by_layer=norms.lognorm_mean_by_layer - shift,
-        lognorm_text_mean_by_layer=per_text.mean(0),
-        log_rms_text_mean_by_layer=per_text.mean(0) - shift,
+        lognorm_text_mean_by_layer=norms.lognorm_text_mean_by_layer,
+        log_rms_text_mean_by_layer=norms.lognorm_text_mean_by_layer - shift,
+        n_samples=len(norms.sample_text_index),
         norms=norms,
         position_fit=fit,
         previous_norm_fit=prev,
-        word_by_position=words,
     )
 
 
@@ -445,10 +686,12 @@ def _mean_over_layers(x: np.ndarray) -> np.ndarray:
 
 
 def samples(result: StudyResult) -> pd.DataFrame:
-    """Per-text statistics of the attention-output norms, for :mod:`mechlens.comparison`.
+    """Per-text statistics of the attention-output norms, for :mod:`mechlens.comparison`, over the seeded
+    sample of at most ``n_samples`` texts (every text when there are no more; the same texts for every
+    model of a run, whatever the sharding).
 
-    Unit ``text`` (``sample`` = the text's index in the inputs, the same for every model) when there are
-    several texts; with one text, unit ``token`` (``sample`` = the token's position). Block ``l`` at
+    Unit ``text`` (``sample`` = the text's global index in the inputs, the same for every model) when there
+    are several texts; with one text, unit ``token`` (``sample`` = the token's position). Block ``l`` at
     relative depth ``(l + 1) / L`` (:func:`mechlens.axes.block_depth`). Quantities, at every block:
 
     * ``log_rms``: a text's mean over its valid tokens of ``log(norm / sqrt(d_model)) = log norm - 0.5
@@ -461,14 +704,15 @@ def samples(result: StudyResult) -> pd.DataFrame:
     * ``log_norm``: as ``log_rms`` without the width shift (raw norms scale with width: compare models of
       one width only); its mean over texts is ``lognorm_text_mean_by_layer``.
 
-    Texts without a valid token (possible only with ``bos=False`` and one-token texts) give no rows."""
+    (The means over texts equal the metrics when the sample holds every text.) Texts without a valid token
+    (possible only with ``bos=False`` and one-token texts) give no rows."""
     r: MagnitudesResult = result.parts
-    ln, valid = r.norms.lognorm.double().numpy(), r.norms.valid.numpy()
-    n_texts, n_layers, _ = ln.shape
+    norms = r.norms
+    ln, words, index = norms.sample_lognorm, norms.sample_word, norms.sample_text_index
+    n_layers = ln.shape[1]
     depth = block_depth(n_layers)
     shift = 0.5 * math.log(r.d_model)
-    words = r.word_by_position.numpy()
-    t, p = np.nonzero(valid)  # every valid token, in reading order
+    t, p = np.nonzero(~np.isnan(ln[:, 0, :]))  # every valid token of the sampled texts, in reading order
     tok = ln[t, :, p]  # [token, layer]
     parts = []
 
@@ -486,12 +730,13 @@ def samples(result: StudyResult) -> pd.DataFrame:
             "value": values.reshape(-1),
         }))  # fmt: skip
 
-    if n_texts > 1:
+    if norms.n_sequences > 1:
         unit = "text"
-        means, keep = text_means(r.norms.lognorm, r.norms.valid)
-        block("log_rms", means - shift, keep)
-        block("log_norm", means, keep)
-        block("log_rms_by_position", tok - shift, t, positions=p, word=words[t, p])
+        keep = np.nonzero(~np.isnan(norms.sample_text_lognorm[:, 0]))[0]
+        means = norms.sample_text_lognorm[keep]
+        block("log_rms", means - shift, index[keep])
+        block("log_norm", means, index[keep])
+        block("log_rms_by_position", tok - shift, index[t], positions=p, word=words[t, p])
     else:
         unit = "token"
         block("log_rms", tok - shift, p)
@@ -573,8 +818,8 @@ def percentile_figure(norms: AttnOutNorms) -> go.Figure:
     if len(levels) % 2:
         mid = len(levels) // 2
         f.add_scatter(x=x, y=pct[:, mid], mode="lines+markers", name=f"p{levels[mid]:g}")
-    return f.update_layout(title="Percentiles of log attention-output norms by layer", xaxis_title="layer",
-                           yaxis_title="log norm")  # fmt: skip
+    return f.update_layout(title=f"Percentiles of log attention-output norms by layer<br><sup>over "
+                           f"{norms.percentile_basis}</sup>", xaxis_title="layer", yaxis_title="log norm")  # fmt: skip
 
 
 def heatmap_figure(norms: AttnOutNorms) -> go.Figure:
@@ -675,32 +920,37 @@ LESSON = (
         "Set up: configuration, model and texts",
         "The study's configuration (`magnitudes.Config`; its fields are the `mechlens run magnitudes` flags), "
         'the embedded `tiny-gpt2` (offline; `gpt2-large` with `data="rotten_tomatoes"` reproduces the '
-        "original online) and the texts, encoded once. Conventions that differ from the original notebook: BOS "
+        "original online) and the texts as a stream of `(global index, text)` pairs: any source streams "
+        "(a local `.txt`/`.jsonl`/`.csv`/`.parquet` file, `hf:REPO:SPLIT`), tokenised one batch at a time, "
+        "so memory does not grow with the corpus. Conventions that differ from the original notebook: BOS "
         "is prepended (`bos=False` to switch), position 0 is excluded from every statistic "
         "(`exclude_first=False`), texts keep their first 128 tokens (`max_tokens`). Statistics key on the "
         "model's position ids, so the padding side changes nothing.",
         'config = magnitudes.Config(data="reviews", n_texts=64, padding_side="right")\n'
         'model = load_model("tiny-gpt2")  # or "gpt2-large" online, with data="rotten_tomatoes"\n'
-        "texts, batch = magnitudes.encode_inputs(model, config)\n"
-        'print(len(batch), "texts,", int(batch.text_mask.sum()), "text tokens, BOS prepended:", batch.bos)',
+        "texts = magnitudes.corpus(config)  # (global index, text) pairs, read lazily\n"
+        "config",
     ),
     Step(
-        "Part 1: attention-output norms by layer, text and position",
-        "`attn_out_norms` caches only `blocks.{l}.hook_attn_out`, one mini-batch at a time, and keeps the L2 "
-        "norm's log at every valid token (`norms.lognorm[text, layer, position]`), means by layer and "
-        "position, a histogram and percentiles of the log-norms per layer. Look for the layers whose "
-        "attention writes the largest vectors, how wide each layer's distribution is (5th to 95th "
-        "percentile), and whether early positions stand out in the heatmap.",
+        "Part 1: attention-output norms by layer and position",
+        "`attn_out_norms` caches only `blocks.{l}.hook_attn_out`, one mini-batch at a time, and reduces the "
+        "L2 norms at once to sums of constant size: means by layer and position, a histogram per layer, and "
+        "percentiles of the log-norms per layer from a seeded sample of at most `n_token_samples` tokens "
+        "(exact here: the sample holds every token). Look for the layers whose attention writes the largest "
+        "vectors, how wide each layer's distribution is (5th to 95th percentile), and whether early "
+        "positions stand out in the heatmap.",
         "norms = magnitudes.attn_out_norms(\n"
         "    model,\n"
-        "    batch,\n"
+        "    texts,\n"
+        "    bos=config.bos,\n"
+        "    max_tokens=config.max_tokens,\n"
         "    exclude_first=config.exclude_first,\n"
         "    batch_size=config.batch_size,\n"
-        "    hist_bins=config.hist_bins,\n"
-        "    hist_range=config.hist_range,\n"
+        "    n_token_samples=config.n_token_samples,\n"
         ")\n"
+        'print(norms.n_sequences, "texts,", norms.n_valid_tokens, "valid tokens")\n'
         'print("mean log-norm by layer:", norms.lognorm_mean_by_layer.round(3))\n'
-        'print("percentiles", norms.lognorm_percentile_levels, "by layer:")\n'
+        'print("percentiles", norms.lognorm_percentile_levels, "over", norms.percentile_basis, "by layer:")\n'
         "print(norms.lognorm_percentiles_by_layer.round(3))\n"
         "magnitudes.density_figure(norms).show()\n"
         "magnitudes.heatmap_figure(norms).show()",
@@ -721,9 +971,10 @@ LESSON = (
     Step(
         "Part 3: does a token's norm follow its predecessors'?",
         "`previous_norm_fit` regresses each token's log-norm on the log-norms of the two tokens before it, "
-        "per layer (ordinary least squares over every token whose two predecessors are valid). A large "
-        "coefficient at t-1 means norms persist from token to token.",
-        "prev = magnitudes.previous_norm_fit(norms.lognorm, norms.valid)\n"
+        "per layer (ordinary least squares over every token whose two predecessors are valid), from the "
+        "normal equations X'X and X'y that part 1 summed batch by batch. A large coefficient at t-1 means "
+        "norms persist from token to token.",
+        "prev = magnitudes.previous_norm_fit(norms.triplet_xtx, norms.triplet_xty, norms.n_regression_triplets)\n"
         'print(prev.n_regression_triplets, "tokens with two valid predecessors")\n'
         "for layer, betas in enumerate(prev.by_layer()):\n"
         '    print(f"layer {layer}:", {k: round(v, 3) for k, v in betas.items()})',
@@ -731,9 +982,10 @@ LESSON = (
     Step(
         "The whole study",
         "`run` composes the parts into one typed result (`result.parts`), from which the metrics "
-        "(`results.json`), the CSV tables and the figures derive. `magnitudes.samples(result)` gives the "
-        "per-text log RMS (`log(norm / sqrt(d_model))`) by layer and position, the input of cross-model "
-        "comparisons with bootstrap intervals over texts.",
+        "(`results.json`), the CSV tables and the figures derive; under `torchrun` each process streams its "
+        "share of the texts and the sums are merged. `magnitudes.samples(result)` gives the per-text log RMS "
+        "(`log(norm / sqrt(d_model))`) by layer and position for a seeded sample of at most `n_samples` "
+        "texts, the input of cross-model comparisons with bootstrap intervals over texts.",
         "result = magnitudes.run(model, config)\n"
         'result.figures["norm_heatmap"].show()\n'
         'result.figures["lognorm_percentiles"].show()\n'

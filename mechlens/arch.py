@@ -413,6 +413,27 @@ def readout_description(model: TransformerBridge) -> str:
     return f"ln_final(x) @ W_U + b_U{post}"
 
 
+# what ``hook_attn_out`` holds, by normalisation placement: comparable across models only within a group
+_ATTN_OUT_MEANING = {
+    "pre-LN": "what attention adds to the residual stream",
+    "output-norm": "what attention adds, after a norm on its output",
+    "sandwich": "what attention adds, after a norm on its output",
+    "post-LN": "the attention block's output after the residual add and LayerNorm",
+}
+
+
+def attn_out_mismatch(provenances) -> str | None:
+    """``None`` if every model's ``hook_attn_out`` is the same kind of vector (from each provenance's
+    ``norm_placement``); otherwise a sentence naming each model's placement and what its hook holds."""
+    placements = {m: p.get("norm_placement", "unchecked") for m, p in provenances.items()}
+    meanings = {m: _ATTN_OUT_MEANING.get(pl, "unchecked") for m, pl in placements.items()}
+    if len(set(meanings.values())) <= 1:
+        return None
+    return "attention outputs differ in meaning: " + "; ".join(
+        f"{m} ({placements[m]}): {meanings[m]}" for m in placements
+    )
+
+
 def norm_placement(hf_config, architecture: str) -> str:
     """``"pre-LN"``, ``"post-LN"``, ``"sandwich"``, ``"output-norm"`` (see the module docstring) for the
     families in :data:`FAMILIES`, from the config where it decides; ``"unchecked"`` otherwise."""

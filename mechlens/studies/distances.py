@@ -517,25 +517,12 @@ def samples(result: StudyResult) -> pd.DataFrame:
     )
 
 
-# what hook_attn_out holds, by normalisation placement (see mechlens.arch): comparable only within a group
-_ATTN_OUT_MEANING = {
-    "pre-LN": "what attention adds to the residual stream",
-    "output-norm": "what attention adds, after a norm on its output",
-    "sandwich": "what attention adds, after a norm on its output",
-    "post-LN": "the attention block's output after the residual add and LayerNorm",
-}
-
-
 def incomparable(provenances: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
     """Quantities of :func:`samples` that are not comparable between these models: the attention ones
     when the models' attention outputs are different vectors (normalisation placements of different
     meaning). Distances are normalised and taus are rank statistics, so width alone does not matter."""
-    meanings = {m: _ATTN_OUT_MEANING.get(p.get("norm_placement", "unchecked"), "unchecked") for m, p in
-                provenances.items()}  # fmt: skip
-    if len(set(meanings.values())) <= 1:
-        return {}
-    why = "attention outputs differ in meaning: " + "; ".join(f"{m}: {v}" for m, v in meanings.items())
-    return {"tau_attn": why, "mean_normalised_l2_attn": why}
+    why = arch.attn_out_mismatch(provenances)
+    return {} if why is None else {"tau_attn": why, "mean_normalised_l2_attn": why}
 
 
 # -- figures -------------------------------------------------------------------------------------------

@@ -3,13 +3,28 @@
 The first ``seqlen`` tokens of ``n_train`` texts (and a fresh ``n_test``) go through the model; the
 per-token loss matrix is regressed on position (OLS, statsmodels + sklearn) and position is
 classified from loss (multinomial logistic regression), with confusion matrices and per-position
-accuracy on the training batch and on the fresh test batch.
+accuracy on the training texts and on the fresh test texts.
 
 Parts, in the original notebook's order: :func:`loss_matrix` (the loss of every text token by text
 position), :func:`fit_position_ols` (position ~ const + loss), :func:`fit_position_logistic` (position
 classified from loss) and :func:`confusion` (its confusion matrices). :func:`run` composes them into a
 :class:`PositionResult` (``StudyResult.parts``; ``results.json`` is derived from it) and
 :func:`samples` gives its per-text losses for cross-model comparison.
+
+Corpus scale: :func:`run` streams the texts (:func:`mechlens.data.iter_indexed`: the training split is
+the first ``n_train`` texts of the source, the test split the next ``n_test``, by global index, so
+sharding does not change it), tokenises and forwards them one mini-batch at a time
+(:func:`stream_losses`) and accumulates, in memory constant in the number of texts: the loss by
+position (:class:`~mechlens.stats.streaming.Moments`), the OLS of position on loss as normal equations
+(:class:`~mechlens.stats.streaming.NormalEquations`) and, per split, a seeded reservoir of at most
+``n_samples`` whole texts (:class:`~mechlens.stats.streaming.Reservoir`, keyed by global text index).
+The loss by position and the OLS are over every text; the logistic regression, the confusion
+matrices, sklearn's line, the predictions, the loss table and :func:`samples` are over the reservoir,
+which holds the whole split unless it has more than ``n_samples`` texts (then ``sampled`` is true and
+``logistic_sample_texts`` says how many). When it holds the whole split the results are those of the
+loss matrices of the whole splits (statsmodels' OLS table included). Under ``torchrun`` each rank
+streams its shard and the accumulators are merged (:func:`mechlens.distributed.merge`), so every rank
+computes the same results.
 
 The loss of a causal LM is the next-token loss, ``[n, seqlen-1]`` (positions 0..seqlen-2): the loss at
 position p is ``-log p(token p+1 | tokens 0..p)``, keyed on the token at p, the last one the
@@ -104,9 +119,17 @@ position.confusion_figures(conf)["confusion_test"].show()
 # `run` composes the four parts (the same numbers as above) into `result.parts`, a
 # `PositionResult` from which `results.json`'s metrics are derived, with the CSV tables, the
 # figures and the provenance that `mechlens run position` writes. `samples` gives the training
-# losses one row per (text, position): what a cross-model comparison resamples.
+# losses one row per (text, position): what a cross-model comparison resamples. For a corpus,
+# `run` streams the texts a mini-batch at a time (`stream_losses`) instead of holding the two
+# matrices: the loss by position and the OLS (normal equations) are accumulated over every text,
+# and a seeded reservoir of at most `n_samples` texts per split (10,000 by default: here every
+# text) feeds the logistic regression, the confusion matrices and `samples`; `sampled` says
+# whether it had to drop texts. Under `torchrun` each process streams its share of the texts and
+# the statistics are merged, with the same results.
 result = position.run(model, config)
 print(position.headline(result.metrics)[1])
+parts = result.parts  # the typed result
+print(f"sampled: {parts.sampled}; kept {parts.logistic_sample_texts} of {parts.n_texts_train} texts")
 print(position.samples(result).head())
 result.figures["loss_by_position"].show()
 result.figures["confusion_test"].show()

@@ -3,13 +3,28 @@
 The first ``seqlen`` tokens of ``n_train`` texts (and a fresh ``n_test``) go through the model; the
 per-token loss matrix is regressed on position (OLS, statsmodels + sklearn) and position is
 classified from loss (multinomial logistic regression), with confusion matrices and per-position
-accuracy on the training batch and on the fresh test batch.
+accuracy on the training texts and on the fresh test texts.
 
 Parts, in the original notebook's order: :func:`loss_matrix` (the loss of every text token by text
 position), :func:`fit_position_ols` (position ~ const + loss), :func:`fit_position_logistic` (position
 classified from loss) and :func:`confusion` (its confusion matrices). :func:`run` composes them into a
 :class:`PositionResult` (``StudyResult.parts``; ``results.json`` is derived from it) and
 :func:`samples` gives its per-text losses for cross-model comparison.
+
+Corpus scale: :func:`run` streams the texts (:func:`mechlens.data.iter_indexed`: the training split is
+the first ``n_train`` texts of the source, the test split the next ``n_test``, by global index, so
+sharding does not change it), tokenises and forwards them one mini-batch at a time
+(:func:`stream_losses`) and accumulates, in memory constant in the number of texts: the loss by
+position (:class:`~mechlens.stats.streaming.Moments`), the OLS of position on loss as normal equations
+(:class:`~mechlens.stats.streaming.NormalEquations`) and, per split, a seeded reservoir of at most
+``n_samples`` whole texts (:class:`~mechlens.stats.streaming.Reservoir`, keyed by global text index).
+The loss by position and the OLS are over every text; the logistic regression, the confusion
+matrices, sklearn's line, the predictions, the loss table and :func:`samples` are over the reservoir,
+which holds the whole split unless it has more than ``n_samples`` texts (then ``sampled`` is true and
+``logistic_sample_texts`` says how many). When it holds the whole split the results are those of the
+loss matrices of the whole splits (statsmodels' OLS table included). Under ``torchrun`` each rank
+streams its shard and the accumulators are merged (:func:`mechlens.distributed.merge`), so every rank
+computes the same results.
 
 The loss of a causal LM is the next-token loss, ``[n, seqlen-1]`` (positions 0..seqlen-2): the loss at
 position p is ``-log p(token p+1 | tokens 0..p)``, keyed on the token at p, the last one the
@@ -25,24 +40,26 @@ default (no BOS: the first text token is position 0); ``--bos`` (``Config(bos=Tr
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mechlens import arch
-from mechlens.data import load_texts, split_train_test
-from mechlens.errors import DataError
+from mechlens import arch, distributed, progress
+from mechlens.data import iter_indexed, iter_texts, load_texts, split_train_test
+from mechlens.errors import DataError, MechlensError
 from mechlens.forward import iter_cached
 from mechlens.loading import provenance_of
 from mechlens.ops import next_token_loss
 from mechlens.options import Options, fail, option
 from mechlens.stats.regression import LogisticConfig, logistic, ols
+from mechlens.stats.streaming import Moments, NormalEquations, Reservoir
 from mechlens.studies import Step
 from mechlens.studies.result import StudyResult, metrics_of, not_in_metrics
 from mechlens.tokens import Texts, TokenBatch, encode, word_index
@@ -64,6 +81,13 @@ class Config(Options):
     tol: float = option(1e-6, "stopping tolerance of the logistic regression", gt=0)
     max_iter: int = option(2000, "iteration limit of the logistic regression", ge=1)
     seed: int = option(0, "random seed", ge=0)
+    n_samples: int = option(
+        10_000,
+        "texts per split kept in a seeded reservoir for the logistic regression, the confusion matrices, sklearn's "
+        "line, the predictions and the per-text samples (the loss by position and the OLS use every text); a split "
+        "with more texts is sampled",
+        ge=1,
+    )
 
     def check_model(self, model) -> None:
         n_ctx = model.cfg.n_ctx
@@ -80,12 +104,40 @@ class Config(Options):
         return LogisticConfig(self.solver, self.C, self.tol, self.max_iter, self.seed)
 
 
+PEEK = 1000  # texts counted before the stream: enough to apply the default split, min(500, half the texts)
+
+
+def _count(source: str, limit: int) -> int:
+    return sum(1 for _ in iter_texts(source, limit))
+
+
+def split_sizes(cfg: Config, texts: Sequence | None = None) -> tuple[int, int]:
+    """``(n_train, n_test)``: ``cfg.n_train`` / ``cfg.n_test``, each defaulting to ``min(500, half the
+    texts)``. Only the first ``min(1000, n_train + n_test)`` texts of ``cfg.data`` are counted (on rank 0
+    under ``torchrun``), not the corpus: a source found shorter than the split is refused here, before any
+    forward pass, naming how many texts it has; a longer split of a longer source is checked at the end
+    of the stream (:func:`run`)."""
+    given = cfg.n_train is not None and cfg.n_test is not None
+    limit = min(cfg.n_train + cfg.n_test, PEEK) if given else PEEK
+    if texts is not None:
+        count, exact = len(texts), True
+    else:
+        count = distributed.on_main(_count, cfg.data, limit)
+        exact = count < limit
+    half = min(500, count // 2) if exact else 500
+    n_train, n_test = cfg.n_train or half, cfg.n_test or half
+    if exact:
+        split_train_test(range(count), n_train, n_test)  # raises naming how many texts exist
+    return n_train, n_test
+
+
 def split_texts(cfg: Config, texts: Texts | None = None) -> tuple[list, list]:
     """The training texts (the first ``n_train`` of ``texts``, default: those of ``cfg.data``) and the
-    fresh test texts (the next ``n_test``); both default to ``min(500, len(texts) // 2)``."""
-    texts = load_texts(cfg.data) if texts is None else texts
-    half = min(500, len(texts) // 2)
-    return split_train_test(texts, cfg.n_train or half, cfg.n_test or half)
+    fresh test texts (the next ``n_test``); both default to ``min(500, len(texts) // 2)``, as lists (for
+    a corpus, :func:`run` streams them instead)."""
+    n_train, n_test = split_sizes(cfg, texts)
+    texts = load_texts(cfg.data, n_train + n_test) if texts is None else texts
+    return split_train_test(texts, n_train, n_test)
 
 
 def encode_texts(model, texts: Texts, cfg: Config) -> TokenBatch:
@@ -202,8 +254,10 @@ def _as_array(x: Float[Tensor, "batch text_pos"] | Float[np.ndarray, "batch text
 class OLSFit:
     """``position ~ const + loss`` by ordinary least squares over the rows of a loss matrix
     (:func:`fit_position_ols`). ``params``, ``bse``, ``tvalues``, ``pvalues``: (const, loss), from
-    statsmodels; ``summary``: its table as printed. Rows are the matrix flattened text by text (row
-    ``i * n_pos + p`` is text i, position p)."""
+    statsmodels, or from the normal equations over every training row when the matrix is a sample of
+    them (``method``); ``summary``: statsmodels' table as printed (or the same numbers from the normal
+    equations). Rows are the matrix flattened text by text (row ``i * n_pos + p`` is text i, position p);
+    ``predictions`` are the fit's at those rows."""
 
     params: Float[np.ndarray, "2"]
     bse: Float[np.ndarray, "2"]
@@ -213,35 +267,103 @@ class OLSFit:
     r2_adj: float
     nobs: int
     summary: str
-    sklearn_intercept: float = not_in_metrics()  # sklearn LinearRegression on the same rows
+    method: str  # "statsmodels" (the rows themselves) or "normal equations" (every row, streamed)
+    sklearn_intercept: float = not_in_metrics()  # sklearn LinearRegression on the matrix's rows
     sklearn_slope: float = not_in_metrics()
     predictions: Float[np.ndarray, " row"] = not_in_metrics()  # fitted position of every row
     position: Int[np.ndarray, " row"] = not_in_metrics()  # true position of every row
     loss: Float[np.ndarray, " row"] = not_in_metrics()  # the loss of every row (float64)
 
 
-def fit_position_ols(losses: Float[Tensor, "batch text_pos"] | Float[np.ndarray, "batch text_pos"]) -> OLSFit:
+def fit_position_ols(
+    losses: Float[Tensor, "batch text_pos"] | Float[np.ndarray, "batch text_pos"],
+    equations: NormalEquations | None = None,
+) -> OLSFit:
     """Regress position on loss, ``position ~ const + loss``, over every (text, position) of the loss
     matrix ``[texts, positions]`` (e.g. ``loss_matrix(...).loss``): statsmodels OLS (the full table) and
-    sklearn's LinearRegression (the same intercept and slope), in float64."""
+    sklearn's LinearRegression (the same intercept and slope), in float64.
+
+    ``equations``: the normal equations of the same regression over every training row (``x`` the loss,
+    ``y`` the position; :attr:`LossStream.equations`) when ``losses`` is a sample of those rows. If they
+    cover more rows than ``losses``, the OLS numbers (params, bse, t, p, R², nobs) come from them, so they
+    are those of every row; sklearn's line and the rows' predictions stay on ``losses``. If they cover
+    exactly ``losses``' rows, statsmodels runs on the rows (the two agree to ~1e-12)."""
     x = _as_array(losses)
     pos = np.tile(np.arange(x.shape[1]), len(x))
-    lin = ols(x.reshape(-1), pos)
+    if equations is None or int(equations.n) == pos.size:
+        lin = ols(x.reshape(-1), pos)
+        return OLSFit(
+            params=np.asarray(lin["params"]),
+            bse=np.asarray(lin["bse"]),
+            tvalues=np.asarray(lin["tvalues"]),
+            pvalues=np.asarray(lin["pvalues"]),
+            r2=lin["r2"],
+            r2_adj=lin["r2_adj"],
+            nobs=lin["nobs"],
+            summary=lin["summary"],
+            method="statsmodels",
+            sklearn_intercept=lin["sklearn_intercept"],
+            sklearn_slope=float(lin["sklearn_coef"][0]),
+            predictions=np.asarray(lin["predictions"], dtype=np.float64),
+            position=pos,
+            loss=x.reshape(-1).astype(np.float64),
+        )
+    from sklearn.linear_model import LinearRegression
+
+    fit = equations.fit()
+    params = np.asarray(fit["params"], dtype=np.float64)
+    rows = x.reshape(-1).astype(np.float64)
+    sk = LinearRegression().fit(rows[:, None], pos.astype(np.float64))
     return OLSFit(
-        params=np.asarray(lin["params"]),
-        bse=np.asarray(lin["bse"]),
-        tvalues=np.asarray(lin["tvalues"]),
-        pvalues=np.asarray(lin["pvalues"]),
-        r2=lin["r2"],
-        r2_adj=lin["r2_adj"],
-        nobs=lin["nobs"],
-        summary=lin["summary"],
-        sklearn_intercept=lin["sklearn_intercept"],
-        sklearn_slope=float(lin["sklearn_coef"][0]),
-        predictions=np.asarray(lin["predictions"], dtype=np.float64),
+        params=params,
+        bse=np.asarray(fit["bse"], dtype=np.float64),
+        tvalues=np.asarray(fit["tvalues"], dtype=np.float64),
+        pvalues=np.asarray(fit["pvalues"], dtype=np.float64),
+        r2=fit["r2"],
+        r2_adj=fit["r2_adj"],
+        nobs=fit["nobs"],
+        summary=normal_equations_summary(fit, pos.size),
+        method="normal equations",
+        sklearn_intercept=float(sk.intercept_),
+        sklearn_slope=float(sk.coef_[0]),
+        predictions=params[0] + params[1] * rows,
         position=pos,
-        loss=x.reshape(-1).astype(np.float64),
+        loss=rows,
     )
+
+
+def normal_equations_summary(fit: Mapping[str, Any], sample_rows: int) -> str:
+    """statsmodels' OLS table (its model, coefficient and confidence-interval rows) from the numbers of
+    :meth:`~mechlens.stats.streaming.NormalEquations.fit`; residual diagnostics (Durbin-Watson,
+    Jarque-Bera, omnibus) need the rows and are left out."""
+    from scipy import stats
+
+    t = stats.t.ppf(0.975, fit["df_resid"])
+    width = 78
+    rows = [
+        ("Dep. Variable:", "y", "R-squared:", f"{fit['r2']:.3f}"),
+        ("Model:", "OLS", "Adj. R-squared:", f"{fit['r2_adj']:.3f}"),
+        ("Method:", "Normal equations", "F-statistic:", f"{fit['fvalue']:.4g}"),
+        ("No. Observations:", str(fit["nobs"]), "Prob (F-statistic):", f"{fit['f_pvalue']:.3g}"),
+        ("Df Residuals:", f"{fit['df_resid']:.0f}", "Log-Likelihood:", f"{fit['llf']:.5g}"),
+        ("Df Model:", f"{fit['df_model']:.0f}", "AIC:", f"{fit['aic']:.4g}"),
+        ("Covariance Type:", "nonrobust", "BIC:", f"{fit['bic']:.4g}"),
+    ]
+    lines = ["OLS Regression Results".center(width), "=" * width]
+    lines += [f"{a:<20}{b:>18}   {c:<21}{d:>16}" for a, b, c, d in rows]
+    lines += ["=" * width, f"{'':<10}{'coef':>10}{'std err':>11}{'t':>11}{'P>|t|':>11}{'[0.025':>12}{'0.975]':>12}",
+              "-" * width]  # fmt: skip
+    for name, b, se, tv, pv in zip(("const", "x1"), fit["params"], fit["bse"], fit["tvalues"], fit["pvalues"],
+                                   strict=True):  # fmt: skip
+        lines.append(f"{name:<10}{b:>10.4f}{se:>11.3f}{tv:>11.3f}{pv:>11.3f}{b - t * se:>12.3f}{b + t * se:>12.3f}")
+    lines += [
+        "=" * width,
+        "Notes:",
+        f"[1] y: position, x1: loss. From the normal equations over every training row ({fit['nobs']} rows,",
+        f"    streamed); sklearn's line and the predictions are over a seeded sample of {sample_rows} rows.",
+        "[2] Residual diagnostics (Durbin-Watson, Jarque-Bera, omnibus) need the rows: not computed.",
+    ]
+    return "\n".join(lines)
 
 
 # -- part 3: multinomial logistic regression of position on loss ---------------------------------------------
@@ -339,6 +461,210 @@ def confusion(fit: LogisticFit) -> Confusion:
     return Confusion(classes=fit.classes, **out)
 
 
+# -- the stream: the loss matrices of a corpus, batch by batch (memory constant in the number of texts) ----------
+
+SPLITS = ("train", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where the text tokens sit in every encoded row (all rows alike: ``seqlen`` text tokens, no padding):
+    ``head`` special tokens before them (BOS or ``<s>``), ``tail`` after (``</s>``), ``width`` columns;
+    the loss matrix has ``n_pos`` positions, at columns ``head .. head + n_pos - 1``."""
+
+    kind: str
+    head: int
+    tail: int
+    seqlen: int
+
+    @classmethod
+    def of(cls, model, cfg: Config) -> Layout:
+        masked = arch.kind_of(model) == "masked"
+        kind = "pseudo-log-likelihood" if masked else "next-token"
+        return cls(kind, int(cfg.bos or masked), int(masked), cfg.seqlen)
+
+    @property
+    def width(self) -> int:
+        return self.head + self.seqlen + self.tail
+
+    @property
+    def n_pos(self) -> int:
+        return self.seqlen if self.kind == "pseudo-log-likelihood" else self.seqlen - 1
+
+    def column(self, n: int) -> Int[Tensor, "batch text_pos"]:
+        return torch.arange(self.head, self.head + self.n_pos).expand(n, self.n_pos).contiguous()
+
+    def text_mask(self, n: int) -> Bool[Tensor, "batch pos"]:
+        row = [False] * self.head + [True] * self.seqlen + [False] * self.tail
+        return torch.tensor(row, dtype=torch.bool).expand(n, self.width).contiguous()
+
+
+@dataclasses.dataclass(frozen=True)
+class LossStream:
+    """The loss matrices of the training and test splits of a stream of texts, accumulated batch by batch
+    (:func:`stream_losses`) and merged over the ranks: per split the float64 moments of the loss by
+    position over every text (``moments_*``), the normal equations of ``position ~ const + loss`` over
+    every training row (``equations``), and a seeded reservoir of at most ``n_samples`` whole texts
+    (``reservoir_*``, keyed by global text index; each row holds the text's losses, word indices and
+    encoded tokens). ``n_*``: texts seen per split."""
+
+    layout: Layout
+    n_train: int
+    n_test: int
+    moments_train: Moments
+    moments_test: Moments
+    equations: NormalEquations
+    reservoir_train: Reservoir
+    reservoir_test: Reservoir
+
+    @property
+    def kind(self) -> str:
+        return self.layout.kind
+
+    def complete(self, split: str | None = None) -> bool:
+        """Whether the reservoir of ``split`` (default: of both) holds every text of the split."""
+        splits = SPLITS if split is None else (split,)
+        return all(len(getattr(self, f"reservoir_{s}")) == getattr(self, f"n_{s}") for s in splits)
+
+    def index(self, split: str) -> Int[np.ndarray, " batch"]:
+        """The kept texts' indices within their split (the global index, less ``n_train`` for the test split)."""
+        offset = 0 if split == "train" else self.n_train
+        return getattr(self, f"reservoir_{split}").index.astype(np.int64) - offset
+
+    def _rows(self, split: str) -> np.ndarray:
+        rows = getattr(self, f"reservoir_{split}").rows
+        width = 2 * self.layout.n_pos + self.layout.width
+        return np.zeros((0, width)) if rows is None else rows
+
+    def word(self, split: str) -> Int[np.ndarray, "batch text_pos"]:
+        """The word index of the token at each position of the kept texts (:func:`word_of`)."""
+        n_pos = self.layout.n_pos
+        return self._rows(split)[:, n_pos : 2 * n_pos].astype(np.int64)
+
+    def sample(self, split: str) -> LossMatrix:
+        """The loss matrix of the kept texts of ``split``, in global order: when the reservoir holds the
+        whole split, exactly the :func:`loss_matrix` of the split's texts."""
+        lay, rows = self.layout, self._rows(split)
+        n, n_pos = len(rows), lay.n_pos
+        tokens = torch.from_numpy(rows[:, 2 * n_pos :].astype(np.int64))
+        batch = TokenBatch(tokens=tokens, attention_mask=torch.ones_like(tokens), text_mask=lay.text_mask(n),
+                           bos=lay.head == 1, padding_side="right")  # fmt: skip
+        column = lay.column(n)
+        token = tokens.gather(1, column)
+        target = token if lay.kind == "pseudo-log-likelihood" else tokens.gather(1, column + 1)
+        loss = torch.from_numpy(rows[:, :n_pos].astype(np.float32))
+        return LossMatrix(loss, column, token, target, lay.kind, batch)
+
+
+def _split_batches(texts: Iterable[tuple[int, Any]], n_train: int, batch_size: int) -> Iterator[tuple[str, list]]:
+    """``(split, [(global index, text), ...])`` mini-batches of at most ``batch_size`` texts, never spanning
+    the two splits (so one process forwards exactly the mini-batches of the whole splits' matrices)."""
+    chunk: list = []
+    split = "train"
+    for i, t in texts:
+        s = "train" if i < n_train else "test"
+        if chunk and (s != split or len(chunk) == batch_size):
+            yield split, chunk
+            chunk = []
+        split = s
+        chunk.append((i, t))
+    if chunk:
+        yield split, chunk
+
+
+def _encode_chunk(model, chunk: list, cfg: Config) -> TokenBatch:
+    """:func:`encode_texts` of a mini-batch; a text with fewer than ``seqlen`` tokens is named by its
+    global index (the position in the source)."""
+    try:
+        return encode_texts(model, [t for _, t in chunk], cfg)
+    except DataError:
+        for i, t in chunk:
+            try:
+                encode_texts(model, [t], cfg)
+            except DataError as e:
+                if "fewer than" in str(e):
+                    raise DataError(f"text #{i} of the source has fewer than {cfg.seqlen} tokens ({t!r}): lower "
+                                    "--seqlen or use longer texts") from None  # fmt: skip
+                raise DataError(f"text #{i} of the source: {e}") from None
+        raise
+
+
+def _raise_on_every_rank(error: BaseException | None) -> None:
+    """Raise ``error`` (this rank's, or None) on every rank: each rank raises its own, a rank without one
+    the first failing rank's (a :class:`MechlensError` as itself, anything else as a RuntimeError naming
+    it), so no rank waits for the others in a collective. One process: ``error`` itself."""
+    if not distributed.world()[1] > 1:
+        if error is not None:
+            raise error
+        return
+    mine = error if error is None or isinstance(error, MechlensError) else f"{type(error).__name__}: {error}"
+    errors = distributed.all_gather_object(mine)
+    if error is not None:
+        raise error
+    for rank, e in enumerate(errors):
+        if isinstance(e, BaseException):
+            raise e
+        if e is not None:
+            raise RuntimeError(f"rank {rank} failed: {e}")
+
+
+def _local_batches(n_train: int, n_test: int, batch_size: int) -> int:
+    """How many mini-batches this rank's shard of the two splits makes (the progress bar's total)."""
+    rank, world_size = distributed.world()
+    train = len(range(rank, n_train, world_size))
+    test = len(range(n_train + (rank - n_train) % world_size, n_train + n_test, world_size))
+    return math.ceil(train / batch_size) + math.ceil(test / batch_size)
+
+
+def stream_losses(model, texts: Iterable[tuple[int, Any]], cfg: Config, n_train: int, n_test: int) -> LossStream:
+    """The loss matrices of a stream of ``(global index, text)`` pairs (:func:`mechlens.data.iter_indexed`,
+    this rank's shard under ``torchrun``; texts are strings or token ids of the text tokens): texts with
+    global index < ``n_train`` form the training split, the next ``n_test`` the test split. Each
+    mini-batch of ``cfg.batch_size`` texts is encoded (:func:`encode_texts`), its :func:`loss_matrix`
+    computed and accumulated (:class:`LossStream`), then dropped, so memory is constant in the number of
+    texts: ``2 * n_samples`` texts' rows at most. The accumulators are merged over the ranks of a process
+    group; every rank returns the same stream. A bad text raises on every rank."""
+    layout = Layout.of(model, cfg)
+    n_pos = layout.n_pos
+    moments = {s: Moments(n_pos) for s in SPLITS}
+    equations = NormalEquations(1)
+    reservoirs = {s: Reservoir(cfg.n_samples, cfg.seed) for s in SPLITS}
+    positions = np.arange(n_pos, dtype=np.float64)
+    error = None
+    total = _local_batches(n_train, n_test, cfg.batch_size)
+    batches = progress.bar(_split_batches(texts, n_train, cfg.batch_size), "study 1: losses", unit="batch",
+                           show=distributed.is_main(), total=total)  # fmt: skip
+    try:
+        for split, chunk in batches:
+            batch = _encode_chunk(model, chunk, cfg)
+            with progress.quiet():  # one bar: the stream's
+                lm = loss_matrix(model, batch, cfg.batch_size)
+            if lm.kind != layout.kind or tuple(batch.tokens.shape) != (len(chunk), layout.width):
+                raise MechlensError(f"study 1: unexpected encoding {tuple(batch.tokens.shape)} (a bug in mechlens)")
+            word = word_of(model, [t for _, t in chunk], lm)
+            loss = lm.loss.numpy().astype(np.float64)
+            moments[split].update(loss)
+            if split == "train":
+                equations.update(loss.reshape(-1), np.tile(positions, len(chunk)))
+            rows = np.concatenate([loss, word.astype(np.float64), batch.tokens.numpy().astype(np.float64)], 1)
+            reservoirs[split].update([i for i, _ in chunk], rows)
+    except Exception as e:  # every rank must reach the merge, or learn why another did not
+        error = e
+    _raise_on_every_rank(error)
+    for acc in (*moments.values(), equations, *reservoirs.values()):
+        distributed.merge(acc)
+    return LossStream(
+        layout=layout,
+        n_train=int(moments["train"].count[0]),
+        n_test=int(moments["test"].count[0]),
+        moments_train=moments["train"],
+        moments_test=moments["test"],
+        equations=equations,
+        reservoir_train=reservoirs["train"],
+        reservoir_test=reservoirs["test"],
+    )
+
+
 # -- the composed result ---------------------------------------------------------------------------------------
 
 
@@ -352,8 +678,14 @@ class Line:
 class PositionResult:
     """The study's typed result (``StudyResult.parts``). Its fields before ``train`` are the metrics of
     ``results.json`` under their own names (:func:`~mechlens.studies.result.metrics_of`); ``train`` and
-    ``test`` (the loss matrices), ``confusion`` (the part) and ``word`` (the word index of the token at
-    each training position, -1 where none: see :func:`word_of`) stay out of it."""
+    ``test`` (the loss matrices of the kept texts), ``confusion`` (the part), ``word`` (the word index of
+    the token at each training position, -1 where none: see :func:`word_of`) and ``train_index`` /
+    ``test_index`` (the kept texts' indices in their split) stay out of it.
+
+    The loss by position (``loss_*``) and the OLS are over every text of the splits (``n_texts_*``); the
+    logistic regression, the confusion matrices, sklearn's line and ``linear_predictions`` over the texts
+    kept in the reservoirs (``logistic_sample_texts``, ``logistic_sample_texts_test``): all of them unless
+    ``sampled``."""
 
     loss_mean_by_position: Float[np.ndarray, " text_pos"]
     loss_std_by_position: Float[np.ndarray, " text_pos"]
@@ -371,19 +703,34 @@ class PositionResult:
     confusion_row_percent_train: Float[np.ndarray, "text_pos text_pos"]
     confusion_row_percent_test: Float[np.ndarray, "text_pos text_pos"]
     loss_kind: str
+    n_texts_train: int
+    n_texts_test: int
+    logistic_sample_texts: int
+    logistic_sample_texts_test: int
+    sampled: bool
     train: LossMatrix = not_in_metrics()
     test: LossMatrix = not_in_metrics()
     confusion: Confusion = not_in_metrics()
     word: Int[np.ndarray, "batch text_pos"] = not_in_metrics()
+    train_index: Int[np.ndarray, " batch"] = not_in_metrics()
+    test_index: Int[np.ndarray, " batch_test"] = not_in_metrics()
 
     @classmethod
     def of(cls, train: LossMatrix, test: LossMatrix, lin: OLSFit, logit: LogisticFit, conf: Confusion,
-           word: Int[np.ndarray, "batch text_pos"]) -> PositionResult:  # fmt: skip
-        """Compose the parts (the metric fields are views of them)."""
+           word: Int[np.ndarray, "batch text_pos"], stream: LossStream | None = None) -> PositionResult:  # fmt: skip
+        """Compose the parts (the metric fields are views of them). ``stream``: the :class:`LossStream`
+        that ``train`` and ``test`` were sampled from; the loss by position then comes from its moments
+        over every text unless its reservoirs hold every text (then, as without it, from the matrices)."""
+        n_train, n_test = (len(train.loss), len(test.loss)) if stream is None else (stream.n_train, stream.n_test)
+        if stream is None or stream.complete():
+            mean, std, mean_test = train.mean_by_position(), train.std_by_position(), test.mean_by_position()
+        else:
+            mean, std = stream.moments_train.mean, stream.moments_train.std
+            mean_test = stream.moments_test.mean
         return cls(
-            loss_mean_by_position=train.mean_by_position(),
-            loss_std_by_position=train.std_by_position(),
-            loss_mean_by_position_test=test.mean_by_position(),
+            loss_mean_by_position=mean,
+            loss_std_by_position=std,
+            loss_mean_by_position_test=mean_test,
             ols=lin,
             sklearn_linear=Line(lin.sklearn_intercept, lin.sklearn_slope),
             linear_predictions=lin.predictions,
@@ -397,32 +744,52 @@ class PositionResult:
             confusion_row_percent_train=conf.row_percent_train,
             confusion_row_percent_test=conf.row_percent_test,
             loss_kind=train.kind,
+            n_texts_train=n_train,
+            n_texts_test=n_test,
+            logistic_sample_texts=len(train.loss),
+            logistic_sample_texts_test=len(test.loss),
+            sampled=len(train.loss) < n_train or len(test.loss) < n_test,
             train=train,
             test=test,
             confusion=conf,
             word=word,
+            train_index=np.arange(len(train.loss)) if stream is None else stream.index("train"),
+            test_index=np.arange(len(test.loss)) if stream is None else stream.index("test"),
         )
 
 
 def run(model, cfg: Config | None = None, texts: Texts | None = None) -> StudyResult:
     """Run the four parts on the training texts and the fresh test texts of ``texts`` (default: the
-    texts of ``cfg.data``; strings, or token ids of the text tokens only)."""
+    texts of ``cfg.data``; strings, or token ids of the text tokens only), streamed
+    (:func:`stream_losses`): the first ``n_train`` texts of the source train, the next ``n_test`` test
+    (:func:`split_sizes`). Texts given in Python are indexed by their place in the list; under
+    ``torchrun`` each rank takes the texts ``i`` with ``i % world_size == rank``, and every rank returns
+    the same result. With at most ``cfg.n_samples`` texts per split (the default data) the results are
+    those of the whole splits' loss matrices; beyond, see :class:`PositionResult`."""
     cfg = cfg or Config()
-    train_texts, test_texts = split_texts(cfg, texts)
+    if texts is not None and not isinstance(texts, Sequence):
+        texts = list(texts)
+    n_train, n_test = split_sizes(cfg, texts)
+    rank, world_size = distributed.world()
+    if texts is None:
+        stream = iter_indexed(cfg.data, n_train + n_test, rank=rank, world_size=world_size)
+    else:  # texts given in Python (strings or token ids): this rank's share, keyed by the index in the list
+        stream = ((i, texts[i]) for i in range(rank, n_train + n_test, world_size))
     torch.manual_seed(cfg.seed)
-    train = loss_matrix(model, encode_texts(model, train_texts, cfg), cfg.batch_size)
-    test = loss_matrix(model, encode_texts(model, test_texts, cfg), cfg.batch_size)
-    lin = fit_position_ols(train.loss)
+    losses = stream_losses(model, stream, cfg, n_train, n_test)
+    split_train_test(range(losses.n_train + losses.n_test), n_train, n_test)  # a source shorter than the split
+    train, test = losses.sample("train"), losses.sample("test")
+    lin = fit_position_ols(train.loss, losses.equations)
     logit = fit_position_logistic(train.loss, test.loss, cfg)
-    parts = PositionResult.of(train, test, lin, logit, confusion(logit), word_of(model, train_texts, train))
+    parts = PositionResult.of(train, test, lin, logit, confusion(logit), losses.word("train"), losses)
     batch = train.batch
     prov = provenance_of(model).replace(bos=batch.bos_policy(), padding_side=batch.padding_side, seed=cfg.seed)
     n_pos = train.loss.shape[1]
     tables = {
         "loss_matrix": [
-            {"split": s, "text": i, "position": p, "loss": float(v)}
-            for s, mat in (("train", train.loss), ("test", test.loss))
-            for i, row in enumerate(mat.tolist())
+            {"split": s, "text": int(i), "position": p, "loss": float(v)}
+            for s, mat, index in (("train", train.loss, parts.train_index), ("test", test.loss, parts.test_index))
+            for i, row in zip(index, mat.tolist(), strict=True)
             for p, v in enumerate(row)
         ],
         "accuracy_by_position": [
@@ -442,7 +809,7 @@ def run(model, cfg: Config | None = None, texts: Texts | None = None) -> StudyRe
         model=prov.model,
         metrics=metrics_of(parts),
         provenance=prov.to_dict(),
-        config=dataclasses.asdict(cfg) | {"n_train": len(train_texts), "n_test": len(test_texts)},
+        config=dataclasses.asdict(cfg) | {"n_train": n_train, "n_test": n_test},
         tables=tables,
         parts=parts,
     )
@@ -462,8 +829,10 @@ def samples(result: StudyResult) -> pd.DataFrame:
     split (the same for every model fed the same inputs), ``position`` = text position p, ``word`` = the
     index of the whitespace word that the token at p begins (for a causal LM, the token the prediction
     is made from, not the predicted token p+1; <NA> inside a word or for token-id inputs), no layer
-    (``layer`` <NA>, ``relative_depth`` NaN). The mean of ``value`` per position is
-    ``loss_mean_by_position``."""
+    (``layer`` <NA>, ``relative_depth`` NaN). The texts are those of the training reservoir: every
+    training text unless the split has more than ``n_samples`` (``sampled``), then a seeded sample of
+    ``logistic_sample_texts`` of them (the same texts for every model and any sharding). Without
+    sampling, the mean of ``value`` per position is ``loss_mean_by_position``."""
     parts: PositionResult = result.parts
     loss = parts.train.loss.numpy().astype(np.float64)
     n, n_pos = loss.shape
@@ -476,7 +845,7 @@ def samples(result: StudyResult) -> pd.DataFrame:
             "position": pd.array(np.tile(np.arange(n_pos), n), dtype="Int64"),
             "word": pd.arrays.IntegerArray(np.maximum(word, 0).astype(np.int64), word < 0),
             "unit": pd.Series(["text"] * (n * n_pos), dtype=object),
-            "sample": np.repeat(np.arange(n, dtype=np.int64), n_pos),
+            "sample": np.repeat(np.asarray(parts.train_index, dtype=np.int64), n_pos),
             "value": loss.reshape(-1),
         },
         columns=list(SAMPLE_COLUMNS),
@@ -486,13 +855,19 @@ def samples(result: StudyResult) -> pd.DataFrame:
 # -- figures -----------------------------------------------------------------------------------------------------
 
 
-def loss_figures(losses: LossMatrix) -> dict[str, go.Figure]:
+def loss_figures(
+    losses: LossMatrix,
+    mean: Float[np.ndarray, " text_pos"] | None = None,
+    std: Float[np.ndarray, " text_pos"] | None = None,
+) -> dict[str, go.Figure]:
     """Mean loss by position (bars, ±1 sd, every token as a jittered dot) and its distribution per
-    position (violins)."""
+    position (violins). ``mean``/``std``: the bars' values when ``losses`` is a sample of the texts
+    (e.g. ``PositionResult.loss_mean_by_position``, over every text); default: those of ``losses``."""
     loss = losses.loss.numpy()
     pos = np.arange(loss.shape[1])
-    f = go.Figure(go.Bar(x=pos, y=losses.mean_by_position(), name="mean loss",
-                         error_y={"array": losses.std_by_position()}))  # fmt: skip
+    mean = losses.mean_by_position() if mean is None else mean
+    std = losses.std_by_position() if std is None else std
+    f = go.Figure(go.Bar(x=pos, y=mean, name="mean loss", error_y={"array": std}))
     jitter = np.random.default_rng(0).uniform(-0.25, 0.25, loss.size)
     f.add_scatter(x=np.tile(pos, len(loss)) + jitter, y=loss.reshape(-1), mode="markers", name="tokens",
                   marker={"size": 3, "opacity": 0.3})  # fmt: skip
@@ -549,8 +924,8 @@ FIGURES = ("loss_by_position", "loss_distributions", "linear_predictions", "logi
 
 def figures(result: PositionResult) -> dict[str, go.Figure]:
     """Every figure of the study, from its typed result (the report's order)."""
-    figs = (loss_figures(result.train) | ols_figures(result.ols) | logistic_figures(result.logistic)
-            | confusion_figures(result.confusion))  # fmt: skip
+    figs = loss_figures(result.train, result.loss_mean_by_position, result.loss_std_by_position)
+    figs |= ols_figures(result.ols) | logistic_figures(result.logistic) | confusion_figures(result.confusion)
     return {name: figs[name] for name in FIGURES}
 
 
@@ -562,6 +937,10 @@ def headline(m: Mapping[str, Any]) -> list[str]:
     loss = np.asarray(m["loss_mean_by_position"], np.float64)
     lo = int(np.argmin(loss))
     kind = m.get("loss_kind", "next-token")
+    sample = ""
+    if m.get("sampled"):
+        sample = (f" on a seeded sample of {m['logistic_sample_texts']} of {m['n_texts_train']} training and "
+                  f"{m['logistic_sample_texts_test']} of {m['n_texts_test']} test texts")  # fmt: skip
     return [
         f"logistic accuracy train {m['logistic_accuracy_train']:.3f} / test {m['logistic_accuracy_test']:.3f} "
         f"(chance {m['logistic']['chance']:.3f}); OLS R² {m['ols']['r2']:.4f}",
@@ -569,7 +948,7 @@ def headline(m: Mapping[str, Any]) -> list[str]:
         f"{lo}); position explains {100 * m['ols']['r2']:.1f}% of the variance of the loss (OLS).",
         f"A multinomial logistic regression recovers the position from the loss alone with "
         f"{100 * m['logistic_accuracy_test']:.0f}% accuracy on fresh texts "
-        f"(chance {100 * m['logistic']['chance']:.0f}%).",
+        f"(chance {100 * m['logistic']['chance']:.0f}%){sample}.",
     ]
 
 
@@ -657,9 +1036,16 @@ LESSON = (
         "`run` composes the four parts (the same numbers as above) into `result.parts`, a `PositionResult` from "
         "which `results.json`'s metrics are derived, with the CSV tables, the figures and the provenance that "
         "`mechlens run position` writes. `samples` gives the training losses one row per (text, position): "
-        "what a cross-model comparison resamples.",
+        "what a cross-model comparison resamples. For a corpus, `run` streams the texts a mini-batch at a time "
+        "(`stream_losses`) instead of holding the two matrices: the loss by position and the OLS (normal "
+        "equations) are accumulated over every text, and a seeded reservoir of at most `n_samples` texts per "
+        "split (10,000 by default: here every text) feeds the logistic regression, the confusion matrices and "
+        "`samples`; `sampled` says whether it had to drop texts. Under `torchrun` each process streams its share "
+        "of the texts and the statistics are merged, with the same results.",
         "result = position.run(model, config)\n"
         "print(position.headline(result.metrics)[1])\n"
+        "parts = result.parts  # the typed result\n"
+        'print(f"sampled: {parts.sampled}; kept {parts.logistic_sample_texts} of {parts.n_texts_train} texts")\n'
         "print(position.samples(result).head())\n"
         'result.figures["loss_by_position"].show()\n'
         'result.figures["confusion_test"].show()\n'

@@ -30,6 +30,9 @@ METRIC_KEYS = {
     "logistic_accuracy_train", "logistic_accuracy_test", "accuracy_by_position_train", "accuracy_by_position_test",
     "confusion_train", "confusion_test", "confusion_row_percent_train", "confusion_row_percent_test", "loss_kind",
 }  # fmt: skip
+# added with corpus scale (issue #16): how the OLS was computed, and which texts each statistic is over
+STREAM_KEYS = {"ols.method", "n_texts_train", "n_texts_test", "logistic_sample_texts", "logistic_sample_texts_test",
+               "sampled"}  # fmt: skip
 
 # texts whose first tokens split words (GPT-2 BPE: "Unbelievably" is 3 tokens, "coffee-maker's" several)
 WORDY = [
@@ -173,7 +176,7 @@ def test_parts_are_frozen_and_the_metrics_derive_from_them(small_run):
     parts = res.parts
     assert isinstance(parts, position.PositionResult)
     assert res.metrics == metrics_of(parts)
-    assert _keys(res.metrics) == METRIC_KEYS  # the public schema, no key lost (and none leaked from a part)
+    assert _keys(res.metrics) == METRIC_KEYS | STREAM_KEYS  # the public schema, no key lost (none leaked from a part)
     for obj, field in ((parts, "loss_kind"), (parts.train, "loss"), (parts.ols, "r2"), (parts.logistic, "chance"),
                        (parts.confusion, "counts_test"), (parts.sklearn_linear, "slope")):  # fmt: skip
         with pytest.raises(dataclasses.FrozenInstanceError):

@@ -64,6 +64,7 @@ def _numbers(x, prefix=""):
     [
         ("magnitudes", ["--n-texts", "50", "--batch-size", "8"]),
         ("lens", ["--n-texts", "50", "--batch-size", "8"]),
+        ("position", ["--n-train", "30", "--n-test", "20", "--batch-size", "8"]),
     ],
 )
 def test_two_processes_equal_one(study, extra, tmp_path):
@@ -90,7 +91,7 @@ def test_two_processes_equal_one(study, extra, tmp_path):
 
 
 def test_serial_study_is_refused_under_torchrun(tmp_path):
-    run = _mechlens(["run", "position", "--out", str(tmp_path / "x"), "--quiet"], nproc=2)
+    run = _mechlens(["run", "distances", "--out", str(tmp_path / "x"), "--quiet"], nproc=2)
     assert run.returncode != 0
     assert "does not run data-parallel" in run.stderr
     assert not (tmp_path / "x").exists()

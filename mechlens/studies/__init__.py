@@ -66,7 +66,7 @@ BOTH = {"causal", "masked"}
 STUDIES: dict[str, StudyInfo] = {
     s.name: s
     for s in (
-        _study("position", "1. Token position from loss", BOTH, ("tiny-gpt2",)),
+        _study("position", "1. Token position from loss", BOTH, ("tiny-gpt2",), data_parallel=True),
         _study("logits", "2. Logits, next-token prediction and a logit intervention", BOTH, ("tiny-gpt2",)),
         _study("lens", "3. Logit lens (masked and causal)", BOTH, ("tiny-mlm", "tiny-gpt2"), data_parallel=True),
         _study("magnitudes", "4. Attention-output magnitudes", BOTH, ("tiny-gpt2",), data_parallel=True),

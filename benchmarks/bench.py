@@ -467,11 +467,34 @@ def _corpus_file(n_lines: int) -> str:
     return str(path)
 
 
+def word_level_gpt2(seed: int = 0):
+    """A random 6-layer GPT-2 (d_model 128) over a word-level vocabulary of the built-in reviews (~400
+    words): the corpus lens reads out the whole vocabulary at every layer and position, so on 2 CPU cores
+    a 50,257-token vocabulary makes 20,000 lines take hours; memory constancy does not depend on it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from mechlens import load_model
+    from mechlens.data import load_texts
+
+    words = sorted({w for t in load_texts("reviews") for w in t.split()})
+    tk = Tokenizer(models.WordLevel(vocab={"<|endoftext|>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}},
+                                    unk_token="<unk>"))  # fmt: skip
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    eot = "<|endoftext|>"
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=eot, eos_token=eot, pad_token=eot, unk_token="<unk>",
+                                  name_or_path="reviews-words")  # fmt: skip
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=128, n_layer=6, n_head=4, bos_token_id=0,
+                     eos_token_id=0)  # fmt: skip
+    return load_model(GPT2LMHeadModel(cfg).eval(), tokenizer=tok)
+
+
 def corpus_job(study: str, path: str):
     def setup():
         from mechlens import load_model
 
-        return load_model("tiny-gpt2")
+        return load_model("tiny-gpt2") if study == "magnitudes" else word_level_gpt2()
 
     def work(model):
         from mechlens.studies import STUDIES
@@ -507,23 +530,24 @@ def bench_corpus(quick: bool) -> list[dict]:
     import tempfile
 
     small, big = (200, 2000) if quick else (2000, 20000)
-    rows = []
+    rows: list[dict] = []
     for study in ("magnitudes", "lens"):
+        model = "tiny-gpt2" if study == "magnitudes" else "random word-level GPT-2, 385-word vocabulary"
         a = in_child("corpus_job", exact_peak=True, study=study, path=_corpus_file(small))
         b = in_child("corpus_job", exact_peak=True, study=study, path=_corpus_file(big))
         ratio = b["peak_bytes"] / a["peak_bytes"]
-        same = np.allclose(a["out"], b["out"], rtol=1e-6, atol=1e-6)
         rows.append({"item": "7", "what": f"{study} --data FILE peak: {big:,} vs {small:,} lines", "value": ratio,
                      "unit": "x", "target": "<= 1.15", "ok": ratio <= 1.15,
                      "detail": f"{a['peak_bytes'] / 2**20:.0f} MiB vs {b['peak_bytes'] / 2**20:.0f} MiB; "
-                               f"{b['seconds']:.0f} s for {big:,} lines; same statistics: {same}"})  # fmt: skip
+                               f"{b['seconds']:.0f} s for {big:,} lines ({model})"})  # fmt: skip
     binary = pathlib.Path(sys.executable).parent
     env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
     for study in ("magnitudes", "lens"):
+        n_lines = small if study == "magnitudes" else 200  # the 50,257-token corpus lens: ~100 tokens/s here
         out, times = {}, {}
         with tempfile.TemporaryDirectory() as tmp:
             for n in (1, 2):
-                cmd = [str(binary / "mechlens"), "run", study, "--model", "tiny-gpt2", "--data", _corpus_file(small),
+                cmd = [str(binary / "mechlens"), "run", study, "--model", "tiny-gpt2", "--data", _corpus_file(n_lines),
                        "--quiet", "--out", f"{tmp}/{n}"]  # fmt: skip
                 if n > 1:
                     cmd = [shutil.which("torchrun", path=str(binary)) or "torchrun", "--standalone",
@@ -534,7 +558,7 @@ def bench_corpus(quick: bool) -> list[dict]:
                 out[n] = _numbers(json.loads(pathlib.Path(f"{tmp}/{n}/results.json").read_text())[study]["tiny-gpt2"]
                                   ["metrics"])  # fmt: skip
         diff = max(float(np.nanmax(np.abs(out[1][k] - out[2][k]))) if out[1][k].size else 0.0 for k in out[1])
-        rows.append({"item": "7", "what": f"{study}: 2 processes vs 1 ({small:,} lines), max |diff| of any statistic",
+        rows.append({"item": "7", "what": f"{study}: 2 processes vs 1 ({n_lines:,} lines), max |diff| of any statistic",
                      "value": diff, "unit": "", "target": "fp rounding", "ok": diff < 1e-4,
                      "detail": f"wall time 2 procs / 1 proc = {times[2] / times[1]:.2f} (each process loads the "
                                f"model; 2 cores)"})  # fmt: skip

@@ -28,7 +28,7 @@ seeded samples are capped at their sizes: ``n_token_samples`` tokens (200,000) f
 percentiles, which are exact when the corpus has no more valid tokens and otherwise over that sample (the
 metric ``lognorm_percentile_basis`` and the figure say which), and ``n_samples`` texts (10,000) for the
 per-text statistics of comparisons, about ``(n_layers + 1) x (max_tokens + 3)`` float64 numbers per text
-(10,000 texts of gpt2-large at 128 tokens: 390 MB; lower ``--n-samples`` for longer texts). Both samples keep
+(10,000 texts of gpt2-large at 128 tokens: 390 MB; lower ``--reservoir`` for longer texts). Both samples keep
 items by a hash of their global index, so they are the same whatever the batching or sharding. Under
 ``torchrun`` each rank streams its share of the texts and the sums and samples are merged over the
 ranks: the results equal a single process's up to the order of float64 additions. Statistics key on the
@@ -82,7 +82,7 @@ norms = magnitudes.attn_out_norms(
     max_tokens=config.max_tokens,
     exclude_first=config.exclude_first,
     batch_size=config.batch_size,
-    n_token_samples=config.n_token_samples,
+    n_token_samples=config.token_reservoir,
 )
 print(norms.n_sequences, "texts,", norms.n_valid_tokens, "valid tokens")
 print("mean log-norm by layer:", norms.lognorm_mean_by_layer.round(3))

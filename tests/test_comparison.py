@@ -195,3 +195,26 @@ def test_token_units_pair_by_word_when_tokenizers_differ():
     assert f[(f.model == "a") & (f.reference == "")]["value"].item() == pytest.approx(2.0)  # 9.0 left out
     diff = f[f.reference == "a"]
     assert diff["value"].item() == pytest.approx(0.5) and diff["n"].item() == 3
+
+
+def test_intervals_on_real_texts_cover_the_all_texts_value_and_shrink(neox_dir):
+    """mechlens.compare on tiny-gpt2 and the 3-layer NeoX (magnitudes, built-in reviews): the interval of
+    each model's per-layer log RMS from 16 texts covers the value from all 64 texts at most layers (a
+    95% interval may miss now and then: at least 80% of the 5 layers here), and the 64-text intervals are
+    narrower than the 16-text ones (about 1/2: the width falls like 1/sqrt(n))."""
+    import mechlens
+    from mechlens.studies import magnitudes
+
+    models = {"tiny-gpt2": mechlens.load_model("tiny-gpt2"), "neox3": mechlens.load_model(neox_dir)}
+    few = mechlens.compare("magnitudes", models, cfg=magnitudes.Config(n_texts=16))
+    all_ = mechlens.compare("magnitudes", models, cfg=magnitudes.Config(n_texts=64))
+    key = ["model", "reference", "quantity", "layer"]
+    sel = lambda f: f[(f["quantity"] == "log_rms")].set_index(key)  # noqa: E731
+    a, b = sel(few), sel(all_)
+    own = a.index.get_level_values("reference") == ""
+    covered = (a["ci_low"] <= b["value"]) & (b["value"] <= a["ci_high"])
+    assert covered[own].mean() >= 0.8
+    width_few, width_all = (a["ci_high"] - a["ci_low"])[own], (b["ci_high"] - b["ci_low"])[own]
+    ratio = (width_all / width_few).median()
+    assert 0.3 < ratio < 0.75, ratio
+    assert set(a.index.get_level_values("model")) == {"tiny-gpt2", "neox3"}

@@ -89,7 +89,7 @@ class Config(Options):
                               nonempty=True)  # fmt: skip
     n_texts: int | None = option(None, "corpus lens: the first N texts of --data (default: all of them)", ge=1)
     max_tokens: int = option(128, "corpus lens: text tokens kept per text", ge=1)
-    n_samples: int = option(10_000, "corpus lens: size of the seeded reservoir of texts whose per-text means "
+    reservoir: int = option(10_000, "corpus lens: size of the seeded reservoir of texts whose per-text means "
                             "give the bootstrap intervals of comparisons", ge=1)  # fmt: skip
 
     def check_model(self, model) -> None:
@@ -680,7 +680,7 @@ def _run_corpus(model, cfg: Config, texts=None) -> CorpusLensResult:
         stream = ((i, t) for i, t in enumerate(texts[: cfg.n_texts] if cfg.n_texts else texts)
                   if i % world_size == rank)  # fmt: skip
     c = corpus_lens(model, stream, bos=cfg.bos, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
-                    max_chunk_bytes=cfg.max_chunk_bytes, n_samples=cfg.n_samples, seed=cfg.seed)  # fmt: skip
+                    max_chunk_bytes=cfg.max_chunk_bytes, n_samples=cfg.reservoir, seed=cfg.seed)  # fmt: skip
     return CorpusLensResult(
         kind="corpus",
         data=cfg.data or "(texts given in Python)",

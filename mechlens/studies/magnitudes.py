@@ -29,7 +29,7 @@ seeded samples are capped at their sizes: ``n_token_samples`` tokens (200,000) f
 percentiles, which are exact when the corpus has no more valid tokens and otherwise over that sample (the
 metric ``lognorm_percentile_basis`` and the figure say which), and ``n_samples`` texts (10,000) for the
 per-text statistics of comparisons, about ``(n_layers + 1) x (max_tokens + 3)`` float64 numbers per text
-(10,000 texts of gpt2-large at 128 tokens: 390 MB; lower ``--n-samples`` for longer texts). Both samples keep
+(10,000 texts of gpt2-large at 128 tokens: 390 MB; lower ``--reservoir`` for longer texts). Both samples keep
 items by a hash of their global index, so they are the same whatever the batching or sharding. Under
 ``torchrun`` each rank streams its share of the texts and the sums and samples are merged over the
 ranks: the results equal a single process's up to the order of float64 additions. Statistics key on the
@@ -85,9 +85,9 @@ class Config(Options):
     n_fit_positions: int = option(30, "positions used by the fit of log mean norm on position", ge=2)
     hist_bins: int = option(60, "bins of the log-norm histograms", ge=1)
     hist_range: tuple[float, float] = option((-4.0, 8.0), "LOW HIGH: log-norm range of the histograms")
-    n_token_samples: int = option(200_000, "size of the seeded sample of tokens the log-norm percentiles are "
+    token_reservoir: int = option(200_000, "size of the seeded sample of tokens the log-norm percentiles are "
                                   "computed from (exact when the corpus has no more valid tokens)", ge=1)  # fmt: skip
-    n_samples: int = option(10_000, "size of the seeded sample of texts kept for per-text comparisons", ge=1)
+    reservoir: int = option(10_000, "size of the seeded sample of texts kept for per-text comparisons", ge=1)
     seed: int = option(0, "random seed (and the seed of the token and text samples)", ge=0)
 
     def check(self) -> None:
@@ -594,7 +594,7 @@ def run(model, cfg: Config | None = None, texts: Texts | None = None) -> StudyRe
     norms = attn_out_norms(
         model, corpus(cfg, texts), bos=cfg.bos, padding_side=cfg.padding_side, max_tokens=cfg.max_tokens,
         exclude_first=cfg.exclude_first, batch_size=cfg.batch_size, hist_bins=cfg.hist_bins,
-        hist_range=cfg.hist_range, n_token_samples=cfg.n_token_samples, n_samples=cfg.n_samples, seed=cfg.seed,
+        hist_range=cfg.hist_range, n_token_samples=cfg.token_reservoir, n_samples=cfg.reservoir, seed=cfg.seed,
         progress_bar=True,
     )  # fmt: skip
     if norms.n_regression_triplets < 3:  # the previous-norm regression has 3 coefficients
@@ -759,24 +759,13 @@ def samples(result: StudyResult) -> pd.DataFrame:
     return out
 
 
-# what hook_attn_out is, by normalisation placement: comparable across models only within one group
-_ATTN_OUT_MEANING = {
-    "pre-LN": "what attention adds to the residual stream",
-    "output-norm": "what attention adds, after a norm on its output",
-    "sandwich": "what attention adds, after a norm on its output",
-    "post-LN": "the attention block's output after the residual add and LayerNorm",
-}
-
-
 def incomparable(provenances: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
     """Quantities of :func:`samples` that are not comparable between these models: every one when the
     attention outputs are different vectors (normalisation placements of different meaning), and the raw
     ``log_norm`` when the widths differ (norms scale with width; ``log_rms`` removes it)."""
-    meanings = {m: _ATTN_OUT_MEANING.get(p.get("norm_placement", "unchecked"), "unchecked") for m, p in
-                provenances.items()}  # fmt: skip
+    why = arch.attn_out_mismatch(provenances)
     out: dict[str, str] = {}
-    if len(set(meanings.values())) > 1:
-        why = "attention outputs differ in meaning: " + "; ".join(f"{m}: {v}" for m, v in meanings.items())
+    if why is not None:
         out = dict.fromkeys(("log_rms", "log_rms_by_position", "log_norm"), why)
     widths = {m: p.get("d_model") for m, p in provenances.items()}
     if len(set(widths.values())) > 1 and "log_norm" not in out:
@@ -897,18 +886,17 @@ def compare(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, go.Figure]:
     output norms and sandwich norms normalise what attention adds): such a figure says so in its
     title and legend instead of overlaying them silently."""
     f = go.Figure()
-    meanings = {}
     for model, e in entries.items():
         prov = e.get("provenance", {})
         placement = prov.get("norm_placement", "unchecked")
-        meanings[model] = _ATTN_OUT_MEANING.get(placement, f"unchecked ({placement})")
         y = np.asarray(e["metrics"]["lognorm_mean_by_layer"], np.float64)
         d_model = prov.get("d_model")
         y_rms = y - 0.5 * np.log(d_model) if d_model else y
         f.add_scatter(x=block_depth(len(y)), y=y_rms, name=f"{model} [{placement}]", mode="lines+markers")
     title = "Attention-output log RMS (log norm / sqrt(d_model)) by relative depth"
-    if len(set(meanings.values())) > 1:
-        title += "<br><sup>NOT COMPARABLE: " + "; ".join(f"{m}: {v}" for m, v in meanings.items()) + "</sup>"
+    why = arch.attn_out_mismatch({m: e.get("provenance", {}) for m, e in entries.items()})
+    if why is not None:
+        title += f"<br><sup>NOT COMPARABLE: {why}</sup>"
     f.update_layout(title=title, yaxis_title="mean log RMS", xaxis_title="relative depth (block l at (l+1)/L)")
     return {"comparison": f}
 
@@ -946,7 +934,7 @@ LESSON = (
         "    max_tokens=config.max_tokens,\n"
         "    exclude_first=config.exclude_first,\n"
         "    batch_size=config.batch_size,\n"
-        "    n_token_samples=config.n_token_samples,\n"
+        "    n_token_samples=config.token_reservoir,\n"
         ")\n"
         'print(norms.n_sequences, "texts,", norms.n_valid_tokens, "valid tokens")\n'
         'print("mean log-norm by layer:", norms.lognorm_mean_by_layer.round(3))\n'

@@ -81,7 +81,7 @@ class Config(Options):
     tol: float = option(1e-6, "stopping tolerance of the logistic regression", gt=0)
     max_iter: int = option(2000, "iteration limit of the logistic regression", ge=1)
     seed: int = option(0, "random seed", ge=0)
-    n_samples: int = option(
+    reservoir: int = option(
         10_000,
         "texts per split kept in a seeded reservoir for the logistic regression, the confusion matrices, sklearn's "
         "line, the predictions and the per-text samples (the loss by position and the OLS use every text); a split "
@@ -628,7 +628,7 @@ def stream_losses(model, texts: Iterable[tuple[int, Any]], cfg: Config, n_train:
     n_pos = layout.n_pos
     moments = {s: Moments(n_pos) for s in SPLITS}
     equations = NormalEquations(1)
-    reservoirs = {s: Reservoir(cfg.n_samples, cfg.seed) for s in SPLITS}
+    reservoirs = {s: Reservoir(cfg.reservoir, cfg.seed) for s in SPLITS}
     positions = np.arange(n_pos, dtype=np.float64)
     error = None
     total = _local_batches(n_train, n_test, cfg.batch_size)
@@ -764,7 +764,7 @@ def run(model, cfg: Config | None = None, texts: Texts | None = None) -> StudyRe
     (:func:`stream_losses`): the first ``n_train`` texts of the source train, the next ``n_test`` test
     (:func:`split_sizes`). Texts given in Python are indexed by their place in the list; under
     ``torchrun`` each rank takes the texts ``i`` with ``i % world_size == rank``, and every rank returns
-    the same result. With at most ``cfg.n_samples`` texts per split (the default data) the results are
+    the same result. With at most ``cfg.reservoir`` texts per split (the default data) the results are
     those of the whole splits' loss matrices; beyond, see :class:`PositionResult`."""
     cfg = cfg or Config()
     if texts is not None and not isinstance(texts, Sequence):

@@ -63,8 +63,8 @@ def test_corpus_reservoir_and_samples(tiny_gpt2_pair):
     """A reservoir smaller than the corpus keeps n_samples texts (the same ones for any batch size), and
     samples() gives one row per kept text, quantity and readout point, depths 0..1.0."""
     model = tiny_gpt2_pair.bridge
-    a = lens.run(model, lens.Config(n_samples=4, batch_size=2), TEXTS)
-    b = lens.run(model, lens.Config(n_samples=4, batch_size=5), TEXTS)
+    a = lens.run(model, lens.Config(reservoir=4, batch_size=2), TEXTS)
+    b = lens.run(model, lens.Config(reservoir=4, batch_size=5), TEXTS)
     assert len(a.parts.corpus.sample_text_index) == 4
     assert list(a.parts.corpus.sample_text_index) == list(b.parts.corpus.sample_text_index)
     s = lens.samples(a)

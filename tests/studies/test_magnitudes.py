@@ -440,7 +440,7 @@ def test_samples_come_from_a_seeded_sample_of_texts(tiny_gpt2_pair):
     that keeps every text; the metrics do not change."""
     m = tiny_gpt2_pair.bridge
     full = mg.run(m, mg.Config(n_texts=None, max_tokens=16), texts=TEXTS)
-    part = mg.run(m, mg.Config(n_texts=None, max_tokens=16, n_samples=5, batch_size=3), texts=TEXTS)
+    part = mg.run(m, mg.Config(n_texts=None, max_tokens=16, reservoir=5, batch_size=3), texts=TEXTS)
     kept = part.parts.norms.sample_text_index
     assert len(kept) == 5 == part.metrics["n_samples"] and full.metrics["n_samples"] == len(TEXTS)
     a, b = mg.samples(part), mg.samples(full)

@@ -43,8 +43,8 @@ N_TRAIN, N_TEST, SHORT_AT = 48, 32, 37  # the short text's global index is odd: 
 def configs(data: str) -> dict[str, dict]:
     return {
         "full": {"data": data, "n_train": N_TRAIN, "n_test": N_TEST, "batch_size": 8},
-        "sampled": {"data": data, "n_train": N_TRAIN, "n_test": N_TEST, "batch_size": 8, "n_samples": 12},
-        "python": {"n_train": 30, "n_test": 20, "batch_size": 8, "n_samples": 10},
+        "sampled": {"data": data, "n_train": N_TRAIN, "n_test": N_TEST, "batch_size": 8, "reservoir": 12},
+        "python": {"n_train": 30, "n_test": 20, "batch_size": 8, "reservoir": 10},
     }
 
 
@@ -152,7 +152,7 @@ def test_stream_equals_the_whole_splits_parts(request, name, kw):
     assert torch.equal(res.parts.test.loss, ref.test.loss)
     np.testing.assert_array_equal(res.parts.word, ref.word)
     np.testing.assert_array_equal(res.parts.train_index, np.arange(cfg.n_train))
-    assert res.config["n_train"] == cfg.n_train and res.config["n_samples"] == 10_000
+    assert res.config["n_train"] == cfg.n_train and res.config["reservoir"] == 10_000
 
 
 def test_default_split_is_unchanged():
@@ -193,7 +193,7 @@ def full_and_sampled(tiny_gpt2_pair):
     m, texts = tiny_gpt2_pair.bridge, load_texts("contexts")
     kw = {"n_train": 100, "n_test": 60, "batch_size": 32}
     full = position.run(m, position.Config(**kw), texts=texts)
-    sampled = position.run(m, position.Config(**kw, n_samples=16), texts=texts)
+    sampled = position.run(m, position.Config(**kw, reservoir=16), texts=texts)
     return full, sampled
 
 
@@ -236,7 +236,7 @@ def test_a_sampled_run_keeps_the_seeded_texts_and_every_texts_statistics(full_an
 
 def test_the_sample_does_not_depend_on_the_batching(full_and_sampled, tiny_gpt2_pair):
     _, sampled = full_and_sampled
-    cfg = position.Config(n_train=100, n_test=60, batch_size=7, n_samples=16)
+    cfg = position.Config(n_train=100, n_test=60, batch_size=7, reservoir=16)
     other = position.run(tiny_gpt2_pair.bridge, cfg, texts=load_texts("contexts")).parts
     np.testing.assert_array_equal(other.train_index, sampled.parts.train_index)
     np.testing.assert_array_equal(other.test_index, sampled.parts.test_index)
@@ -261,7 +261,7 @@ def test_memory_is_constant_in_the_number_of_texts(tiny_gpt2_pair):
     m = tiny_gpt2_pair.bridge
     results = {}
     for n in (40, 400):
-        cfg = position.Config(seqlen=3, n_train=n // 2, n_test=n // 2, batch_size=100, n_samples=20)
+        cfg = position.Config(seqlen=3, n_train=n // 2, n_test=n // 2, batch_size=100, reservoir=20)
         results[n] = position.run(m, cfg, texts=lines(n)).parts
     small, large = _shapes(results[40]), _shapes(results[400])
     assert small == large and len(small) > 20

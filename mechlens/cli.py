@@ -164,7 +164,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from mechlens.studies import STUDIES, get_study
 
     # under torchrun every rank runs this command: rank 0 alone checks the output, shows progress and writes
-    _rank, world_size = distributed.init_from_env()
+    _rank, world_size = distributed.init_from_env(device=args.device)
     progress.QUIET = args.quiet or not distributed.is_main()
     # 1. everything that needs no model: the options, the device, the data, the output directory
     studies = list(STUDIES) if args.study == "all" else [get_study(args.study).name]
@@ -301,7 +301,12 @@ def cmd_compare(args: argparse.Namespace) -> None:
                     if e.get("samples_csv"):
                         samples.setdefault(study, {})[label] = _read_samples(pathlib.Path(d) / e["samples_csv"])
         frames = [
-            comparison_frame(s, per_model, {m: merged[s][m]["provenance"] for m in per_model})
+            comparison_frame(
+                s,
+                per_model,
+                {m: merged[s][m]["provenance"] for m in per_model},
+                unpaired=_different_inputs({m: merged[s][m] for m in per_model}),
+            )
             for s, per_model in samples.items()
             if len(per_model) >= 2
         ]
@@ -318,6 +323,21 @@ def cmd_compare(args: argparse.Namespace) -> None:
         dest.abort()
         raise
     print(f"wrote {args.out}/report.html (and comparison.csv where runs share a study) comparing {len(args.dirs)} runs")
+
+
+def _different_inputs(entries: dict[str, dict]) -> str | None:
+    """Why saved runs' units are not the same inputs (their study options differ, e.g. --data or --bos),
+    or None: paired differences need the same texts, tokens or occurrences in every run."""
+    configs = {m: e.get("config", {}) for m, e in entries.items()}
+    for key in sorted({k for c in configs.values() for k in c}):
+        values = {m: c.get(key) for m, c in configs.items()}
+        if len({json.dumps(v, sort_keys=True, default=str) for v in values.values()}) > 1:
+            return (
+                f"runs read different inputs or options ({key}: "
+                + ", ".join(f"{m}: {v}" for m, v in values.items())
+                + "): no paired differences"
+            )
+    return None
 
 
 def _read_samples(path: pathlib.Path):

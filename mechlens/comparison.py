@@ -27,8 +27,9 @@ seeded) over the units; a difference between two models is the paired bootstrap 
 differences on the same units (the same texts), at the same relative depth and position, so depths
 that only one model has get no difference row. Alignment: token positions when all models share a
 tokenizer (:func:`mechlens.tokens.tokenizer_signature`), otherwise word indices
-(:func:`mechlens.tokens.word_index`); units that are tokens are then paired by the word they begin
-(tokens that begin no word are left out). A study may declare quantities that are not comparable between
+(:func:`mechlens.tokens.word_index`); for the differences, units that are tokens are then paired by
+the word they begin (tokens that begin no word are left out of the pairs, not of each model's own
+statistic). A study may declare quantities that are not comparable between
 two models (``incomparable(provenances) -> {quantity: reason}``): they are kept, flagged in ``note``
 and in the figures, and get no difference rows.
 """
@@ -78,18 +79,19 @@ def _intervals(
     return out
 
 
-def _aligned(samples: pd.DataFrame, axis: str) -> pd.DataFrame:
+def _aligned(samples: pd.DataFrame, axis: str, pairing: bool = False) -> pd.DataFrame:
     """Samples on the shared position axis: token positions as they are, or word indices (tokens that
-    begin no word dropped; rows without a position kept)."""
+    begin no word dropped from position-keyed rows). ``pairing``: for the paired differences, per-token
+    units are also keyed by the word they begin (a token is a unit of its own tokenizer), so tokens that
+    begin no word leave those rows too; a model's own statistics keep every unit."""
     s = samples.copy()
     s["layer"] = s["layer"].astype("Int64")
     s["position"] = s["position"].astype("Int64")
     if axis == "word":
-        # tokens are units of their own tokenizer: pair them across models by the word they begin
-        by_token = s["unit"] == "token"
+        by_token = (s["unit"] == "token") & pairing
         has_pos = s["position"].notna()
         s = s[~(has_pos | by_token) | s["word"].notna()].copy()
-        by_token, has_pos = s["unit"] == "token", s["position"].notna()
+        by_token, has_pos = (s["unit"] == "token") & pairing, s["position"].notna()
         s.loc[has_pos, "position"] = s.loc[has_pos, "word"]
         s.loc[by_token, "sample"] = s.loc[by_token, "word"].astype("int64")
     s["position_axis"] = np.where(s["position"].notna(), axis, "")
@@ -107,12 +109,15 @@ def comparison_frame(
     method: str = "percentile",
     seed: int = 0,
     reference: str | None = None,
+    unpaired: str | None = None,
 ) -> pd.DataFrame:
     """The comparison table (see the module docstring) of one study from each model's ``samples``.
 
     ``provenances``: model -> provenance dict (tokenizer, width, normalisation placement), used to pick
     the position axis and to flag incomparable quantities. ``reference``: the model subtracted in the
-    difference rows (default: the first); with one model there are no difference rows."""
+    difference rows (default: the first); with one model there are no difference rows. ``unpaired``: why
+    the models' units are not the same inputs (e.g. runs on different data): then no difference rows, and
+    the reason is in every row's ``note``."""
     from mechlens.studies import STUDIES
 
     if method not in METHODS:
@@ -130,6 +135,7 @@ def comparison_frame(
     label = f"{method} bootstrap, {round(100 * confidence)}%, {n_resamples} resamples, seed {seed}"
     keys = ["quantity", "depth_key", "position"]
     aligned = {m: _aligned(samples[m], axis) for m in models}
+    paired = {m: _aligned(samples[m], axis, pairing=True) for m in models}
 
     rows: list[dict[str, Any]] = []
     groups: list[np.ndarray] = []
@@ -142,16 +148,16 @@ def comparison_frame(
                          "relative_depth": first["relative_depth"], "position": pos,
                          "position_axis": first["position_axis"], "n": len(g), "value": float(g["value"].mean()),
                          "ci_method": f"{label}, over {first['unit']}s", "unit": first["unit"],
-                         "note": flagged.get(q, "")})  # fmt: skip
+                         "note": flagged.get(q, "") or (unpaired or "")})  # fmt: skip
             groups.append(g.sort_values("sample")["value"].to_numpy())
     ref = reference or models[0]
     if len(models) > 1 and ref not in aligned:
         raise ValueError(f"reference={ref!r} is not one of the compared models {models}")
     for m in models:
-        if m == ref or len(models) < 2:
+        if m == ref or len(models) < 2 or unpaired:
             continue
-        a = aligned[m].set_index([*keys, "sample"])
-        b = aligned[ref].set_index([*keys, "sample"])
+        a = paired[m].set_index([*keys, "sample"])
+        b = paired[ref].set_index([*keys, "sample"])
         both = a[["value", "layer", "relative_depth", "position_axis", "unit"]].join(
             b[["value"]], rsuffix="_ref", how="inner"
         )

@@ -48,12 +48,18 @@ def _env_int(name: str, default: int) -> int:
 
 
 def world() -> tuple[int, int]:
-    """(rank, world_size): from the initialised process group, else from ``RANK`` / ``WORLD_SIZE`` as
-    torchrun sets them, else (0, 1)."""
+    """(rank, world_size) of the initialised process group, else (0, 1). Under torchrun (``WORLD_SIZE`` > 1)
+    without a process group this is an error, not a silent shard: a study would read 1/N of the data
+    and merge nothing."""
     if _initialized():
         dist = _dist()
         return dist.get_rank(), dist.get_world_size()
-    return _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    if _env_int("WORLD_SIZE", 1) > 1:
+        raise MechlensError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']} (torchrun) but no process group: call "
+            "mechlens.distributed.init_from_env() first (the mechlens command does), or unset WORLD_SIZE"
+        )
+    return 0, 1
 
 
 def is_main() -> bool:
@@ -73,9 +79,10 @@ def local_device(requested: str = "cuda") -> str:
     return str(requested)
 
 
-def init_from_env(timeout_s: float = 1800.0) -> tuple[int, int]:
+def init_from_env(timeout_s: float = 1800.0, device: str | None = None) -> tuple[int, int]:
     """Join the process group described by torchrun's environment (``WORLD_SIZE`` > 1) unless one is
-    initialised already: NCCL with this rank's GPU (``LOCAL_RANK``) when CUDA is available, gloo on CPU.
+    initialised already: NCCL with this rank's GPU (``LOCAL_RANK``) when CUDA is available and the run
+    computes on CUDA (``device`` None or ``cuda...``), gloo on CPU (``device="cpu"``: ranks share the CPUs).
     Returns (rank, world_size); (0, 1) and nothing initialised without torchrun."""
     world_size = _env_int("WORLD_SIZE", 1)
     if world_size <= 1 or _initialized():
@@ -84,7 +91,7 @@ def init_from_env(timeout_s: float = 1800.0) -> tuple[int, int]:
     if dist is None:
         raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed: run in one process")
     kwargs: dict[str, Any] = {"timeout": datetime.timedelta(seconds=timeout_s)}
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and (device is None or str(device).startswith("cuda")):
         lr, n_gpus = local_rank(), torch.cuda.device_count()
         if lr >= n_gpus:
             raise ConfigError(
@@ -202,3 +209,23 @@ def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     if error is not None:
         raise error
     return result
+
+
+def raise_on_every_rank(error: BaseException | None) -> None:
+    """Raise ``error`` (this rank's, or None) on every rank: each rank raises its own, a rank without one
+    the first failing rank's (a :class:`MechlensError` as itself, anything else as a RuntimeError naming
+    it), so no rank waits for the others in a collective. One process: ``error`` itself. Call it after a
+    rank's local work (its stream), with what that work raised, before the first collective."""
+    if not _active():
+        if error is not None:
+            raise error
+        return
+    mine = error if error is None or isinstance(error, MechlensError) else f"{type(error).__name__}: {error}"
+    errors = all_gather_object(mine)
+    if error is not None:
+        raise error
+    for rank, e in enumerate(errors):
+        if isinstance(e, BaseException):
+            raise e
+        if e is not None:
+            raise RuntimeError(f"rank {rank} failed: {e}")

@@ -68,6 +68,7 @@ def load_model(
     label, hf_model, tokenizer = _resolve(spec, tokenizer, {"dtype": dtype, "device_map": device_map})
     check_finite_weights(label, hf_model)
     source_architecture = arch.architecture_of(hf_model)
+    device_placement = getattr(hf_model, "hf_device_map", None)  # accelerate's, before any text-model extraction
     hf_model = arch.text_model_of(hf_model)
     arch.normalize_config(hf_model)
     architecture = arch.architecture_of(hf_model)
@@ -82,7 +83,7 @@ def load_model(
     from transformer_lens import TransformerBridge
 
     n_params = arch.parameter_count(hf_model)  # before the bridge adopts (and restructures) the model
-    dispatched = getattr(hf_model, "hf_device_map", None) is not None
+    dispatched = device_placement is not None or getattr(hf_model, "hf_device_map", None) is not None
     hf_model = (hf_model if dispatched else hf_model.to(device=device, dtype=dtype)).eval()
     bridge = TransformerBridge.boot_transformers(
         label,

@@ -260,7 +260,7 @@ def word_index(model: TransformerBridge, texts: Sequence[str], batch: TokenBatch
                 raise MechlensError(f"word_index: text {row} does not encode to the batch's tokens")
             while a < b and text[a].isspace():
                 a += 1
-            if a in starts:
+            if a < b and a in starts:  # a token of whitespace only begins no word
                 out[row, col] = starts[a]
                 del starts[a]  # a word is begun by its first token only
     return out

@@ -108,6 +108,11 @@ def test_word_index_by_hand(tiny_gpt2_pair, bert_pair):
     batch = encode(gpt2, [text], bos=True)
     assert [gpt2.tokenizer.decode([int(t)]) for t in batch.tokens[0, 1:5]] == ["I", " like", " o", "at"]
     assert word_index(gpt2, [text], batch)[0].tolist() == [-1, 0, 1, 2, -1, 3, 4, 5, 6, -1, 7, 8, -1]
+    # a line break is a token of its own, which begins no word: the next line's first token does
+    lines = "Hello there.\nThe cat sat."  # Hello | ' there' '.' | '\n' | The | ' cat' | ' sat' '.'
+    batch = encode(gpt2, [lines], bos=False)
+    assert [gpt2.tokenizer.decode([int(t)]) for t in batch.tokens[0, 3:5]] == ["\n", "The"]
+    assert word_index(gpt2, [lines], batch)[0].tolist() == [0, 1, -1, -1, 2, 3, 4, -1]
     # BERT (word-level, lower-cased): [CLS] i like oat milk in my coffee , every morning . [SEP]
     bert = bert_pair.bridge
     batch = encode(bert, [text], bos=True)
@@ -192,9 +197,18 @@ def test_token_units_pair_by_word_when_tokenizers_differ():
         [base | {"word": w, "sample": i, "value": v} for i, (w, v) in enumerate([(0, 1.5), (1, 2.5), (2, 3.5)])]
     )
     f = comparison_frame("lens", {"a": a, "b": b}, {"a": {"tokenizer": "x"}, "b": {"tokenizer": "y"}})
-    assert f[(f.model == "a") & (f.reference == "")]["value"].item() == pytest.approx(2.0)  # 9.0 left out
+    own = f[(f.model == "a") & (f.reference == "")]
+    assert own["value"].item() == pytest.approx(3.75) and own["n"].item() == 4  # a model's own mean: every token
     diff = f[f.reference == "a"]
-    assert diff["value"].item() == pytest.approx(0.5) and diff["n"].item() == 3
+    assert diff["value"].item() == pytest.approx(0.5) and diff["n"].item() == 3  # pairs: word-initial tokens
+
+
+def test_runs_on_different_inputs_get_no_differences():
+    rng = np.random.default_rng(3)
+    f = comparison_frame("magnitudes", {"a": _samples(rng.normal(0, 1, (2, 20)), 2),
+                                         "b": _samples(rng.normal(0, 1, (2, 20)), 2)},
+                         unpaired="runs read different inputs: data reviews vs contexts")  # fmt: skip
+    assert (f["reference"] == "").all() and f["note"].str.contains("different inputs").all()
 
 
 def test_intervals_on_real_texts_cover_the_all_texts_value_and_shrink(neox_dir):

@@ -577,6 +577,38 @@ class CorpusLens:
     per_text: Float[np.ndarray, "sample quantity layer"] = not_in_metrics()
 
 
+def _corpus_stream(model, bar, moments, reservoir, bos, max_tokens, batch_size, max_chunk_bytes) -> int:
+    """This rank's share of the corpus lens: each batch encoded, read out at every position with a next
+    token, summed into ``moments``, and its per-text means offered to ``reservoir``. Returns the number of
+    texts read."""
+    n_texts = 0
+    for chunk in bar:
+        index = torch.tensor([i for i, _ in chunk], dtype=torch.long)
+        batch = encode(model, [t for _, t in chunk], bos=bos, max_tokens=max_tokens,
+                       fix="lower --max-tokens")  # fmt: skip
+        targets = next_token_targets(batch)
+        with progress.quiet():
+            st = lens_stats(model, batch, targets, k=1, entropy=True, kl_to_final=True,
+                            batch_size=batch_size, max_chunk_bytes=max_chunk_bytes)  # fmt: skip
+        pred = st.predicted
+        values = torch.stack(
+            [st.target_logprob.double(), st.target_rank.double(), st.entropy.double(), st.kl_to_final.double(),
+             (pred == pred[-1:]).double()]
+        )  # [quantity, layer, batch, pos]  # fmt: skip
+        valid = (targets >= 0).to(values.device)  # [batch, pos]
+        flat = einops.rearrange(values, "q layer batch pos -> (batch pos) q layer")
+        moments.update(flat, valid.reshape(-1, 1, 1))
+        v = torch.where(valid[None, None], values, torch.zeros((), dtype=values.dtype, device=values.device))
+        n = valid.sum(-1).clamp(min=1).double()  # [batch]
+        per_text = einops.rearrange(v.sum(-1) / n, "q layer batch -> batch q layer")
+        has = valid.any(-1).cpu()
+        reservoir.update(index[has], per_text.cpu()[has])
+        n_texts += len(chunk)
+        if hasattr(bar, "set_postfix_str"):  # the bar counts batches; the tokens read so far beside it
+            bar.set_postfix_str(f"{int(moments.count[0, 0])} predictions", refresh=False)
+    return n_texts
+
+
 def corpus_lens(
     model,
     texts,
@@ -603,29 +635,13 @@ def corpus_lens(
     reservoir = Reservoir(n_samples, seed)
     n_texts = 0
     indexed = ((i, t) if isinstance(t, str) else t for i, t in enumerate(texts))
-    stream = progress.bar(batched(indexed, batch_size), "corpus lens", unit="batch", show=distributed.is_main())
-    for chunk in stream:
-        index = torch.tensor([i for i, _ in chunk], dtype=torch.long)
-        batch = encode(model, [t for _, t in chunk], bos=bos, max_tokens=max_tokens,
-                       fix="lower --max-tokens")  # fmt: skip
-        targets = next_token_targets(batch)
-        with progress.quiet():
-            st = lens_stats(model, batch, targets, k=1, entropy=True, kl_to_final=True,
-                            batch_size=batch_size, max_chunk_bytes=max_chunk_bytes)  # fmt: skip
-        pred = st.predicted
-        values = torch.stack(
-            [st.target_logprob.double(), st.target_rank.double(), st.entropy.double(), st.kl_to_final.double(),
-             (pred == pred[-1:]).double()]
-        )  # [quantity, layer, batch, pos]  # fmt: skip
-        valid = (targets >= 0).to(values.device)  # [batch, pos]
-        flat = einops.rearrange(values, "q layer batch pos -> (batch pos) q layer")
-        moments.update(flat, valid.reshape(-1, 1, 1))
-        v = torch.where(valid[None, None], values, torch.zeros((), dtype=values.dtype, device=values.device))
-        n = valid.sum(-1).clamp(min=1).double()  # [batch]
-        per_text = einops.rearrange(v.sum(-1) / n, "q layer batch -> batch q layer")
-        has = valid.any(-1).cpu()
-        reservoir.update(index[has], per_text.cpu()[has])
-        n_texts += len(chunk)
+    bar = progress.bar(batched(indexed, batch_size), "corpus lens", unit="batch", show=distributed.is_main())
+    error = None
+    try:
+        n_texts = _corpus_stream(model, bar, moments, reservoir, bos, max_tokens, batch_size, max_chunk_bytes)
+    except Exception as e:  # every rank must reach the merge, or learn why another did not
+        error = e
+    distributed.raise_on_every_rank(error)
     distributed.merge(moments)
     distributed.merge(reservoir)
     n_texts = int(sum(distributed.all_gather_object(n_texts)))

@@ -737,7 +737,7 @@ print("target", nt.target, "rank", nt.target_rank, "log-prob", round(nt.target_l
 print("naive softmax finite on x100 logits:", nt.naive_softmax_finite_on_scaled_logits,
       "| log-softmax:", nt.log_softmax_finite_on_scaled_logits)
 print("log-prob of each prompt token:", dict(zip(nt.next_token_positions.tolist(),
-                                               nt.next_token_logprobs.numpy().round(2).tolist())))
+                                               nt.next_token_logprobs.numpy().round(2).tolist(), strict=True)))
 logits.logits_figure(nt).show()
 logits.softmax_figure(nt).show()""",
     ),

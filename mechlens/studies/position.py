@@ -589,25 +589,6 @@ def _encode_chunk(model, chunk: list, cfg: Config) -> TokenBatch:
         raise
 
 
-def _raise_on_every_rank(error: BaseException | None) -> None:
-    """Raise ``error`` (this rank's, or None) on every rank: each rank raises its own, a rank without one
-    the first failing rank's (a :class:`MechlensError` as itself, anything else as a RuntimeError naming
-    it), so no rank waits for the others in a collective. One process: ``error`` itself."""
-    if not distributed.world()[1] > 1:
-        if error is not None:
-            raise error
-        return
-    mine = error if error is None or isinstance(error, MechlensError) else f"{type(error).__name__}: {error}"
-    errors = distributed.all_gather_object(mine)
-    if error is not None:
-        raise error
-    for rank, e in enumerate(errors):
-        if isinstance(e, BaseException):
-            raise e
-        if e is not None:
-            raise RuntimeError(f"rank {rank} failed: {e}")
-
-
 def _local_batches(n_train: int, n_test: int, batch_size: int) -> int:
     """How many mini-batches this rank's shard of the two splits makes (the progress bar's total)."""
     rank, world_size = distributed.world()
@@ -650,7 +631,7 @@ def stream_losses(model, texts: Iterable[tuple[int, Any]], cfg: Config, n_train:
             reservoirs[split].update([i for i, _ in chunk], rows)
     except Exception as e:  # every rank must reach the merge, or learn why another did not
         error = e
-    _raise_on_every_rank(error)
+    distributed.raise_on_every_rank(error)
     for acc in (*moments.values(), equations, *reservoirs.values()):
         distributed.merge(acc)
     return LossStream(
@@ -821,6 +802,17 @@ def run(model, cfg: Config | None = None, texts: Texts | None = None) -> StudyRe
 
 
 SAMPLE_COLUMNS = ("quantity", "layer", "relative_depth", "position", "word", "unit", "sample", "value")
+
+
+def incomparable(provenances: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """Quantities of :func:`samples` that are not comparable between these models: ``loss`` when causal
+    and masked LMs are compared (a next-token loss from the tokens before vs a pseudo-log-likelihood of
+    the token itself with its position masked)."""
+    kinds = {m: p.get("kind") for m, p in provenances.items()}
+    if len(set(kinds.values())) > 1:
+        return {"loss": "causal LMs give the next-token loss, masked LMs the pseudo-log-likelihood: "
+                + ", ".join(f"{m}: {k}" for m, k in kinds.items())}  # fmt: skip
+    return {}
 
 
 def samples(result: StudyResult) -> pd.DataFrame:

@@ -279,3 +279,11 @@ def test_lesson_calls_the_parts_in_the_original_order():
         assert f"position.{part}(" in code
     assert "bos=False" in codes[0] and "position.run(model, config)" in codes[-1]
     assert codes[-1].splitlines()[-1] == "result.provenance" and codes[-1].count(".show()") >= 2
+
+
+def test_causal_and_masked_losses_flagged_incomparable():
+    from mechlens.studies import position as study
+
+    assert study.incomparable({"a": {"kind": "causal"}, "b": {"kind": "causal"}}) == {}
+    flagged = study.incomparable({"gpt": {"kind": "causal"}, "mlm": {"kind": "masked"}})
+    assert set(flagged) == {"loss"} and "pseudo-log-likelihood" in flagged["loss"]

@@ -116,7 +116,7 @@ import pytest  # noqa: E402
 
 from mechlens import distributed as D  # noqa: E402
 from mechlens.data import iter_texts  # noqa: E402
-from mechlens.errors import DataError  # noqa: E402
+from mechlens.errors import DataError, MechlensError  # noqa: E402
 from mechlens.stats.streaming import Moments, Reservoir  # noqa: E402
 
 
@@ -183,7 +183,9 @@ def test_single_process_helpers_are_no_ops(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert D.world() == (1, 4) and not D.is_main() and D.local_device("cuda") == "cuda:1"
+    # torchrun's environment without a process group: an error, never a silent 1/4 shard merged with nothing
+    with pytest.raises(MechlensError, match="init_from_env"):
+        D.world()
     with pytest.raises(TypeError, match="not an accumulator"):
         monkeypatch.setattr(D, "_active", lambda: True)
         D.merge(object())

@@ -443,8 +443,8 @@ class NormStatistics:
             triplet_xty=self.xty.numpy().copy(),
             n_regression_triplets=n_trip,
             sample_text_index=texts.index.astype(np.int64),
-            sample_text_lognorm=rows[:, : self.n_layers],
-            sample_lognorm=grid[:, :, :n_pos],
+            sample_text_lognorm=rows[:, : self.n_layers].copy(),
+            sample_lognorm=grid[:, :, :n_pos].copy(),  # copies: the padded rows can go
             sample_word=rows[:, -self.n_pos :][:, :n_pos].astype(np.int64),
         )
 
@@ -710,53 +710,47 @@ def samples(result: StudyResult) -> pd.DataFrame:
     norms = r.norms
     ln, words, index = norms.sample_lognorm, norms.sample_word, norms.sample_text_index
     n_layers = ln.shape[1]
-    depth = block_depth(n_layers)
     shift = 0.5 * math.log(r.d_model)
     t, p = np.nonzero(~np.isnan(ln[:, 0, :]))  # every valid token of the sampled texts, in reading order
     tok = ln[t, :, p]  # [token, layer]
-    parts = []
-
-    def block(quantity, values, samples_, positions=None, word=None):  # values [unit, layer]
-        n = values.shape[0]
-        pos = np.full(n, -1) if positions is None else positions
-        w = np.full(n, -1) if word is None else word
-        parts.append(pd.DataFrame({
-            "quantity": quantity,
-            "layer": np.tile(np.arange(n_layers), n),
-            "relative_depth": np.tile(depth, n),
-            "position": np.repeat(pos, n_layers),
-            "word": np.repeat(w, n_layers),
-            "sample": np.repeat(samples_, n_layers),
-            "value": values.reshape(-1),
-        }))  # fmt: skip
-
     if norms.n_sequences > 1:
         unit = "text"
         keep = np.nonzero(~np.isnan(norms.sample_text_lognorm[:, 0]))[0]
         means = norms.sample_text_lognorm[keep]
-        block("log_rms", means - shift, index[keep])
-        block("log_norm", means, index[keep])
-        block("log_rms_by_position", tok - shift, index[t], positions=p, word=words[t, p])
+        blocks = [("log_rms", means - shift, index[keep], None, None), ("log_norm", means, index[keep], None, None),
+                  ("log_rms_by_position", tok - shift, index[t], p, words[t, p])]  # fmt: skip
     else:
         unit = "token"
-        block("log_rms", tok - shift, p)
-        block("log_norm", tok, p)
-        block("log_rms_by_position", tok - shift, p, positions=p, word=words[t, p])
-    frame = pd.concat(parts, ignore_index=True)
-    out = pd.DataFrame(
-        {
-            "quantity": frame["quantity"].astype(object),
-            "layer": frame["layer"].astype("Int64"),
-            "relative_depth": frame["relative_depth"].astype(np.float64),
-            "position": pd.array(frame["position"].where(frame["position"] >= 0), dtype="Int64"),
-            "word": pd.array(frame["word"].where(frame["word"] >= 0), dtype="Int64"),
-            "unit": unit,
-            "sample": frame["sample"].astype(np.int64),
-            "value": frame["value"].astype(np.float64),
-        }
-    )
-    out["unit"] = out["unit"].astype(object)
-    return out
+        blocks = [("log_rms", tok - shift, p, None, None), ("log_norm", tok, p, None, None),
+                  ("log_rms_by_position", tok - shift, p, p, words[t, p])]  # fmt: skip
+    # columns filled in place, block by block (rows per unit: one per layer): the frame is the only copy
+    n = sum(len(values) for _, values, *_ in blocks) * n_layers
+    quantity, unit_col = np.empty(n, dtype=object), np.empty(n, dtype=object)
+    unit_col[:] = unit  # one shared str (np.full of a str as object makes one per row)
+    layer, position, word, sample = (np.full(n, -1, dtype=np.int64) for _ in range(4))
+    depth, value = np.empty(n), np.empty(n)
+    start = 0
+    for name, values, units, positions, word_of in blocks:
+        sl = slice(start, start + len(values) * n_layers)
+        quantity[sl] = name
+        layer[sl] = np.tile(np.arange(n_layers), len(values))
+        depth[sl] = np.tile(block_depth(n_layers), len(values))
+        sample[sl] = np.repeat(units, n_layers)
+        value[sl] = values.reshape(-1)
+        if positions is not None:
+            position[sl] = np.repeat(positions, n_layers)
+            word[sl] = np.repeat(word_of, n_layers)
+        start = sl.stop
+
+    def ints(x: np.ndarray) -> pd.arrays.IntegerArray:  # -1: missing
+        return pd.arrays.IntegerArray(x, x < 0)
+
+    return pd.DataFrame(
+        {"quantity": pd.Series(quantity, dtype=object, copy=False), "layer": ints(layer), "relative_depth": depth,
+         "position": ints(position), "word": ints(word), "unit": pd.Series(unit_col, dtype=object, copy=False),
+         "sample": sample, "value": value},
+        copy=False,
+    )  # fmt: skip
 
 
 def incomparable(provenances: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:

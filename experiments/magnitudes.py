@@ -24,9 +24,9 @@ tokenised one mini-batch at a time; only ``blocks.{l}.hook_attn_out`` is cached,
 reduced at once to float64 sums: per (layer, position) (norm and log-norm means), per layer (histogram,
 the previous-norm regression's normal equations, per-text means), and counts of text lengths. Memory
 does not grow with the number of texts: the sums have ``n_layers x (max_tokens + 2)`` entries, and two
-seeded samples are capped at their sizes: ``n_token_samples`` tokens (200,000) for the log-norm
+seeded samples are capped at their sizes: ``token_reservoir`` tokens (200,000) for the log-norm
 percentiles, which are exact when the corpus has no more valid tokens and otherwise over that sample (the
-metric ``lognorm_percentile_basis`` and the figure say which), and ``n_samples`` texts (10,000) for the
+metric ``lognorm_percentile_basis`` and the figure say which), and ``reservoir`` texts (10,000) for the
 per-text statistics of comparisons, about ``(n_layers + 1) x (max_tokens + 3)`` float64 numbers per text
 (10,000 texts of gpt2-large at 128 tokens: 390 MB; lower ``--reservoir`` for longer texts). Both samples keep
 items by a hash of their global index, so they are the same whatever the batching or sharding. Under
@@ -72,7 +72,7 @@ config
 # `attn_out_norms` caches only `blocks.{l}.hook_attn_out`, one mini-batch at a time, and reduces
 # the L2 norms at once to sums of constant size: means by layer and position, a histogram per
 # layer, and percentiles of the log-norms per layer from a seeded sample of at most
-# `n_token_samples` tokens (exact here: the sample holds every token). Look for the layers whose
+# `token_reservoir` tokens (exact here: the sample holds every token). Look for the layers whose
 # attention writes the largest vectors, how wide each layer's distribution is (5th to 95th
 # percentile), and whether early positions stand out in the heatmap.
 norms = magnitudes.attn_out_norms(
@@ -118,7 +118,7 @@ for layer, betas in enumerate(prev.by_layer()):
 # (`results.json`), the CSV tables and the figures derive; under `torchrun` each process streams
 # its share of the texts and the sums are merged. `magnitudes.samples(result)` gives the per-text
 # log RMS (`log(norm / sqrt(d_model))`) by layer and position for a seeded sample of at most
-# `n_samples` texts, the input of cross-model comparisons with bootstrap intervals over texts.
+# `reservoir` texts, the input of cross-model comparisons with bootstrap intervals over texts.
 result = magnitudes.run(model, config)
 result.figures["norm_heatmap"].show()
 result.figures["lognorm_percentiles"].show()

@@ -25,9 +25,9 @@ tokenised one mini-batch at a time; only ``blocks.{l}.hook_attn_out`` is cached,
 reduced at once to float64 sums: per (layer, position) (norm and log-norm means), per layer (histogram,
 the previous-norm regression's normal equations, per-text means), and counts of text lengths. Memory
 does not grow with the number of texts: the sums have ``n_layers x (max_tokens + 2)`` entries, and two
-seeded samples are capped at their sizes: ``n_token_samples`` tokens (200,000) for the log-norm
+seeded samples are capped at their sizes: ``token_reservoir`` tokens (200,000) for the log-norm
 percentiles, which are exact when the corpus has no more valid tokens and otherwise over that sample (the
-metric ``lognorm_percentile_basis`` and the figure say which), and ``n_samples`` texts (10,000) for the
+metric ``lognorm_percentile_basis`` and the figure say which), and ``reservoir`` texts (10,000) for the
 per-text statistics of comparisons, about ``(n_layers + 1) x (max_tokens + 3)`` float64 numbers per text
 (10,000 texts of gpt2-large at 128 tokens: 390 MB; lower ``--reservoir`` for longer texts). Both samples keep
 items by a hash of their global index, so they are the same whatever the batching or sharding. Under
@@ -502,16 +502,22 @@ def attn_out_norms(
     chunks = batched(pairs, batch_size or 16)
     bar = progress.bar(chunks, "study 4: attention-output norms", show=progress_bar and distributed.is_main(),
                        unit="tok")  # fmt: skip
-    for chunk in bar:
-        index = torch.tensor([int(i) for i, _ in chunk], dtype=torch.long)
-        inputs = [t for _, t in chunk]
-        batch = encode(model, inputs, bos=bos, padding_side=padding_side, max_tokens=max_tokens,
-                       fix="lower --max-tokens")  # fmt: skip
-        words = word_by_position(model, inputs, batch, stats.n_pos)
-        for _, _, acts in iter_cached(model, batch, names):  # one forward: the whole chunk
-            stats.update(batch, vector_norm(stack_layers(acts, names)), index, batch.valid_mask(exclude_first), words)
-        if hasattr(bar, "update"):  # a tqdm bar counts one per batch itself: count the batch's tokens
-            bar.update(int(batch.attention_mask.sum()) - 1)
+    error = None
+    try:  # this rank's stream
+        for chunk in bar:
+            index = torch.tensor([int(i) for i, _ in chunk], dtype=torch.long)
+            inputs = [t for _, t in chunk]
+            batch = encode(model, inputs, bos=bos, padding_side=padding_side, max_tokens=max_tokens,
+                           fix="lower --max-tokens")  # fmt: skip
+            words = word_by_position(model, inputs, batch, stats.n_pos)
+            valid = batch.valid_mask(exclude_first)
+            for _, _, acts in iter_cached(model, batch, names):  # one forward: the whole chunk
+                stats.update(batch, vector_norm(stack_layers(acts, names)), index, valid, words)
+            if hasattr(bar, "update"):  # a tqdm bar counts one per batch itself: count the batch's tokens
+                bar.update(int(batch.attention_mask.sum()) - 1)
+    except Exception as e:  # every rank must reach the merge, or learn why another did not
+        error = e
+    distributed.raise_on_every_rank(error)
     return stats.merge_ranks().result(names, model.cfg.d_model, percentiles)
 
 
@@ -687,8 +693,8 @@ def _mean_over_layers(x: np.ndarray) -> np.ndarray:
 
 def samples(result: StudyResult) -> pd.DataFrame:
     """Per-text statistics of the attention-output norms, for :mod:`mechlens.comparison`, over the seeded
-    sample of at most ``n_samples`` texts (every text when there are no more; the same texts for every
-    model of a run, whatever the sharding).
+    sample of at most ``reservoir`` texts (``--reservoir``; every text when there are no more; the same
+    texts for every model of a run, whatever the sharding).
 
     Unit ``text`` (``sample`` = the text's global index in the inputs, the same for every model) when there
     are several texts; with one text, unit ``token`` (``sample`` = the token's position). Block ``l`` at
@@ -917,7 +923,7 @@ LESSON = (
         "Part 1: attention-output norms by layer and position",
         "`attn_out_norms` caches only `blocks.{l}.hook_attn_out`, one mini-batch at a time, and reduces the "
         "L2 norms at once to sums of constant size: means by layer and position, a histogram per layer, and "
-        "percentiles of the log-norms per layer from a seeded sample of at most `n_token_samples` tokens "
+        "percentiles of the log-norms per layer from a seeded sample of at most `token_reservoir` tokens "
         "(exact here: the sample holds every token). Look for the layers whose attention writes the largest "
         "vectors, how wide each layer's distribution is (5th to 95th percentile), and whether early "
         "positions stand out in the heatmap.",
@@ -966,7 +972,7 @@ LESSON = (
         "`run` composes the parts into one typed result (`result.parts`), from which the metrics "
         "(`results.json`), the CSV tables and the figures derive; under `torchrun` each process streams its "
         "share of the texts and the sums are merged. `magnitudes.samples(result)` gives the per-text log RMS "
-        "(`log(norm / sqrt(d_model))`) by layer and position for a seeded sample of at most `n_samples` "
+        "(`log(norm / sqrt(d_model))`) by layer and position for a seeded sample of at most `reservoir` "
         "texts, the input of cross-model comparisons with bootstrap intervals over texts.",
         "result = magnitudes.run(model, config)\n"
         'result.figures["norm_heatmap"].show()\n'

@@ -512,3 +512,12 @@ def test_too_short_texts_are_refused_naming_the_data(tiny_gpt2_pair):
     m = tiny_gpt2_pair.bridge
     with pytest.raises(DataError, match=r"--data reviews: only 1 tokens have two valid predecessors"):
         mg.run(m, mg.Config(n_texts=None), texts=["one two", "a b c", "x"])
+
+
+def test_an_error_inside_the_stream_is_raised_as_itself(tiny_gpt2_pair):
+    """A bad text met while streaming (here a token id outside the vocabulary) stops the run with its own
+    error (under torchrun: on every rank, before the merge, so no rank waits in a collective)."""
+    from mechlens.errors import TokenError
+
+    with pytest.raises(TokenError, match="outside the vocabulary"):
+        mg.attn_out_norms(tiny_gpt2_pair.bridge, [[464, 3290, 318], [10**9]], batch_size=1)

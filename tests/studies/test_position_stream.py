@@ -78,7 +78,7 @@ def _worker(data: str, out: str) -> None:
     from mechlens import distributed as D
     from mechlens import load_model
 
-    _, world_size = D.init_from_env(timeout_s=120)
+    _, world_size = D.init_from_env(timeout_s=900)  # generous: a loaded CI machine can stall one rank for minutes
     assert world_size == 2
     got = outcome(load_model("tiny-gpt2"), data)
     errors = D.all_gather_object(got.pop("error"))  # every rank raised, none hung
@@ -97,7 +97,6 @@ if __name__ == "__main__":
 import dataclasses  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
-import time  # noqa: E402
 
 import pytest  # noqa: E402
 import statsmodels.api as sm  # noqa: E402
@@ -331,14 +330,12 @@ def test_two_gloo_processes_equal_one(tmp_path):
            "MASTER_PORT": str(_free_port())}  # fmt: skip
     env["PYTHONPATH"] = os.pathsep.join([str(pathlib.Path(__file__).parents[2]), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__]
-    t0 = time.perf_counter()
     proc = subprocess.Popen([*cmd, str(data), out], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     from mechlens import load_model
 
     one = outcome(load_model("tiny-gpt2"), str(data))  # meanwhile, the same in this process
-    stdout, stderr = proc.communicate(timeout=170)
+    stdout, stderr = proc.communicate(timeout=900)  # a guard against hangs, not a timing (~45 s on 2 cores)
     assert proc.returncode == 0, (stdout[-2000:], stderr[-4000:])
-    assert time.perf_counter() - t0 < 120  # measured 43 s on 2 shared cores; a guard against hangs
     with open(out, "rb") as f:
         two = pickle.load(f)
 

@@ -604,8 +604,8 @@ def _corpus_stream(model, bar, moments, reservoir, bos, max_tokens, batch_size, 
         has = valid.any(-1).cpu()
         reservoir.update(index[has], per_text.cpu()[has])
         n_texts += len(chunk)
-        if hasattr(bar, "set_postfix_str"):  # the bar counts batches; the tokens read so far beside it
-            bar.set_postfix_str(f"{int(moments.count[0, 0])} predictions", refresh=False)
+        if hasattr(bar, "update"):  # a tqdm bar counts one per batch itself: count the batch's tokens (tok/s)
+            bar.update(int(batch.attention_mask.sum()) - 1)
     return n_texts
 
 
@@ -635,7 +635,7 @@ def corpus_lens(
     reservoir = Reservoir(n_samples, seed)
     n_texts = 0
     indexed = ((i, t) if isinstance(t, str) else t for i, t in enumerate(texts))
-    bar = progress.bar(batched(indexed, batch_size), "corpus lens", unit="batch", show=distributed.is_main())
+    bar = progress.bar(batched(indexed, batch_size), "corpus lens", unit="tok", show=distributed.is_main())
     error = None
     try:
         n_texts = _corpus_stream(model, bar, moments, reservoir, bos, max_tokens, batch_size, max_chunk_bytes)

@@ -27,9 +27,9 @@ the previous-norm regression's normal equations, per-text means), and counts of 
 does not grow with the number of texts: the sums have ``n_layers x (max_tokens + 2)`` entries, and two
 seeded samples are capped at their sizes: ``token_reservoir`` tokens (200,000) for the log-norm
 percentiles, which are exact when the corpus has no more valid tokens and otherwise over that sample (the
-metric ``lognorm_percentile_basis`` and the figure say which), and ``reservoir`` texts (10,000) for the
+metric ``lognorm_percentile_basis`` and the figure say which), and ``reservoir`` texts (2,000) for the
 per-text statistics of comparisons, about ``(n_layers + 1) x (max_tokens + 3)`` float64 numbers per text
-(10,000 texts of gpt2-large at 128 tokens: 390 MB; lower ``--reservoir`` for longer texts). Both samples keep
+(2,000 texts of gpt2-large at 128 tokens: 78 MB; lower ``--reservoir`` for longer texts). Both samples keep
 items by a hash of their global index, so they are the same whatever the batching or sharding. Under
 ``torchrun`` each rank streams its share of the texts and the sums and samples are merged over the
 ranks: the results equal a single process's up to the order of float64 additions. Statistics key on the
@@ -87,7 +87,9 @@ class Config(Options):
     hist_range: tuple[float, float] = option((-4.0, 8.0), "LOW HIGH: log-norm range of the histograms")
     token_reservoir: int = option(200_000, "size of the seeded sample of tokens the log-norm percentiles are "
                                   "computed from (exact when the corpus has no more valid tokens)", ge=1)  # fmt: skip
-    reservoir: int = option(10_000, "size of the seeded sample of texts kept for per-text comparisons", ge=1)
+    reservoir: int = option(2_000, "size of the seeded sample of texts kept for per-text comparisons (each keeps "
+                            "its log-norms at every layer and position: ~7 KB per text on tiny-gpt2, ~37 KB on "
+                            "gpt2-large)", ge=1)  # fmt: skip
     seed: int = option(0, "random seed (and the seed of the token and text samples)", ge=0)
 
     def check(self) -> None:

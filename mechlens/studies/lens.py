@@ -666,23 +666,14 @@ def corpus_lens(
 
 
 @dataclasses.dataclass(frozen=True)
-class CorpusLensResult:
-    """``run`` on a corpus (``--data``): the corpus lens and the sqrt(layer) fit of its mean log-prob."""
+class CorpusLensResult(CorpusLens):
+    """``run`` on a corpus (``--data``): the corpus lens (its fields, inherited) and the sqrt(layer) fit
+    of its mean log-prob."""
 
     kind: str
     data: str
-    n_texts: int
-    n_predictions: int
-    target_logprob_by_layer: Float[np.ndarray, " layer"]
-    rank_mean_by_layer: Float[np.ndarray, " layer"]
-    entropy_by_layer: Float[np.ndarray, " layer"]
-    kl_to_final_by_layer: Float[np.ndarray, " layer"]
-    top1_agreement_by_layer: Float[np.ndarray, " layer"]
-    std_by_layer: dict[str, Float[np.ndarray, " layer"]]
     sqrt_layer_fit: LineFit
-    n_samples: int
     bos: bool
-    corpus: CorpusLens = not_in_metrics()
 
 
 def _run_corpus(model, cfg: Config, texts=None) -> CorpusLensResult:
@@ -698,20 +689,11 @@ def _run_corpus(model, cfg: Config, texts=None) -> CorpusLensResult:
     c = corpus_lens(model, stream, bos=cfg.bos, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
                     max_chunk_bytes=cfg.max_chunk_bytes, n_samples=cfg.reservoir, seed=cfg.seed)  # fmt: skip
     return CorpusLensResult(
+        **{f.name: getattr(c, f.name) for f in dataclasses.fields(c)},
         kind="corpus",
         data=cfg.data or "(texts given in Python)",
-        n_texts=c.n_texts,
-        n_predictions=c.n_predictions,
-        target_logprob_by_layer=c.target_logprob_by_layer,
-        rank_mean_by_layer=c.rank_mean_by_layer,
-        entropy_by_layer=c.entropy_by_layer,
-        kl_to_final_by_layer=c.kl_to_final_by_layer,
-        top1_agreement_by_layer=c.top1_agreement_by_layer,
-        std_by_layer=c.std_by_layer,
         sqrt_layer_fit=_line(c.target_logprob_by_layer),
-        n_samples=c.n_samples,
         bos=cfg.bos,
-        corpus=c,
     )
 
 
@@ -1168,7 +1150,7 @@ def samples(result: StudyResult):
 
     r = result.parts
     if isinstance(r, CorpusLensResult):
-        c = r.corpus
+        c = r
         n_s, n_points = c.per_text.shape[0], c.per_text.shape[2]
         layer = np.tile(np.arange(n_points), n_s)
         return pd.concat(

@@ -41,7 +41,7 @@ def test_corpus_lens_equals_the_per_text_lens_pooled(tiny_gpt2_pair, batch_size)
     agreements are exact unless a near-tie flips: none does on these texts)."""
     model = tiny_gpt2_pair.bridge
     r = lens.run(model, lens.Config(batch_size=batch_size), TEXTS)
-    c = r.parts.corpus
+    c = r.parts
     ref = _by_text(model, TEXTS)
     assert r.metrics["n_texts"] == len(TEXTS)
     assert r.metrics["n_predictions"] == sum(v.shape[1] for v in ref["target_logprob"])
@@ -65,13 +65,13 @@ def test_corpus_reservoir_and_samples(tiny_gpt2_pair):
     model = tiny_gpt2_pair.bridge
     a = lens.run(model, lens.Config(reservoir=4, batch_size=2), TEXTS)
     b = lens.run(model, lens.Config(reservoir=4, batch_size=5), TEXTS)
-    assert len(a.parts.corpus.sample_text_index) == 4
-    assert list(a.parts.corpus.sample_text_index) == list(b.parts.corpus.sample_text_index)
+    assert len(a.parts.sample_text_index) == 4
+    assert list(a.parts.sample_text_index) == list(b.parts.sample_text_index)
     s = lens.samples(a)
     n_points = model.cfg.n_layers + 1
     assert len(s) == 4 * n_points * len(lens.CORPUS_QUANTITIES)
     assert set(s["unit"]) == {"text"} and s["relative_depth"].max() == 1.0 and s["relative_depth"].min() == 0.0
-    assert set(s["sample"]) == set(a.parts.corpus.sample_text_index)
+    assert set(s["sample"]) == set(a.parts.sample_text_index)
 
 
 def test_corpus_lens_from_a_parquet_file(tiny_gpt2_pair, tmp_path):

@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -134,6 +134,17 @@ def _bridge_architectures() -> dict:
     return SUPPORTED_ARCHITECTURES
 
 
+def bridge_architecture(architecture: str) -> str | None:
+    """TransformerBridge's registry key for a class name: the name itself, or the registered name that
+    differs from it only in case (TransformerLens registers Phi-MoE as ``PhiMoEForCausalLM`` where
+    transformers' class is ``PhimoeForCausalLM``; MPT's hub remote-code class ``MPTForCausalLM`` is
+    transformers' ``MptForCausalLM``); ``None`` when TransformerBridge has no adapter for it."""
+    supported = _bridge_architectures()
+    if architecture in supported:
+        return architecture
+    return {k.lower(): k for k in supported}.get(architecture.lower())
+
+
 def _supported_message() -> str:
     checked = ", ".join(f.name for f in FAMILIES.values())
     return (
@@ -149,20 +160,20 @@ def model_kind(architecture: str) -> str:
         return "masked"
     if architecture in TEXT_MODEL_OF:
         return "causal"
-    supported = _bridge_architectures()
-    if architecture.endswith(CAUSAL_SUFFIXES) and architecture != "BertLMHeadModel" and architecture in supported:
+    registered = bridge_architecture(architecture)
+    if architecture.endswith(CAUSAL_SUFFIXES) and architecture != "BertLMHeadModel" and registered:
         return "causal"
     if architecture.endswith("ForMaskedLM"):
         why = (
-            f"architecture {architecture!r} is a masked LM that TransformerLens {_tl_version()}' TransformerBridge "
+            f"architecture {architecture!r} is a masked LM that TransformerLens {tl_version()}' TransformerBridge "
             f"does not support (no architecture adapter; unsupported include {_UNSUPPORTED_MASKED_HINT})"
         )
     elif architecture.endswith(CAUSAL_SUFFIXES):
         why = (
-            f"architecture {architecture!r} is not supported by TransformerLens {_tl_version()}' TransformerBridge "
+            f"architecture {architecture!r} is not supported by TransformerLens {tl_version()}' TransformerBridge "
             "(no architecture adapter)"
         )
-    elif architecture in supported:
+    elif registered:
         why = (
             f"architecture {architecture!r} is supported by TransformerBridge but is not a causal or masked "
             "language model mechlens can analyse (encoder-decoder, multimodal, audio or vision)"
@@ -175,7 +186,7 @@ def model_kind(architecture: str) -> str:
     )
 
 
-def _tl_version() -> str:
+def tl_version() -> str:
     import importlib.metadata
 
     try:
@@ -218,10 +229,15 @@ def architecture_of(hf_model) -> str:
 
 
 def normalize_config(hf_model) -> None:
-    """A freshly constructed HF model has ``config.architectures = None``; the bridge picks its adapter
-    from that field, so fill it in from the model's class."""
-    if not getattr(hf_model.config, "architectures", None):
-        hf_model.config.architectures = [architecture_of(hf_model)]
+    """The bridge picks its adapter from ``config.architectures[0]`` by exact name: a freshly constructed
+    HF model has ``None`` there (filled in from the model's class), and a class TransformerLens spells
+    differently (:func:`bridge_architecture`) gets TransformerLens' spelling."""
+    cfg = hf_model.config
+    if not getattr(cfg, "architectures", None):
+        cfg.architectures = [architecture_of(hf_model)]
+    registered = bridge_architecture(cfg.architectures[0])
+    if registered is not None and registered != cfg.architectures[0]:
+        cfg.architectures = [registered]
 
 
 def kind_of(model: TransformerBridge) -> str:
@@ -283,6 +299,51 @@ def readout_hook_names(model: TransformerBridge) -> list[str]:
     """
     n = model.cfg.n_layers
     return [f"blocks.{layer}.hook_resid_pre" for layer in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
+
+
+def block_types(model: TransformerBridge) -> list[str] | None:
+    """The kind of each block (``"attention"``, ``"mamba"``, ...) of a hybrid model, from its config
+    (HF's ``layer_types`` / ``layers_block_type``, else TransformerLens' ``layers_block_type``, which
+    calls a Mamba layer ``linear_attention``); ``None`` for a model whose blocks are all alike."""
+    hf_cfg = getattr(hf_model_of(model), "config", None)
+    for cfg, key in ((hf_cfg, "layer_types"), (hf_cfg, "layers_block_type"), (model.cfg, "layers_block_type")):
+        types = getattr(cfg, key, None)
+        if isinstance(types, list | tuple) and len(types) == model.cfg.n_layers:
+            return [str(t) for t in types]
+    return None
+
+
+def _block_kind(model: TransformerBridge, layer: int) -> str | None:
+    """What block ``layer`` is, for a hybrid model: ``"Mamba (state-space)"`` when the bridge block mixes
+    tokens with a state-space (Mamba) bridge, else the config's block type; ``None`` if all are alike."""
+    types = block_types(model)
+    if any("SSM" in type(c).__name__ or "Mamba" in type(c).__name__ for c in model.blocks[layer].children()):
+        return "Mamba (state-space)" if types is None else f"Mamba (state-space, {types[layer]})"
+    return None if types is None else types[layer]
+
+
+_HOOK_MEANING = {"hook_attn_out": "attention output", "hook_mlp_out": "MLP output"}
+
+
+def missing_hooks(model: TransformerBridge, names: Sequence[str]) -> str | None:
+    """Why ``model`` lacks hook points among ``names``, in words (``"layer 0 is a mamba block: it has no
+    attention output (blocks.0.hook_attn_out)"``), or ``None`` when it has them all."""
+    missing = [n for n in dict.fromkeys(names) if n not in model.hook_dict]
+    if not missing:
+        return None
+    why = []
+    for name in missing[:3]:
+        parts = name.split(".")
+        layer = int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else None
+        what = _HOOK_MEANING.get(parts[-1], "hook point")
+        kind = None if layer is None or layer >= model.cfg.n_layers else _block_kind(model, layer)
+        if kind is not None:
+            why.append(f"layer {layer} is a{'n' if kind[:1] in 'aeiou' else ''} {kind} block: it has no {what} "
+                       f"({name})")  # fmt: skip
+        else:
+            why.append(f"{model.cfg.architecture} has no {what} {name}")
+    more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+    return "; ".join(why) + more
 
 
 def _mlm_activation(model: TransformerBridge) -> Callable[[Tensor], Tensor]:

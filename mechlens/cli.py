@@ -215,7 +215,6 @@ def _run_checked(args, studies, configs, overrides, dest) -> None:
     import torch
     import transformers
 
-    from mechlens import arch
     from mechlens.loading import load_model
     from mechlens.runner import check_applicable, check_vocabularies, run_study, summary_rows, write_outputs
     from mechlens.studies import STUDIES
@@ -235,13 +234,13 @@ def _run_checked(args, studies, configs, overrides, dest) -> None:
     for study in studies:
         info = STUDIES[study]
         specs = args.model or list(info.default_models)
-        models = {spec: cache[spec] for spec in specs if info.applies_to(arch.kind_of(cache[spec]))}
+        unmet = {spec: info.unmet(cache[spec]) for spec in specs}
+        models = {spec: cache[spec] for spec in specs if unmet[spec] is None}
         if len(models) < len(specs):
             skipped = [s for s in specs if s not in models]
             if args.study != "all":
                 check_applicable(info, {s: cache[s] for s in skipped})
-            notes.append(f"{study}: skipped for {', '.join(skipped)} (it applies to {' and '.join(sorted(info.kinds))}"
-                         " LMs only)")  # fmt: skip
+            notes.append(f"{study}: skipped for " + "; ".join(f"{s} ({unmet[s]})" for s in skipped))
             _log(notes[-1])
             if not models:
                 continue

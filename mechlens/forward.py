@@ -38,7 +38,12 @@ def iter_cached(
     wanted = list(dict.fromkeys(names))
     unknown = [w for w in wanted if w not in model.hook_dict]
     if unknown:
-        raise MechlensError(f"unknown hook point(s) {unknown}: see model.hook_dict for the names this model has")
+        from mechlens import arch
+
+        raise MechlensError(
+            f"unknown hook point(s) {unknown}: {arch.missing_hooks(model, unknown)}; see model.hook_dict for the "
+            "names this model has"
+        )
     starts = range(0, n, size)
     desc = progress if isinstance(progress, str) else "forward"
     bar = _progress.bar(starts, desc, show=bool(progress) and len(starts) > 1, unit="batch")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mechlens import arch, hub
-from mechlens.errors import MechlensError, ModelNotAvailableError, NonFiniteError
+from mechlens.errors import MechlensError, ModelNotAvailableError, NonFiniteError, UnsupportedArchitectureError
 from mechlens.provenance import Provenance
 from mechlens.tokenizer import check_tokenizer
 from mechlens.tokens import tokenizer_signature
@@ -85,21 +85,35 @@ def load_model(
     n_params = arch.parameter_count(hf_model)  # before the bridge adopts (and restructures) the model
     dispatched = device_placement is not None or getattr(hf_model, "hf_device_map", None) is not None
     hf_model = (hf_model if dispatched else hf_model.to(device=device, dtype=dtype)).eval()
-    bridge = TransformerBridge.boot_transformers(
-        label,
-        hf_model=hf_model,
-        tokenizer=arch.prepare_tokenizer_for_bridge(tokenizer),
-        device=None if dispatched else device,
-        dtype=dtype,
-    )
+    from mechlens import validate
+
+    # the model's own greedy steps, before the bridge adopts (and re-implements parts of) it
+    greedy = validate.hf_greedy_steps(hf_model, _probe_ids(tokenizer)) if kind == "causal" else None
+    try:
+        bridge = TransformerBridge.boot_transformers(
+            label,
+            hf_model=hf_model,
+            tokenizer=arch.prepare_tokenizer_for_bridge(tokenizer),
+            device=None if dispatched else device,
+            dtype=dtype,
+        )
+    except Exception as e:  # TransformerLens' adapter refuses this configuration (e.g. an assertion)
+        raise UnsupportedArchitectureError(
+            f"TransformerLens {arch.tl_version()}' TransformerBridge cannot adopt {label!r} ({architecture}): "
+            f"{type(e).__name__}: {_first_line(e)}"
+        ) from e
     if dispatched:
         device = str(bridge.cfg.device)
     if weights == "processed":
+        if not getattr(bridge.adapter, "supports_compatibility_mode", True):
+            raise UnsupportedArchitectureError(
+                f"--weights processed (weights='processed'): TransformerLens {arch.tl_version()} cannot process "
+                f"{architecture}'s weights (its adapter does not support compatibility mode): use --weights raw"
+            )
         bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()
-    from mechlens.validate import validate_readout
-
-    check = validate_readout(bridge, allow_mismatch=allow_readout_mismatch)
+    check = validate.validate_readout(bridge, allow_mismatch=allow_readout_mismatch)
+    generate = None if greedy is None else validate.check_generate(bridge, greedy)
     prov = Provenance(
         model=label,
         architecture=architecture,
@@ -122,6 +136,8 @@ def load_model(
         readout_max_logprob_diff=check.max_logprob_diff,
         readout_tolerance=check.tolerance,
         readout_mismatch_allowed=allow_readout_mismatch,
+        generate_kv_cache=None if generate is None else generate.kv_cache,
+        generate_check=None if generate is None else generate.detail,
     )
     object.__setattr__(bridge, _PROVENANCE_ATTR, prov)
     return bridge
@@ -209,11 +225,54 @@ def _resolve_spec(spec: Any, tokenizer, kw: dict) -> tuple[str, PreTrainedModel,
     return name, *_load_hub(name, tokenizer, kw)
 
 
-def _model_class(architecture: str):
+def _probe_ids(tokenizer) -> list[int]:
+    """The load probe's token ids (the tokenizer's own special tokens, as for any string)."""
+    from mechlens.validate import PROBE_TEXT
+
+    return list(tokenizer(PROBE_TEXT)["input_ids"])
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"
+
+
+_HEADS = (*arch.CAUSAL_SUFFIXES, "ForMaskedLM")
+
+
+def _class_name(architecture: str, model_type: str | None) -> str:
+    """transformers' class for a config's ``architectures[0]``: the name itself; the class whose name
+    differs only in case (a hub remote-code name such as ``MPTForCausalLM`` for ``MptForCausalLM``);
+    else the auto-mapping's class for the config's ``model_type`` with the same kind of head."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    if hasattr(transformers, architecture):
+        return architecture
+    folded = {n.lower(): n for n in dir(transformers) if n.endswith(_HEADS)}
+    if architecture.lower() in folded:
+        return folded[architecture.lower()]
+    mapping = (
+        modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        if architecture.endswith("ForMaskedLM")
+        else modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    )
+    mapped = mapping.get(model_type or "")
+    if mapped and hasattr(transformers, mapped):
+        return mapped
+    raise UnsupportedArchitectureError(
+        f"the config names the class {architecture!r} (model_type {model_type!r}), which transformers "
+        f"{transformers.__version__} does not have (hub remote code is not run): save the model with a "
+        "transformers class (e.g. load it with trust_remote_code, then save_pretrained a transformers model)"
+    )
+
+
+def _model_class(architecture: str, model_type: str | None = None):
     import transformers
 
-    arch.model_kind(architecture)  # raises for unsupported architectures, before any weights are read
-    return getattr(transformers, architecture)
+    name = _class_name(architecture, model_type)
+    arch.model_kind(name)  # raises for unsupported architectures, before any weights are read
+    return getattr(transformers, name)
 
 
 def _load_embedded(name: str, tokenizer, load_kw: dict):
@@ -237,12 +296,13 @@ def _load_dir(path: pathlib.Path, tokenizer, load_kw: dict):
     if not cfg_file.exists():
         raise ModelNotAvailableError(f"{path} has no config.json: save the model there with model.save_pretrained(dir)")
     try:
-        archs = json.loads(cfg_file.read_text()).get("architectures") or ["?"]
+        config = json.loads(cfg_file.read_text())
+        archs = config.get("architectures") or ["?"]
     except (OSError, ValueError, AttributeError) as e:
         raise ModelNotAvailableError(
             f"{cfg_file} cannot be read as a model config ({e}): save the model again"
         ) from None
-    cls = _model_class(archs[0])
+    cls = _model_class(archs[0], config.get("model_type"))
     if tokenizer is None:
         if not any((path / f).exists() for f in _TOKENIZER_FILES):
             raise ModelNotAvailableError(
@@ -281,8 +341,8 @@ def _load_hub(name: str, tokenizer, load_kw: dict):
             "or an in-memory model: load_model(hf_model, tokenizer=tok)."
         )
     kw = {} if online else {"local_files_only": True}
-    archs = AutoConfig.from_pretrained(name, **kw).architectures or ["?"]
-    cls = _model_class(archs[0])
+    config = AutoConfig.from_pretrained(name, **kw)
+    cls = _model_class((config.architectures or ["?"])[0], config.model_type)
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(name, **kw)
     return cls.from_pretrained(name, **load_kw, **kw), tokenizer

@@ -39,6 +39,10 @@ class Provenance:
     readout_max_logprob_diff: float | None = None  # readout vs the model's log-probs on the load probe (nats)
     readout_tolerance: float | None = None  # the tolerance it was checked against (nats)
     readout_mismatch_allowed: bool = False  # load_model(..., allow_readout_mismatch=True) was given
+    # the load-time generate check (mechlens.validate.check_generate; None for masked LMs): whether
+    # generate uses TransformerLens' KV cache, and what was compared
+    generate_kv_cache: bool | None = None
+    generate_check: str | None = None
     transformer_lens: str = dataclasses.field(default_factory=lambda: _version("transformer-lens"))
     transformers: str = dataclasses.field(default_factory=lambda: _version("transformers"))
     torch: str = dataclasses.field(default_factory=lambda: _version("torch"))

@@ -30,7 +30,8 @@ def make_config(study: StudyInfo, overrides: dict[str, Any]):
 
 
 def check_applicable(study: StudyInfo, models: dict[str, Any]) -> None:
-    """Refuse, before any forward pass, a model whose kind the study does not apply to."""
+    """Refuse, before any forward pass, a model whose kind the study does not apply to, or which lacks a
+    hook point the study reads (:meth:`StudyInfo.unmet`)."""
     from mechlens import arch
 
     for name, model in models.items():
@@ -40,6 +41,13 @@ def check_applicable(study: StudyInfo, models: dict[str, Any]) -> None:
             raise NotApplicableError(
                 f"study {study.name!r} does not apply to {name!r}, a {kind} LM (it needs a "
                 f"{' or '.join(sorted(study.kinds))} LM): studies for {kind} LMs are {', '.join(others)}"
+            )
+        missing = study.unmet(model)
+        if missing:
+            others = [s.name for s in STUDIES.values() if s.unmet(model) is None]
+            raise NotApplicableError(
+                f"study {study.name!r} cannot run on {name!r}: {missing}. It reads {', '.join(study.hooks)} at "
+                f"every layer; studies that run on this model: {', '.join(others)}"
             )
 
 

@@ -183,3 +183,93 @@ def validate_readout(model: TransformerBridge, *, allow_mismatch: bool = False) 
             "(load_model) to analyse it anyway; the override is recorded in provenance."
         )
     return check
+
+
+# -- generate: TransformerLens' KV-cache decoding against the model's own greedy steps --------------
+
+GENERATE_PROBE_TOKENS = 4
+# Two computations of the same next-token logits (HF's forward before adoption vs the bridge's, eager vs
+# the model's own attention kernel: fp32 SDPA differs from eager by up to ~5e-4, TransformerLens' own
+# parity floor) may swap an argmax only when the top two logits are that close. A gap below
+# 1e-3 x max(1, max |logit|) is a tie: the comparison stops there. A KV cache that drops the prompt
+# (what transformers 5.24 did to TransformerLens 4.3) moves logits by whole units.
+_TIE_REL = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class GreedySteps:
+    """The model's own greedy continuation of the probe: ``n`` full forwards (no cache), before the
+    bridge adopts the model, with the next-token logits of each step (float32, on CPU)."""
+
+    prompt: list[int]
+    tokens: list[int]
+    logits: torch.Tensor  # [n, vocab]
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateCheck:
+    """The bridge's ``generate`` against :class:`GreedySteps` on the probe."""
+
+    kv_cache: bool  # generate may use TransformerLens' KV cache (cached generation == greedy steps)
+    detail: str  # what was compared, and where a KV-cache generation left the greedy steps
+
+
+@torch.no_grad()
+def hf_greedy_steps(hf_model, prompt: list[int], n: int = GENERATE_PROBE_TOKENS) -> GreedySteps:
+    """``n`` greedy tokens by the HF model's own forward (no KV cache): the reference for :func:`check_generate`."""
+    device = hf_model.get_input_embeddings().weight.device
+    seq = torch.tensor([prompt], device=device)
+    tokens, logits = [], []
+    for _ in range(n):
+        last = hf_model(input_ids=seq, use_cache=False).logits[0, -1].float().cpu()
+        tokens.append(int(last.argmax()))
+        logits.append(last)
+        seq = torch.cat([seq, torch.tensor([[tokens[-1]]], device=device)], dim=1)
+    return GreedySteps(prompt=list(prompt), tokens=tokens, logits=torch.stack(logits))
+
+
+def _first_departure(reference: GreedySteps, tokens: list[int]) -> tuple[int, int] | None:
+    """The first step where ``tokens`` leave the reference beyond a near-tie, as (step, token); None if
+    they follow it (up to a tie, after which the sequences may differ legitimately)."""
+    for step, (want, got) in enumerate(zip(reference.tokens, tokens, strict=True)):
+        if want == got:
+            continue
+        z = reference.logits[step]
+        if (z[want] - z[got]).item() <= _TIE_REL * max(1.0, z.abs().max().item()):
+            return None
+        return step, got
+    return None
+
+
+@torch.no_grad()
+def check_generate(model: TransformerBridge, reference: GreedySteps) -> GenerateCheck:
+    """``model.generate`` (greedy, with TransformerLens' KV cache) must reproduce the model's own greedy
+    steps (:func:`hf_greedy_steps`). If it does not but generation without the cache does, generation
+    runs without the cache (``kv_cache=False``: recorded in provenance, used by study 2); if neither
+    does, the model is refused (:class:`UnsupportedArchitectureError`): no study may report a sequence
+    the model did not produce."""
+    device = next(model.parameters()).device
+    prompt = torch.tensor([reference.prompt], device=device)
+    n = len(reference.tokens)
+
+    def generated(kv_cache: bool) -> list[int]:
+        out = model.generate(prompt, max_new_tokens=n, do_sample=False, verbose=False, stop_at_eos=False,
+                             use_past_kv_cache=kv_cache)  # fmt: skip
+        return out[0, prompt.shape[1] :].tolist()
+
+    cached = _first_departure(reference, generated(True))
+    if cached is None:
+        return GenerateCheck(kv_cache=True, detail=f"KV-cache generate == the model's greedy steps ({n} tokens)")
+    step, token = cached
+    why = (
+        f"TransformerLens' KV-cache generate leaves the model's greedy steps at step {step} (token {token}, "
+        f"the model's argmax {reference.tokens[step]})"
+    )
+    uncached = _first_departure(reference, generated(False))
+    if uncached is None:
+        return GenerateCheck(kv_cache=False, detail=f"{why}: generate runs without the KV cache")
+    raise UnsupportedArchitectureError(
+        f"generate through TransformerBridge ({model.cfg.architecture}) does not reproduce the model's own "
+        f"greedy steps, with or without the KV cache: {why}; without it at step {uncached[0]} (token "
+        f"{uncached[1]}). Pin the tested transformers and transformer-lens (README, 'Tested versions')."
+    )

@@ -36,6 +36,9 @@ class StudyInfo:
     default_models: tuple[str, ...]
     module_name: str
     data_parallel: bool = False  # runs under torchrun: shards its data by rank and merges its statistics
+    # hook points the study reads besides the residual-stream readout points (checked at load), at every
+    # block: "{layer}" stands for each layer index
+    hooks: tuple[str, ...] = ()
 
     @property
     def module(self) -> ModuleType:
@@ -43,6 +46,18 @@ class StudyInfo:
 
     def applies_to(self, kind: str) -> bool:
         return kind in self.kinds
+
+    def hook_names(self, model) -> list[str]:
+        return [h.format(layer=layer) for layer in range(model.cfg.n_layers) for h in self.hooks]
+
+    def unmet(self, model) -> str | None:
+        """Why the study cannot run on ``model`` (its kind, or hook points the model lacks, e.g. a Mamba
+        layer's attention output), in words; ``None`` when it can."""
+        from mechlens import arch
+
+        if not self.applies_to(arch.kind_of(model)):
+            return f"it applies to {' and '.join(sorted(self.kinds))} LMs only"
+        return arch.missing_hooks(model, self.hook_names(model))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +72,14 @@ class Step:
 
 
 def _study(
-    name: str, title: str, kinds: set[str], default_models: tuple[str, ...], data_parallel: bool = False
+    name: str,
+    title: str,
+    kinds: set[str],
+    default_models: tuple[str, ...],
+    data_parallel: bool = False,
+    hooks: tuple[str, ...] = (),
 ) -> StudyInfo:
-    return StudyInfo(name, title, frozenset(kinds), default_models, f"mechlens.studies.{name}", data_parallel)
+    return StudyInfo(name, title, frozenset(kinds), default_models, f"mechlens.studies.{name}", data_parallel, hooks)
 
 
 BOTH = {"causal", "masked"}
@@ -69,8 +89,10 @@ STUDIES: dict[str, StudyInfo] = {
         _study("position", "1. Token position from loss", BOTH, ("tiny-gpt2",), data_parallel=True),
         _study("logits", "2. Logits, next-token prediction and a logit intervention", BOTH, ("tiny-gpt2",)),
         _study("lens", "3. Logit lens (masked and causal)", BOTH, ("tiny-mlm", "tiny-gpt2"), data_parallel=True),
-        _study("magnitudes", "4. Attention-output magnitudes", BOTH, ("tiny-gpt2",), data_parallel=True),
-        _study("distances", "5. Distances, mutual information and token position", BOTH, ("tiny-gpt2",)),
+        _study("magnitudes", "4. Attention-output magnitudes", BOTH, ("tiny-gpt2",), data_parallel=True,
+               hooks=("blocks.{layer}.hook_attn_out",)),
+        _study("distances", "5. Distances, mutual information and token position", BOTH, ("tiny-gpt2",),
+               hooks=("blocks.{layer}.hook_attn_out", "blocks.{layer}.hook_mlp_out")),
     )
 }
 

@@ -388,16 +388,19 @@ class GreedyVsGenerate:
 def greedy_vs_generate(model, batch: TokenBatch, n_new_tokens: int = 12) -> GreedyVsGenerate:
     """``n_new_tokens`` of argmax decoding by hand (one full forward per token, :func:`greedy_loop`)
     and with ``model.generate(do_sample=False, stop_at_eos=False)``; equal token for token unless two
-    logits tie. A masked LM fills ``<mask>`` left to right and has no ``generate``: the comparison is
-    None."""
+    logits tie. ``generate`` uses TransformerLens' KV cache only where the load-time check found that
+    it reproduces the model's greedy steps (provenance ``generate_kv_cache``; see
+    :func:`mechlens.validate.check_generate`). A masked LM fills ``<mask>`` left to right and has no
+    ``generate``: the comparison is None."""
     tokens = _one_row(model, batch)
     greedy = greedy_loop(model, tokens, n_new_tokens)
     generated = None
     if arch.kind_of(model) != "masked":
         with torch.no_grad():
             generated = model.generate(
-                tokens, max_new_tokens=n_new_tokens, do_sample=False, verbose=False, stop_at_eos=False
-            )[0, tokens.shape[1] :].tolist()
+                tokens, max_new_tokens=n_new_tokens, do_sample=False, verbose=False, stop_at_eos=False,
+                use_past_kv_cache=provenance_of(model).generate_kv_cache is not False,
+            )[0, tokens.shape[1] :].tolist()  # fmt: skip
     return GreedyVsGenerate(
         greedy_tokens=_ids(greedy),
         greedy_text=model.tokenizer.decode(greedy),

@@ -113,6 +113,8 @@ FAMILIES: dict[str, Family] = {
     "Gemma3ForCausalLM": Family("Gemma3 (text)", "sandwich norms, q/k norm, local/global layers, logit soft-cap"),
     "PhiForCausalLM": Family("Phi", "parallel attention+MLP, partial rotary, lm_head bias, untied"),
     "Phi3ForCausalLM": Family("Phi3", "fused qkv and gate/up projections, untied"),
+    # transformers' class; TransformerLens registers it as PhiMoEForCausalLM (bridge_architecture)
+    "PhimoeForCausalLM": Family("Phi-MoE", "sparse mixture-of-experts MLP (top-k routing), LayerNorm, untied"),
     "StableLmForCausalLM": Family("StableLM", "LayerNorm, partial rotary, untied"),
     "BloomForCausalLM": Family("BLOOM", "ALiBi, embedding LayerNorm, residual added inside attention/MLP"),
     "FalconForCausalLM": Family("Falcon", "parallel attention+MLP, in-place sum in HF, tied"),

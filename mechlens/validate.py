@@ -188,12 +188,15 @@ def validate_readout(model: TransformerBridge, *, allow_mismatch: bool = False) 
 # -- generate: TransformerLens' KV-cache decoding against the model's own greedy steps --------------
 
 GENERATE_PROBE_TOKENS = 4
-# Two computations of the same next-token logits (HF's forward before adoption vs the bridge's, eager vs
+# Two computations of the same next-token logits (HF's forward before adoption vs the bridge's; eager vs
 # the model's own attention kernel: fp32 SDPA differs from eager by up to ~5e-4, TransformerLens' own
-# parity floor) may swap an argmax only when the top two logits are that close. A gap below
-# 1e-3 x max(1, max |logit|) is a tie: the comparison stops there. A KV cache that drops the prompt
-# (what transformers 5.24 did to TransformerLens 4.3) moves logits by whole units.
-_TIE_REL = 1e-3
+# parity floor; bf16 up to ~1e-2 of the logits) agree in log-probs to 1e-3 x max(1, max |logit|) in
+# fp32 and 2e-2 x that in half precision; an argmax may then swap only between near-tied tokens,
+# after which the sequences may legitimately differ and the comparison stops. A KV cache that drops
+# the prompt (what transformers 5.24 did to TransformerLens 4.3) moves log-probs by whole nats even
+# where the argmax happens to survive.
+_DRIFT_REL = {torch.float32: 1e-3, torch.float64: 1e-3}
+_DRIFT_REL_HALF = 2e-2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +207,7 @@ class GreedySteps:
     prompt: list[int]
     tokens: list[int]
     logits: torch.Tensor  # [n, vocab]
+    dtype: torch.dtype = torch.float32  # the model's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,51 +229,56 @@ def hf_greedy_steps(hf_model, prompt: list[int], n: int = GENERATE_PROBE_TOKENS)
         tokens.append(int(last.argmax()))
         logits.append(last)
         seq = torch.cat([seq, torch.tensor([[tokens[-1]]], device=device)], dim=1)
-    return GreedySteps(prompt=list(prompt), tokens=tokens, logits=torch.stack(logits))
+    dtype = next(hf_model.parameters()).dtype
+    return GreedySteps(prompt=list(prompt), tokens=tokens, logits=torch.stack(logits), dtype=dtype)
 
 
-def _first_departure(reference: GreedySteps, tokens: list[int]) -> tuple[int, int] | None:
-    """The first step where ``tokens`` leave the reference beyond a near-tie, as (step, token); None if
-    they follow it (up to a tie, after which the sequences may differ legitimately)."""
+def _departure(reference: GreedySteps, tokens: list[int], logits: torch.Tensor) -> str | None:
+    """Where a generation (``tokens`` and its per-step ``logits``) leaves the reference's greedy steps, in
+    words; ``None`` if it follows them (up to a near-tie, after which nothing more is compared)."""
+    rel = _DRIFT_REL.get(reference.dtype, _DRIFT_REL_HALF)
     for step, (want, got) in enumerate(zip(reference.tokens, tokens, strict=True)):
-        if want == got:
-            continue
         z = reference.logits[step]
-        if (z[want] - z[got]).item() <= _TIE_REL * max(1.0, z.abs().max().item()):
-            return None
-        return step, got
+        tol = rel * max(1.0, z.abs().max().item())
+        drift = (logits[step].float().cpu().log_softmax(-1) - z.log_softmax(-1)).abs().max().item()
+        if drift > tol:
+            return (
+                f"at step {step} (log-probs off by {drift:.3g} nats, tolerance {tol:.2g}; token {got}, "
+                f"the model's {want})"
+            )
+        if want != got:
+            if (z[want] - z[got]).item() <= 2 * tol:
+                return None  # a near-tie: both tokens are the model's within rounding
+            return f"at step {step} (token {got}, the model's argmax {want})"
     return None
 
 
 @torch.no_grad()
 def check_generate(model: TransformerBridge, reference: GreedySteps) -> GenerateCheck:
     """``model.generate`` (greedy, with TransformerLens' KV cache) must reproduce the model's own greedy
-    steps (:func:`hf_greedy_steps`). If it does not but generation without the cache does, generation
-    runs without the cache (``kv_cache=False``: recorded in provenance, used by study 2); if neither
-    does, the model is refused (:class:`UnsupportedArchitectureError`): no study may report a sequence
-    the model did not produce."""
+    steps (:func:`hf_greedy_steps`): the same tokens and, step by step, the same log-probs. If it does
+    not but generation without the cache does, generation runs without the cache (``kv_cache=False``:
+    recorded in provenance, used by study 2); if neither does, the model is refused
+    (:class:`UnsupportedArchitectureError`): no study may report a sequence the model did not produce."""
     device = next(model.parameters()).device
     prompt = torch.tensor([reference.prompt], device=device)
     n = len(reference.tokens)
 
-    def generated(kv_cache: bool) -> list[int]:
+    def departure(kv_cache: bool) -> str | None:
         out = model.generate(prompt, max_new_tokens=n, do_sample=False, verbose=False, stop_at_eos=False,
-                             use_past_kv_cache=kv_cache)  # fmt: skip
-        return out[0, prompt.shape[1] :].tolist()
+                             use_past_kv_cache=kv_cache, output_logits=True)  # fmt: skip
+        tokens = out.sequences[0, prompt.shape[1] :].tolist()
+        return _departure(reference, tokens, torch.stack([z[0] for z in out.logits]))
 
-    cached = _first_departure(reference, generated(True))
+    cached = departure(True)
     if cached is None:
         return GenerateCheck(kv_cache=True, detail=f"KV-cache generate == the model's greedy steps ({n} tokens)")
-    step, token = cached
-    why = (
-        f"TransformerLens' KV-cache generate leaves the model's greedy steps at step {step} (token {token}, "
-        f"the model's argmax {reference.tokens[step]})"
-    )
-    uncached = _first_departure(reference, generated(False))
+    why = f"TransformerLens' KV-cache generate leaves the model's greedy steps {cached}"
+    uncached = departure(False)
     if uncached is None:
         return GenerateCheck(kv_cache=False, detail=f"{why}: generate runs without the KV cache")
     raise UnsupportedArchitectureError(
         f"generate through TransformerBridge ({model.cfg.architecture}) does not reproduce the model's own "
-        f"greedy steps, with or without the KV cache: {why}; without it at step {uncached[0]} (token "
-        f"{uncached[1]}). Pin the tested transformers and transformer-lens (README, 'Tested versions')."
+        f"greedy steps, with or without the KV cache: {why}; without it {uncached}. Use the tested "
+        "transformers and transformer-lens versions (README, 'Tested versions')."
     )

@@ -112,6 +112,9 @@ CASES: dict[str, Case] = {
                   max_position_embeddings=CTX, partial_rotary_factor=0.5, **_ids()), 6549969, 1.0,
              **dict(LL, final_norm="model.final_layernorm")),
         Case("phi3", "Phi3Config", "Phi3ForCausalLM", _llama_like(), 6506944, 1.0, **LL),
+        # 2 experts, top-1 routing: the block's MLP output is the routed experts' weighted sum
+        Case("phi-moe", "PhimoeConfig", "PhimoeForCausalLM", _llama_like(num_local_experts=2, num_experts_per_tok=1),
+             6556672, 1.0, **LL),
         Case("stablelm", "StableLmConfig", "StableLmForCausalLM", _llama_like(partial_rotary_factor=0.25),
              6507264, 1.0, **LL),
         Case("bloom", "BloomConfig", "BloomForCausalLM",
@@ -136,6 +139,100 @@ CASES: dict[str, Case] = {
              blocks="roberta.encoder.layer", attn="attention", mlp="output.dense", final_norm="lm_head"),
     ]
 }  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadPath:
+    """A family outside :data:`CASES` and how mechlens must load it: refuse in one line naming the cause
+    (``refusal``: a regular expression the message must match), or load and validate it. ``saved_as``:
+    the model is saved to a directory whose config.json names that class (a hub remote-code name), and
+    loaded from there. ``refused_studies``: studies refused up front, with the expected reason."""
+
+    name: str
+    config: str
+    model: str
+    kwargs: dict
+    n_params: int
+    load_kw: dict = dataclasses.field(default_factory=dict)
+    saved_as: str | None = None
+    saved_model_type: str | None = None  # and model_type (else the config's own)
+    refusal: str | None = None
+    loaded_as: str | None = None  # the class mechlens resolves (provenance architecture)
+    refused_studies: tuple[tuple[str, str], ...] = ()
+
+
+_MAMBA = r"layer 0 is a Mamba \(state-space, linear_attention\) block: it has no {} \(blocks\.0\.{}\)"
+
+# found by a probe of families outside the matrix (issue 21); parameter counts fixed as for CASES
+LOAD_PATHS: dict[str, LoadPath] = {
+    lp.name: lp
+    for lp in [
+        # TransformerLens' adapter asserts multi_query=True
+        LoadPath("gpt-bigcode-mha", "GPTBigCodeConfig", "GPTBigCodeForCausalLM",
+                 dict(vocab_size=V, n_positions=CTX, n_embd=D, n_layer=L, n_head=H, n_inner=FF, multi_query=False,
+                      bos_token_id=EOS, eos_token_id=EOS), 3291712,
+                 refusal=r"TransformerBridge cannot adopt .*GPTBigCodeForCausalLM.*AssertionError: "
+                         r"GPTBigCodeArchitectureAdapter only supports multi_query=True"),
+        # the adapter declares no compatibility mode; raw weights load and validate
+        LoadPath("vaultgemma-processed", "VaultGemmaConfig", "VaultGemmaForCausalLM", _llama_like(head_dim=16),
+                 3290496, load_kw=dict(weights="processed"),
+                 refusal=r"--weights processed .*cannot process VaultGemmaForCausalLM's weights .*use --weights raw"),
+        LoadPath("vaultgemma-raw", "VaultGemmaConfig", "VaultGemmaForCausalLM", _llama_like(head_dim=16), 3290496,
+                 loaded_as="VaultGemmaForCausalLM"),
+        # config.json naming the hub's remote-code classes: resolved to transformers' own classes
+        LoadPath("mpt-remote-code-name", "MptConfig", "MptForCausalLM",
+                 dict(vocab_size=V, d_model=D, n_layers=L, n_heads=H, max_seq_len=CTX, expansion_ratio=2), 3315072,
+                 saved_as="MPTForCausalLM", loaded_as="MptForCausalLM"),
+        LoadPath("phi-moe-remote-code-name", "PhimoeConfig", "PhimoeForCausalLM",
+                 _llama_like(num_local_experts=2, num_experts_per_tok=1), 6556672, saved_as="PhiMoEForCausalLM",
+                 loaded_as="PhimoeForCausalLM"),
+        # a class transformers does not have, resolved through the auto-mapping of the config's model_type
+        LoadPath("remote-class-known-model-type", "LlamaConfig", "LlamaForCausalLM", _llama_like(), 6506944,
+                 saved_as="MyRemoteLlamaForCausalLM", loaded_as="LlamaForCausalLM"),
+        LoadPath("unknown-class-name", "LlamaConfig", "LlamaForCausalLM", _llama_like(), 6506944,
+                 saved_as="NoSuchRemoteForCausalLM", saved_model_type="no-such-remote",
+                 refusal=r"the config names the class 'NoSuchRemoteForCausalLM' \(model_type 'no-such-remote'\), "
+                         r"which transformers .* does not have"),
+        # Mamba (state-space) layers have no attention output: the studies that read one are refused up front
+        LoadPath("granite-moe-hybrid", "GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM",
+                 _llama_like(layer_types=["mamba", "attention"], num_local_experts=2, num_experts_per_tok=1,
+                             mamba_d_state=16, mamba_n_heads=4, mamba_d_head=32, mamba_expand=2,
+                             position_embedding_type="nope"), 6965100,
+                 loaded_as="GraniteMoeHybridForCausalLM",
+                 refused_studies=(("magnitudes", _MAMBA.format("attention output", "hook_attn_out")),
+                                  ("distances", _MAMBA.format("attention output", "hook_attn_out")))),
+    ]
+}  # fmt: skip
+
+
+def build_load_path(lp: LoadPath, tmp_dir: str, seed: int = 0):
+    """``(spec, tokenizer)`` for :func:`mechlens.load_model`: the seeded random model in memory, or the
+    directory it was saved to with ``config.json`` naming ``lp.saved_as``."""
+    import json
+    import pathlib
+
+    import transformers
+
+    from mechlens.tokenizer import gpt2_tokenizer
+
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, lp.config)(**lp.kwargs)
+    cfg._attn_implementation = "eager"
+    hf = getattr(transformers, lp.model)(cfg).eval()
+    assert tuple(hf.get_input_embeddings().weight.shape) == (V, D)
+    assert _param_count(hf) == lp.n_params, (lp.name, _param_count(hf))
+    tok = gpt2_tokenizer()
+    if lp.saved_as is None:
+        return hf, tok
+    d = pathlib.Path(tmp_dir) / lp.name
+    hf.save_pretrained(d)
+    tok.save_pretrained(d)
+    config = json.loads((d / "config.json").read_text())
+    config["architectures"] = [lp.saved_as]
+    if lp.saved_model_type is not None:
+        config["model_type"] = lp.saved_model_type
+    (d / "config.json").write_text(json.dumps(config))
+    return str(d), None
 
 
 def module(root: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -276,7 +373,7 @@ def _table() -> None:  # pragma: no cover - the docs table generator
             max((acts[f"blocks.{i}.hook_attn_out"] - ref.attn[i]).abs()[v].max().item() for i in range(L)),
             max((acts[f"blocks.{i}.hook_mlp_out"] - ref.mlp[i]).abs()[v].max().item() for i in range(L)),
         )
-        rows.append((arch.FAMILIES[m.cfg.architecture].name, m.cfg.architecture, p.norm_placement, p.block_layout,
+        rows.append((arch.FAMILIES[p.architecture].name, p.architecture, p.norm_placement, p.block_layout,
                      p.readout.replace("ln_final(x) @ W_U + b_U", "norm+unembed"), case.n_params, lens_diff,
                      naive_diff, am, ", ".join(case.studies), entropy))  # fmt: skip
     print("| family | architecture | norms | block | readout | params | final entropy (nats) "

@@ -20,10 +20,11 @@ whatever HF's own forward does.
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
-from arch_matrix import CASES, TEXTS, L, build, hf_logits_from, hf_run
+from arch_matrix import CASES, LOAD_PATHS, TEXTS, L, build, build_load_path, hf_logits_from, hf_run
 
 from mechlens import UnsupportedArchitectureError, arch, encode, load_model, provenance_of, run_cached
 from mechlens.studies import lens
@@ -385,7 +386,80 @@ def test_every_family_in_the_matrix_is_declared_in_arch():
     assert {c.model for c in CASES.values()} == set(arch.FAMILIES)
     from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
 
-    assert set(arch.FAMILIES) <= set(SUPPORTED_ARCHITECTURES)
+    # TransformerLens spells Phi-MoE PhiMoEForCausalLM; bridge_architecture matches it case-insensitively
+    assert arch.bridge_architecture("PhimoeForCausalLM") == "PhiMoEForCausalLM"
+    assert {arch.bridge_architecture(a) for a in arch.FAMILIES} <= set(SUPPORTED_ARCHITECTURES)
+
+
+# -- load paths outside the matrix (issue 21): one line and exit 2, or loaded and validated ---------
+
+
+@pytest.mark.parametrize("name", list(LOAD_PATHS))
+def test_load_path_refuses_in_one_line_or_loads_validated(name, tmp_path):
+    """Each row either ends in one UnsupportedArchitectureError line matching its expected message, or
+    loads as the expected transformers class with the readout and generate checks passed, logits equal to
+    an untouched HF copy's, and the studies that read hook points the model lacks refused up front."""
+    import transformers
+
+    from mechlens.errors import NotApplicableError
+    from mechlens.runner import check_applicable
+    from mechlens.studies import STUDIES
+
+    lp = LOAD_PATHS[name]
+    spec, tok = build_load_path(lp, str(tmp_path))
+    if lp.refusal is not None:
+        with pytest.raises(UnsupportedArchitectureError) as e:
+            load_model(spec, tokenizer=tok, **lp.load_kw)
+        msg = str(e.value)
+        assert "\n" not in msg and re.search(lp.refusal, msg), msg
+        return
+    ref = getattr(transformers, lp.model).from_pretrained(spec) if lp.saved_as else copy.deepcopy(spec)
+    m = load_model(spec, tokenizer=tok, **lp.load_kw)
+    p = provenance_of(m)
+    assert p.architecture == lp.loaded_as
+    assert p.readout_max_logprob_diff <= p.readout_tolerance
+    assert p.generate_kv_cache is True and "== the model's greedy steps" in p.generate_check
+    batch = encode(m, TEXTS, bos=True)
+    valid = batch.attention_mask.bool()
+    logits, _ = run_cached(m, batch, [], logits=True)
+    with torch.no_grad():
+        z = ref.eval()(input_ids=batch.tokens, attention_mask=batch.attention_mask).logits
+    # the same fp32 model on both sides (tolerance as for the matrix's logits)
+    assert _maxdiff(logits.log_softmax(-1), z.log_softmax(-1), valid) <= ABS_LP + 2 * REL_LOGIT * z.abs().max().item()
+    refused = dict(lp.refused_studies)
+    for study, info in STUDIES.items():
+        if study not in refused:
+            assert info.unmet(m) is None, (study, info.unmet(m))
+            continue
+        with pytest.raises(NotApplicableError) as e:
+            check_applicable(info, {name: m})
+        msg = str(e.value)
+        assert "\n" not in msg and re.search(refused[study], msg), msg
+
+
+def test_load_path_refusals_exit_2_with_one_line_in_the_cli(tmp_path):
+    """From the command line: a saved config naming a class transformers does not have, and a study that
+    reads attention outputs on a model whose layer 0 is a Mamba block, end in exit 2 and one stderr line,
+    before any study output is written."""
+    import os
+    import subprocess
+    import sys
+
+    unknown, _ = build_load_path(LOAD_PATHS["unknown-class-name"], str(tmp_path))
+    hybrid, tok = build_load_path(LOAD_PATHS["granite-moe-hybrid"], str(tmp_path))
+    hybrid.save_pretrained(tmp_path / "hybrid")
+    tok.save_pretrained(tmp_path / "hybrid")
+    exe = os.path.join(os.path.dirname(sys.executable), "mechlens")
+    for model, study, expected in (
+        (unknown, "lens", "names the class 'NoSuchRemoteForCausalLM'"),
+        (tmp_path / "hybrid", "magnitudes", "layer 0 is a Mamba (state-space, linear_attention) block"),
+    ):
+        out = tmp_path / f"out-{study}"
+        r = subprocess.run([exe, "run", study, "--model", str(model), "--out", str(out)], capture_output=True,
+                           text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+        lines = [line for line in r.stderr.splitlines() if line.startswith("mechlens: error:")]
+        assert r.returncode == 2 and len(lines) == 1 and expected in lines[0], r.stderr
+        assert "Traceback" not in r.stderr and not out.exists()
 
 
 def test_a_bridge_that_cannot_run_or_read_out_is_refused_in_one_line(monkeypatch, tmp_path):

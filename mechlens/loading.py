@@ -89,15 +89,16 @@ def load_model(
 
     # the model's own greedy steps, before the bridge adopts (and re-implements parts of) it
     greedy = validate.hf_greedy_steps(hf_model, _probe_ids(tokenizer)) if kind == "causal" else None
+    bridge_tokenizer = arch.prepare_tokenizer_for_bridge(tokenizer)
     try:
         bridge = TransformerBridge.boot_transformers(
             label,
             hf_model=hf_model,
-            tokenizer=arch.prepare_tokenizer_for_bridge(tokenizer),
+            tokenizer=bridge_tokenizer,
             device=None if dispatched else device,
             dtype=dtype,
         )
-    except Exception as e:  # TransformerLens' adapter refuses this configuration (e.g. an assertion)
+    except Exception as e:  # TransformerLens' adapter refuses this configuration (an assertion, a ValueError)
         raise UnsupportedArchitectureError(
             f"TransformerLens {arch.tl_version()}' TransformerBridge cannot adopt {label!r} ({architecture}): "
             f"{type(e).__name__}: {_first_line(e)}"

@@ -52,7 +52,12 @@ def load_model(
     Load-time check (:func:`mechlens.validate.validate_readout`): one short probe forward; the lens
     readout of the last residual must equal the model's own log-probs, else
     :class:`~mechlens.errors.UnsupportedArchitectureError`, unless ``allow_readout_mismatch=True``
-    (recorded in provenance).
+    (recorded in provenance). Causal LMs: the HF model's own greedy steps on the probe (before the bridge
+    adopts it) against ``bridge.generate`` with and without TransformerLens' KV cache
+    (:func:`mechlens.validate.check_generate`): generation keeps the cache only where it reproduces them
+    (provenance ``generate_kv_cache``), and a model whose generation reproduces them neither way is refused.
+    Whatever TransformerBridge refuses to adopt, or cannot process (``weights="processed"``), is one
+    :class:`~mechlens.errors.UnsupportedArchitectureError`.
 
     ``device_map`` (a model larger than one device): passed to Hugging Face's ``from_pretrained``
     (accelerate places the blocks, e.g. ``"auto"``, ``"balanced"`` or a dict of module -> device) for a

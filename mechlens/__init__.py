@@ -30,6 +30,13 @@ _EXPORTS = {
     # forward passes
     "run_cached": "mechlens.forward",
     "iter_cached": "mechlens.forward",
+    # the tuned lens
+    "TunedLens": "mechlens.tuned_lens",
+    "TunedLensCard": "mechlens.tuned_lens",
+    "TunedLensConfig": "mechlens.tuned_lens",
+    "train_tuned_lens": "mechlens.tuned_lens",
+    "load_tuned_lens": "mechlens.tuned_lens",
+    "identity_lens": "mechlens.tuned_lens",
     # architecture quirks
     "readout": "mechlens.arch",
     "readout_hook_names": "mechlens.arch",
@@ -94,5 +101,13 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from mechlens.studies import STUDIES
     from mechlens.tokenizer import TokenizerError
     from mechlens.tokens import TokenBatch, encode, single_token_id, target_positions, word_index
+    from mechlens.tuned_lens import (
+        TunedLens,
+        TunedLensCard,
+        TunedLensConfig,
+        identity_lens,
+        load_tuned_lens,
+        train_tuned_lens,
+    )
     from mechlens.zoo import EMBEDDED
     from mechlens.zoo.export import export_model

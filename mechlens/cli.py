@@ -5,6 +5,7 @@
                  [--weights raw|processed] [--allow-different-tokenizers] [--quiet] [study options]
     mechlens compare DIR DIR ... --out DIR
     mechlens export tiny-gpt2|tiny-mlm DIR
+    mechlens train-lens --model SPEC --data SOURCE --out DIR [--device D] [--quiet] [training options]
 
 Options may come before or after the study name. Study options are the fields of the study's
 dataclass ``Config`` as flags (``mechlens run position --help`` lists them with their meaning,
@@ -128,6 +129,24 @@ def build_parser(study: str | None = None) -> argparse.ArgumentParser:
     )
     e.add_argument("name", metavar="NAME", help="an embedded model: tiny-gpt2 or tiny-mlm")
     e.add_argument("dir", metavar="DIR", help="output directory: a new one, or an earlier mechlens export (replaced)")
+    t = sub.add_parser(
+        "train-lens",
+        help="train a tuned lens (one affine translator per readout point) and write it to DIR",
+        description="Train a tuned lens (Belrose et al. 2023) for a model on streamed texts: SGD with Nesterov "
+        "momentum, linear decay, loss KL(final || translated readout) per readout point. Writes "
+        "tuned_lens.safetensors and tuned_lens.json into DIR; read it with 'mechlens run lens --tuned DIR'. "
+        "Data-parallel under torchrun.",
+    )
+    t.add_argument("--model", required=True, help="model: an embedded name, a save_pretrained directory or a hub name")
+    t.add_argument("--out", required=True, help="output directory: a new one, or an earlier mechlens run (replaced)")
+    t.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda (default: cpu)")
+    t.add_argument("--weights", choices=("raw", "processed"), default="raw",
+                   help="raw: Hugging Face weights; processed: TransformerLens' folded and centred weights "
+                        "(default: raw; a lens fits one of them only)")  # fmt: skip
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    from mechlens.tuned_lens import TrainConfig
+
+    _add_config_flags(t, TrainConfig, set(), set())
     return p
 
 
@@ -357,6 +376,64 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {args.dir}: {args.name} as a save_pretrained checkpoint with its tokenizer and model card")
 
 
+def cmd_train_lens(args: argparse.Namespace) -> None:
+    from mechlens import distributed, progress
+    from mechlens.data import check_source
+    from mechlens.loading import check_device
+    from mechlens.outputs import prepare_output
+    from mechlens.tuned_lens import TrainConfig
+
+    distributed.init_from_env(device=args.device)
+    progress.QUIET = args.quiet or not distributed.is_main()
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    if cfg.data is None:
+        from mechlens.errors import ConfigError
+
+        raise ConfigError("--data is required: the texts to train the tuned lens on (see 'mechlens list')",
+                          flag="--data")  # fmt: skip
+    distributed.on_main(check_source, cfg.data)
+    check_device(args.device)
+    args.device = distributed.local_device(args.device)
+    prepared: dict[str, object] = {}
+    distributed.on_main(lambda: prepared.setdefault("dest", prepare_output(args.out)) and None)
+    dest = prepared.get("dest")
+    try:
+        _train_lens_checked(args, cfg, dest)
+    except BaseException:
+        if dest is not None:
+            dest.abort()
+        raise
+    finally:
+        distributed.shutdown()
+
+
+def _train_lens_checked(args, cfg, dest) -> None:
+    import transformers
+
+    from mechlens.loading import load_model
+    from mechlens.studies.result import format_values
+    from mechlens.tuned_lens import train_tuned_lens
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    t0 = time.perf_counter()
+    _log(f"loading {args.model}")
+    model = load_model(args.model, device=args.device, weights=args.weights)
+    lens = train_tuned_lens(model, cfg.data, cfg, command=args.command_line)
+    if dest is None:  # a rank other than 0: rank 0 writes the (identical) lens
+        return
+    with dest.writing() as tmp:
+        lens.save(tmp)
+    c = lens.card
+    print(f"trained {c.steps} steps on {c.n_train_texts} texts of {c.data} ({c.tokens_per_step:.0f} positions/step); "
+          f"final training KL by readout point {format_values(c.final_kl_by_layer)} nats")  # fmt: skip
+    if c.heldout_kl_tuned is not None:
+        print(f"held-out KL to final over the first {c.heldout} texts: logit lens {format_values(c.heldout_kl_logit)}, "
+              f"tuned lens {format_values(c.heldout_kl_tuned)} nats")  # fmt: skip
+    print(f"wrote {args.out}/tuned_lens.safetensors and tuned_lens.json in {time.perf_counter() - t0:.1f} s")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -376,6 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd_run(args)
         elif args.command == "export":
             cmd_export(args)
+        elif args.command == "train-lens":
+            cmd_train_lens(args)
         else:
             cmd_compare(args)
     except MechlensError as e:

@@ -48,7 +48,7 @@ import plotly.graph_objects as go
 import torch
 from jaxtyping import Bool, Float, Int
 
-from mechlens import arch, progress
+from mechlens import arch, progress, tuned_lens
 from mechlens.axes import readout_depth
 from mechlens.errors import DataError, MechlensError
 from mechlens.forward import run_cached
@@ -59,6 +59,7 @@ from mechlens.stats import regression
 from mechlens.studies import Step
 from mechlens.studies.result import StudyResult, format_values, metrics_of, not_in_metrics
 from mechlens.tokens import TokenBatch, encode, word_index
+from mechlens.tuned_lens import TunedLens
 
 NAME = "lens"
 
@@ -91,13 +92,18 @@ class Config(Options):
     max_tokens: int = option(128, "corpus lens: text tokens kept per text", ge=1)
     reservoir: int = option(10_000, "corpus lens: size of the seeded reservoir of texts whose per-text means "
                             "give the bootstrap intervals of comparisons", ge=1)  # fmt: skip
+    tuned: str = option("auto", "the tuned lens read beside the logit lens: a directory written by 'mechlens "
+                        "train-lens', an embedded model's name for its shipped lens (tiny-gpt2, tiny-mlm), 'auto' (the "
+                        "shipped lens of an embedded model, none otherwise) or 'none'", nonempty=True)  # fmt: skip
+    mask_prob: float = option(0.15, "corpus lens of a masked LM: fraction of each text's tokens masked (seeded by "
+                              "--seed and the text's index)", gt=0, le=1)  # fmt: skip
 
     def check_model(self, model) -> None:
+        lens = tuned_lens_for(model, self.tuned)  # a missing or foreign lens is refused before any forward
         if self.data is not None:
-            if arch.kind_of(model) == "masked":
-                fail("data", "the corpus lens reads next-token predictions: it applies to causal LMs (run it "
-                             "with --model on a causal LM, or drop --data for the masked lens of --text)")  # fmt: skip
-            room = model.cfg.n_ctx - int(self.bos)
+            if lens is not None:
+                tuned_lens.check_for(lens, self.data, self.n_texts)
+            room = model.cfg.n_ctx - (2 if arch.kind_of(model) == "masked" else int(self.bos))
             if self.max_tokens > room:
                 fail("max_tokens", f"must be <= {room} (the model's context with BOS), got {self.max_tokens}")
             if self.top_k > model.cfg.d_vocab:
@@ -149,6 +155,134 @@ def lens_stats(
         max_chunk_bytes=max_chunk_bytes,
         progress=not progress.QUIET,
     )
+
+
+# -- the tuned lens beside the logit lens ----------------------------------------------------------
+
+
+def tuned_lens_for(model, spec: str | None) -> TunedLens | None:
+    """The tuned lens ``--tuned`` names for ``model``: ``None`` for ``'none'``; for ``'auto'`` the shipped
+    lens of an embedded model when its fingerprint matches (an embedded model loaded with other weights,
+    e.g. ``weights="processed"``, gets none), none for any other model; otherwise
+    :func:`mechlens.tuned_lens.load_tuned_lens` (a foreign lens is refused)."""
+    from mechlens.zoo import EMBEDDED
+
+    if spec is None or spec == "none":
+        return None
+    if spec == "auto":
+        name = provenance_of(model).model
+        if name not in EMBEDDED or not (EMBEDDED[name].path / tuned_lens.WEIGHTS_FILE).is_file():
+            return None
+        try:
+            return tuned_lens.load_tuned_lens(name, model)
+        except tuned_lens.TunedLensError:
+            return None
+    return tuned_lens.load_tuned_lens(spec, model)
+
+
+def pair_stats(
+    model,
+    batch: TokenBatch,
+    targets: torch.Tensor,
+    tuned: TunedLens | None,
+    *,
+    rows: torch.Tensor | None = None,
+    k: int = 1,
+    batch_size: int | None = None,
+    max_chunk_bytes: int = 128 * 2**20,
+) -> tuple[LensStats, LensStats | None]:
+    """The logit lens and (with ``tuned``) the tuned lens of ``batch`` from one forward: every readout point
+    through the model's head, once as cached and once translated (:meth:`TunedLens.translate`), each reduced
+    over the vocabulary by :func:`mechlens.ops.lens_reduce` (entropy and KL to the final readout included;
+    the tuned lens' last point is the identity, so both lenses share the final readout)."""
+    names = arch.readout_hook_names(model)
+    _, acts = run_cached(model, batch, names, batch_size=batch_size)
+    resid = stack_layers(acts, names)
+    rows = batch.attention_mask.bool() if rows is None else rows
+    kw = dict(targets=targets, rows=rows, k=k, entropy=True, kl_to_final=True, max_chunk_bytes=max_chunk_bytes)
+    logit = lens_reduce(resid, arch.readout(model), **kw)
+    if tuned is None:
+        return logit, None
+    with torch.no_grad():
+        translated = tuned.translate(resid)
+    del resid
+    return logit, lens_reduce(translated, arch.readout(model), **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class LensReadings:
+    """One lens at the study's cells (``[readout point, cell]``): the target's log-prob and 0-based rank,
+    the entropy and KL(final readout || this readout) in nats, and whether the top-1 equals the final
+    readout's; by-layer means over the cells beside them (``rank_mean_by_layer``: the mean rank)."""
+
+    target_logprob_by_layer: Float[np.ndarray, " layer"]
+    rank_mean_by_layer: Float[np.ndarray, " layer"]
+    entropy_by_layer: Float[np.ndarray, " layer"]
+    kl_to_final_by_layer: Float[np.ndarray, " layer"]
+    top1_agreement_by_layer: Float[np.ndarray, " layer"]
+    target_logprob: Float[np.ndarray, "layer cell"] = not_in_metrics()
+    rank: Int[np.ndarray, "layer cell"] = not_in_metrics()
+    entropy: Float[np.ndarray, "layer cell"] = not_in_metrics()
+    kl_to_final: Float[np.ndarray, "layer cell"] = not_in_metrics()
+    top1_agrees_final: Bool[np.ndarray, "layer cell"] = not_in_metrics()
+
+    def per_cell(self) -> dict[str, np.ndarray]:
+        """``CORPUS_QUANTITIES`` -> ``[layer, cell]`` float64 arrays."""
+        return dict(zip(CORPUS_QUANTITIES, (self.target_logprob, self.rank, self.entropy, self.kl_to_final,
+                                            self.top1_agrees_final), strict=True))  # fmt: skip
+
+
+def _readings(st: LensStats, rows: torch.Tensor, cols: torch.Tensor) -> LensReadings:
+    idx = (slice(None), rows, cols)
+    pred = st.predicted[idx]
+    v = {"target_logprob": st.target_logprob[idx].numpy(), "rank": st.target_rank[idx].numpy(),
+         "entropy": st.entropy[idx].numpy(), "kl_to_final": st.kl_to_final[idx].numpy(),
+         "top1_agrees_final": (pred == pred[-1:]).numpy()}  # fmt: skip
+    mean = {q: np.asarray(a, dtype=np.float64).mean(1) for q, a in v.items()}
+    return LensReadings(
+        target_logprob_by_layer=mean["target_logprob"], rank_mean_by_layer=mean["rank"],
+        entropy_by_layer=mean["entropy"], kl_to_final_by_layer=mean["kl_to_final"],
+        top1_agreement_by_layer=mean["top1_agrees_final"], **v,
+    )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class TunedComparison:
+    """The tuned lens beside the logit lens at the same cells (causal: every next-token position of the text;
+    masked: every text position masked in turn), from one forward: ``logit`` and ``tuned``
+    :class:`LensReadings`. ``source`` is the ``--tuned`` value, ``card`` the lens' training summary, ``note``
+    whether the text was among its training data (a single text cannot be guaranteed held out)."""
+
+    source: str
+    card: dict[str, Any]
+    note: str
+    logit: LensReadings
+    tuned: LensReadings
+
+
+def _card_summary(lens: TunedLens) -> dict[str, Any]:
+    c = lens.card
+    return {"model": c.model, "fingerprint": c.fingerprint, "data": c.data, "heldout": c.heldout, "steps": c.steps,
+            "n_train_texts": c.n_train_texts, "trained_points": c.trained_points,
+            "heldout_kl_logit": c.heldout_kl_logit, "heldout_kl_tuned": c.heldout_kl_tuned}  # fmt: skip
+
+
+def compare_lenses(model, batch: TokenBatch, targets: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                   lens: TunedLens, *, source: str, note: str, batch_size: int | None = None,
+                   max_chunk_bytes: int = 128 * 2**20) -> TunedComparison:  # fmt: skip
+    """Both lenses at the cells ``(rows[i], cols[i])`` of ``batch`` whose targets are ``targets`` there."""
+    sel = torch.zeros_like(batch.tokens, dtype=torch.bool)
+    sel[rows, cols] = True
+    tgt = torch.where(sel, targets, torch.full_like(targets, -1))
+    a, b = pair_stats(model, batch, tgt, lens, rows=sel, batch_size=batch_size, max_chunk_bytes=max_chunk_bytes)
+    return TunedComparison(source=source, card=_card_summary(lens), note=note, logit=_readings(a, rows, cols),
+                           tuned=_readings(b, rows, cols))  # fmt: skip
+
+
+def first_depth_below(kl_by_layer, threshold: float = 1.0) -> int | None:
+    """The first readout point whose mean KL to the final readout is below ``threshold`` nats (None: none)."""
+    below = np.nonzero(np.asarray(kl_by_layer, dtype=np.float64) < threshold)[0]
+    return int(below[0]) if len(below) else None
 
 
 def next_token_targets(batch: TokenBatch) -> torch.Tensor:
@@ -556,13 +690,16 @@ CORPUS_QUANTITIES = ("target_logprob", "rank", "entropy", "kl_to_final", "top1_a
 
 @dataclasses.dataclass(frozen=True)
 class CorpusLens:
-    """The causal lens over a corpus, as tuned-lens reports it: at each readout point, the mean over every
-    next-token position of every text of the next token's log-prob, its 0-based rank, the entropy, the
-    KL(final readout || this readout) (nats) and the top-1 agreement with the final readout, with the
-    population std of each. Accumulated in float64 sums per batch (memory constant in the number of
-    texts) and, under ``torchrun``, summed over the ranks. ``per_text`` holds, for a seeded reservoir of
-    at most ``n_samples`` texts (:class:`mechlens.stats.streaming.Reservoir`: the same texts whatever
-    the sharding), each text's mean of each quantity per readout point; comparisons bootstrap over them."""
+    """The lens over a corpus, as tuned-lens reports it: at each readout point, the mean over every lensed
+    position of every text (causal LMs: every next-token position; masked LMs: a seeded ``mask_prob`` of
+    each text's tokens, masked) of the target's log-prob, its 0-based rank, the entropy, the KL(final
+    readout || this readout) (nats) and the top-1 agreement with the final readout, with the population std
+    of each. Accumulated in float64 sums per batch (memory constant in the number of texts) and, under
+    ``torchrun``, summed over the ranks. ``per_text`` holds, for a seeded reservoir of at most
+    ``n_samples`` texts (:class:`mechlens.stats.streaming.Reservoir`: the same texts whatever the
+    sharding), each text's mean of each quantity per readout point; comparisons bootstrap over them.
+    ``tuned``: the same statistics of the tuned lens on the same positions (same reservoir texts), when
+    one was given."""
 
     n_texts: int
     n_predictions: int
@@ -575,26 +712,27 @@ class CorpusLens:
     n_samples: int
     sample_text_index: Int[np.ndarray, " sample"] = not_in_metrics()
     per_text: Float[np.ndarray, "sample quantity layer"] = not_in_metrics()
+    tuned: CorpusLens | None  # the tuned lens at the same positions, or None
 
 
-def _corpus_stream(model, bar, moments, reservoir, bos, max_tokens, batch_size, max_chunk_bytes) -> int:
-    """This rank's share of the corpus lens: each batch encoded, read out at every position with a next
-    token, summed into ``moments``, and its per-text means offered to ``reservoir``. Returns the number of
-    texts read."""
+def _corpus_stream(model, bar, moments, reservoir, cfg, tuned) -> int:
+    """This rank's share of the corpus lens: each batch encoded (:func:`mechlens.tuned_lens.lens_inputs`),
+    read out at every lensed position by both lenses, summed into ``moments``, and its per-text means
+    offered to ``reservoir``. Returns the number of texts read."""
     n_texts = 0
     for chunk in bar:
-        index = torch.tensor([i for i, _ in chunk], dtype=torch.long)
-        batch = encode(model, [t for _, t in chunk], bos=bos, max_tokens=max_tokens,
-                       fix="lower --max-tokens")  # fmt: skip
-        targets = next_token_targets(batch)
+        inputs = tuned_lens.lens_inputs(model, [t for _, t in chunk], [i for i, _ in chunk], bos=cfg["bos"],
+                                        max_tokens=cfg["max_tokens"], mask_prob=cfg["mask_prob"],
+                                        seed=cfg["seed"])  # fmt: skip
+        targets = inputs.targets
         with progress.quiet():
-            st = lens_stats(model, batch, targets, k=1, entropy=True, kl_to_final=True,
-                            batch_size=batch_size, max_chunk_bytes=max_chunk_bytes)  # fmt: skip
-        pred = st.predicted
-        values = torch.stack(
-            [st.target_logprob.double(), st.target_rank.double(), st.entropy.double(), st.kl_to_final.double(),
-             (pred == pred[-1:]).double()]
-        )  # [quantity, layer, batch, pos]  # fmt: skip
+            pair = pair_stats(model, inputs.batch, targets, tuned, rows=inputs.rows, batch_size=cfg["batch_size"],
+                              max_chunk_bytes=cfg["max_chunk_bytes"])  # fmt: skip
+        values = torch.cat(
+            [torch.stack([st.target_logprob.double(), st.target_rank.double(), st.entropy.double(),
+                          st.kl_to_final.double(), (st.predicted == st.predicted[-1:]).double()])
+             for st in pair if st is not None]
+        )  # [lens x quantity, layer, batch, pos]  # fmt: skip
         valid = (targets >= 0).to(values.device)  # [batch, pos]
         flat = einops.rearrange(values, "q layer batch pos -> (batch pos) q layer")
         moments.update(flat, valid.reshape(-1, 1, 1))
@@ -602,10 +740,10 @@ def _corpus_stream(model, bar, moments, reservoir, bos, max_tokens, batch_size, 
         n = valid.sum(-1).clamp(min=1).double()  # [batch]
         per_text = einops.rearrange(v.sum(-1) / n, "q layer batch -> batch q layer")
         has = valid.any(-1).cpu()
-        reservoir.update(index[has], per_text.cpu()[has])
+        reservoir.update(inputs.index[has], per_text.cpu()[has])
         n_texts += len(chunk)
         if hasattr(bar, "update"):  # a tqdm bar counts one per batch itself: count the batch's tokens (tok/s)
-            bar.update(int(batch.attention_mask.sum()) - 1)
+            bar.update(int(inputs.batch.attention_mask.sum()) - 1)
     return n_texts
 
 
@@ -619,26 +757,33 @@ def corpus_lens(
     max_chunk_bytes: int = 128 * 2**20,
     n_samples: int = 10_000,
     seed: int = 0,
+    tuned: TunedLens | None = None,
+    mask_prob: float = 0.15,
 ) -> CorpusLens:
-    """The corpus lens of a causal LM over ``texts``: an iterable of ``(global index, text)`` pairs (e.g.
+    """The corpus lens of ``model`` over ``texts``: an iterable of ``(global index, text)`` pairs (e.g.
     :func:`mechlens.data.iter_indexed`, this rank's shard under ``torchrun``) or of strings. Texts are
-    tokenised one batch at a time (the first ``max_tokens`` tokens, BOS per ``bos``); each batch's readout
-    points go through the model's head at every position with a next token (one forward caching the
+    tokenised one batch at a time (the first ``max_tokens`` tokens, BOS per ``bos``; a masked LM gets a
+    seeded ``mask_prob`` of its tokens masked, :func:`mechlens.tuned_lens.lens_inputs`); each batch's
+    readout points go through the model's head at every lensed position (one forward caching the
     ``n_layers + 1`` residual-stream hook points, reduced over the vocabulary in tiles), and the
-    statistics are summed. The sums (and the reservoir) are merged over the ranks of a process group."""
+    statistics are summed. With ``tuned``, the tuned lens is read at the same positions from the same
+    forward. The sums (and the reservoir) are merged over the ranks of a process group."""
     from mechlens import distributed
     from mechlens.data import batched
     from mechlens.stats.streaming import Moments, Reservoir
 
     n_points = model.cfg.n_layers + 1
-    moments = Moments((len(CORPUS_QUANTITIES), n_points))
+    n_q = len(CORPUS_QUANTITIES) * (1 if tuned is None else 2)
+    moments = Moments((n_q, n_points))
     reservoir = Reservoir(n_samples, seed)
     n_texts = 0
     indexed = ((i, t) if isinstance(t, str) else t for i, t in enumerate(texts))
     bar = progress.bar(batched(indexed, batch_size), "corpus lens", unit="tok", show=distributed.is_main())
+    cfg = dict(bos=bos, max_tokens=max_tokens, mask_prob=mask_prob, seed=seed, batch_size=batch_size,
+               max_chunk_bytes=max_chunk_bytes)  # fmt: skip
     error = None
     try:
-        n_texts = _corpus_stream(model, bar, moments, reservoir, bos, max_tokens, batch_size, max_chunk_bytes)
+        n_texts = _corpus_stream(model, bar, moments, reservoir, cfg, tuned)
     except Exception as e:  # every rank must reach the merge, or learn why another did not
         error = e
     distributed.raise_on_every_rank(error)
@@ -647,33 +792,46 @@ def corpus_lens(
     n_texts = int(sum(distributed.all_gather_object(n_texts)))
     count = moments.count[0, 0].item()
     if count == 0:
-        raise DataError("the corpus has no next-token position (texts of one token and no BOS): use longer texts")
+        raise DataError("the corpus has no position to read (texts of one token and no BOS): use longer texts")
     mean, std = moments.mean, moments.std
-    rows = reservoir.rows if reservoir.rows is not None else np.zeros((0, len(CORPUS_QUANTITIES), n_points))
-    return CorpusLens(
-        n_texts=n_texts,
-        n_predictions=int(count),
-        target_logprob_by_layer=mean[0],
-        rank_mean_by_layer=mean[1],
-        entropy_by_layer=mean[2],
-        kl_to_final_by_layer=mean[3],
-        top1_agreement_by_layer=mean[4],
-        std_by_layer={q: std[i] for i, q in enumerate(CORPUS_QUANTITIES)},
-        n_samples=len(reservoir.index),
-        sample_text_index=reservoir.index.astype(np.int64),
-        per_text=rows.reshape(-1, len(CORPUS_QUANTITIES), n_points).astype(np.float64),
-    )
+    rows = reservoir.rows if reservoir.rows is not None else np.zeros((0, n_q, n_points))
+    rows = rows.reshape(-1, n_q, n_points).astype(np.float64)
+    index = reservoir.index.astype(np.int64)
+
+    def one(lo: int, sub: CorpusLens | None) -> CorpusLens:
+        q = len(CORPUS_QUANTITIES)
+        return CorpusLens(
+            n_texts=n_texts,
+            n_predictions=int(count),
+            target_logprob_by_layer=mean[lo + 0],
+            rank_mean_by_layer=mean[lo + 1],
+            entropy_by_layer=mean[lo + 2],
+            kl_to_final_by_layer=mean[lo + 3],
+            top1_agreement_by_layer=mean[lo + 4],
+            std_by_layer={name: std[lo + i] for i, name in enumerate(CORPUS_QUANTITIES)},
+            n_samples=len(index),
+            sample_text_index=index,
+            per_text=rows[:, lo : lo + q],
+            tuned=sub,
+        )
+
+    return one(0, None if tuned is None else one(len(CORPUS_QUANTITIES), None))
 
 
 @dataclasses.dataclass(frozen=True)
 class CorpusLensResult(CorpusLens):
     """``run`` on a corpus (``--data``): the corpus lens (its fields, inherited) and the sqrt(layer) fit
-    of its mean log-prob."""
+    of its mean log-prob; ``lensed`` says which positions were read (next-token or masked), ``tuned_source``
+    and ``tuned_note`` which tuned lens was read and how the texts relate to its training split."""
 
     kind: str
     data: str
     sqrt_layer_fit: LineFit
     bos: bool
+    lensed: str = "next-token positions"
+    tuned_source: str | None = None
+    tuned_note: str | None = None
+    tuned_card: dict[str, Any] | None = None
 
 
 def _run_corpus(model, cfg: Config, texts=None) -> CorpusLensResult:
@@ -681,19 +839,29 @@ def _run_corpus(model, cfg: Config, texts=None) -> CorpusLensResult:
     from mechlens.data import iter_indexed
 
     rank, world_size = distributed.world()
+    lens = tuned_lens_for(model, cfg.tuned)
+    n_texts, note = cfg.n_texts, None
+    if lens is not None:
+        n_texts, note = tuned_lens.check_for(lens, cfg.data if texts is None else None, cfg.n_texts)
     if texts is None:
-        stream = iter_indexed(cfg.data, cfg.n_texts, rank=rank, world_size=world_size)
+        stream = iter_indexed(cfg.data, n_texts, rank=rank, world_size=world_size)
     else:  # texts given in Python: this rank's share, keyed by global index
-        stream = ((i, t) for i, t in enumerate(texts[: cfg.n_texts] if cfg.n_texts else texts)
+        stream = ((i, t) for i, t in enumerate(texts[:n_texts] if n_texts else texts)
                   if i % world_size == rank)  # fmt: skip
     c = corpus_lens(model, stream, bos=cfg.bos, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
-                    max_chunk_bytes=cfg.max_chunk_bytes, n_samples=cfg.reservoir, seed=cfg.seed)  # fmt: skip
+                    max_chunk_bytes=cfg.max_chunk_bytes, n_samples=cfg.reservoir, seed=cfg.seed, tuned=lens,
+                    mask_prob=cfg.mask_prob)  # fmt: skip
+    masked = arch.kind_of(model) == "masked"
     return CorpusLensResult(
         **{f.name: getattr(c, f.name) for f in dataclasses.fields(c)},
         kind="corpus",
         data=cfg.data or "(texts given in Python)",
         sqrt_layer_fit=_line(c.target_logprob_by_layer),
         bos=cfg.bos,
+        lensed=f"masked positions (mask_prob {cfg.mask_prob}, seed {cfg.seed})" if masked else "next-token positions",
+        tuned_source=None if lens is None else cfg.tuned,
+        tuned_note=note,
+        tuned_card=None if lens is None else _card_summary(lens),
     )
 
 
@@ -760,6 +928,7 @@ class MaskedLensResult:
     fit_max: SqrtLayerFit = not_in_metrics()
     # word begun by each text token, -1 if none
     word: Int[np.ndarray, " pos"] = not_in_metrics()
+    tuned: TunedComparison | None = None  # the tuned lens beside the logit lens, every position masked in turn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -797,6 +966,7 @@ class CausalLensResult:
     fit_max: SqrtLayerFit = not_in_metrics()
     # word begun by each position's TARGET token, -1 if none
     word: Int[np.ndarray, " pos"] = not_in_metrics()
+    tuned: TunedComparison | None = None  # the tuned lens beside the logit lens at every next-token position
 
 
 def _run_masked(model, cfg: Config, batch: TokenBatch, words: torch.Tensor) -> MaskedLensResult:
@@ -850,7 +1020,38 @@ def _run_masked(model, cfg: Config, batch: TokenBatch, words: torch.Tensor) -> M
         fit=fit,
         fit_max=fit_max,
         word=words[torch.as_tensor(text.columns)].numpy(),
+        tuned=_tuned_masked(model, cfg, batch),
     )
+
+
+def _single_text_note(lens: TunedLens) -> str:
+    return (f"one text: the tuned lens was trained on {lens.card.data} (its first {lens.card.heldout} texts held "
+            "out); whether this text is among its training texts is not checked (use --data for a held-out "
+            "evaluation)")  # fmt: skip
+
+
+def _tuned_masked(model, cfg: Config, batch: TokenBatch) -> TunedComparison | None:
+    """Both lenses with every text position masked in turn, each variant read at its masked position."""
+    lens = tuned_lens_for(model, cfg.tuned)
+    if lens is None:
+        return None
+    variants, cols, originals = sliding_mask_batch(model, batch)
+    rows = torch.arange(len(cols))
+    targets = torch.full_like(variants.tokens, -1)
+    targets[rows, cols] = originals
+    return compare_lenses(model, variants, targets, rows, cols, lens, source=cfg.tuned, note=_single_text_note(lens),
+                          batch_size=cfg.batch_size, max_chunk_bytes=cfg.max_chunk_bytes)  # fmt: skip
+
+
+def _tuned_causal(model, cfg: Config, batch: TokenBatch, n_pos: int) -> TunedComparison | None:
+    """Both lenses at every next-token position of the text."""
+    lens = tuned_lens_for(model, cfg.tuned)
+    if lens is None:
+        return None
+    cols = torch.arange(n_pos)
+    note = _single_text_note(lens)
+    return compare_lenses(model, batch, next_token_targets(batch), torch.zeros_like(cols), cols, lens,
+                          source=cfg.tuned, note=note, max_chunk_bytes=cfg.max_chunk_bytes)  # fmt: skip
 
 
 def _run_causal(model, cfg: Config, batch: TokenBatch, words: torch.Tensor) -> CausalLensResult:
@@ -884,6 +1085,7 @@ def _run_causal(model, cfg: Config, batch: TokenBatch, words: torch.Tensor) -> C
         fit=fit,
         fit_max=fit_max,
         word=words[1 : n_pos + 1].numpy(),
+        tuned=_tuned_causal(model, cfg, batch, n_pos),
     )
 
 
@@ -919,17 +1121,23 @@ def _is_ids(text) -> bool:
     return all(isinstance(t, int | np.integer) for t in text)
 
 
+_MEAN_FIELDS = ("target_logprob_by_layer", "rank_mean_by_layer", "entropy_by_layer", "kl_to_final_by_layer",
+                "top1_agreement_by_layer")  # the by-layer mean of each of CORPUS_QUANTITIES  # fmt: skip
+
+
 def _corpus_result(model, cfg: Config, texts) -> StudyResult:
-    if arch.kind_of(model) == "masked":
-        fail("data", "the corpus lens reads next-token predictions: it applies to causal LMs")
     typed = _run_corpus(model, cfg, texts)
-    prov = provenance_of(model).replace(bos="prepend" if cfg.bos else "none", seed=cfg.seed)
-    rows = [
-        {"layer": i, "relative_depth": float(d), **{q: float(getattr(typed, f)[i]) for q, f in
-         zip(CORPUS_QUANTITIES, ("target_logprob_by_layer", "rank_mean_by_layer", "entropy_by_layer",
-                                 "kl_to_final_by_layer", "top1_agreement_by_layer"), strict=True)}}
-        for i, d in enumerate(readout_depth(len(typed.target_logprob_by_layer)))
-    ]  # fmt: skip
+    masked = arch.kind_of(model) == "masked"
+    prov = provenance_of(model).replace(bos="<s> ... </s>" if masked else "prepend" if cfg.bos else "none",
+                                        seed=cfg.seed)  # fmt: skip
+    rows = []
+    for i, d in enumerate(readout_depth(len(typed.target_logprob_by_layer))):
+        row = {"layer": i, "relative_depth": float(d)}
+        row |= {q: float(getattr(typed, f)[i]) for q, f in zip(CORPUS_QUANTITIES, _MEAN_FIELDS, strict=True)}
+        if typed.tuned is not None:
+            row |= {f"tuned_{q}": float(getattr(typed.tuned, f)[i])
+                    for q, f in zip(CORPUS_QUANTITIES, _MEAN_FIELDS, strict=True)}  # fmt: skip
+        rows.append(row)
     res = StudyResult("lens", prov.model, metrics_of(typed), prov.to_dict(), dataclasses.asdict(cfg),
                       {"corpus_lens": rows}, parts=typed)  # fmt: skip
     res.figures = figures(typed)
@@ -952,9 +1160,9 @@ def tables(r: MaskedLensResult | CausalLensResult) -> dict[str, list[dict[str, A
                  "top2_gap": float(r.sliding_top2_gap[li, p])}
                 for li in range(n_points) for p in range(len(words))
             ],
-        }  # fmt: skip
+        } | _tuned_table(r)  # fmt: skip
     n_pos = r.target_logprob.shape[1]
-    return {
+    out = {
         "lens": [
             {"layer": li, "position": p, "token": r.text_tokens[p], "next_token": r.text_tokens[p + 1],
              "predicted": r.predicted_tokens[li][p], "target_logprob": float(r.target_logprob[li, p]),
@@ -963,19 +1171,35 @@ def tables(r: MaskedLensResult | CausalLensResult) -> dict[str, list[dict[str, A
             for li in range(n_points) for p in range(n_pos)
         ]
     }  # fmt: skip
+    return out | _tuned_table(r)
+
+
+def _tuned_table(r) -> dict[str, list[dict[str, Any]]]:
+    """``tuned_lens`` rows: both lenses' statistics per readout point and cell (empty without a tuned lens)."""
+    if r.tuned is None:
+        return {}
+    a, b = r.tuned.logit.per_cell(), r.tuned.tuned.per_cell()
+    n_points, n_cells = a["target_logprob"].shape
+    return {
+        "tuned_lens": [
+            {"layer": li, "position": p, **{f"logit_{q}": float(a[q][li, p]) for q in CORPUS_QUANTITIES},
+             **{f"tuned_{q}": float(b[q][li, p]) for q in CORPUS_QUANTITIES}}
+            for li in range(n_points) for p in range(n_cells)
+        ]
+    }  # fmt: skip
 
 
 def figures(r: MaskedLensResult | CausalLensResult | CorpusLensResult) -> dict[str, go.Figure]:
     """``laminar`` and ``heatmap`` (and, causal, ``rank_trajectories``) from a typed result; the corpus
     lens' per-layer figures (:func:`corpus_figures`) from a corpus result."""
     if isinstance(r, CorpusLensResult):
-        return corpus_figures(r)
+        return corpus_figures(r) | tuned_figures(r)
     if isinstance(r, MaskedLensResult):
         where = f"masked position {r.position} ({r.position_token!r})"
         return {
             "laminar": laminar_figure(r.target_logprob_by_layer, r.max_logprob_by_layer, r.sqrt_layer_fit, where),
             "heatmap": sliding_heatmap(r.sliding),
-        }
+        } | tuned_figures(r)
     shown = r.text_tokens[:-1]
     where = "mean over positions" + (" (BOS at position 0)" if r.bos else "")
     return {
@@ -983,7 +1207,64 @@ def figures(r: MaskedLensResult | CausalLensResult | CorpusLensResult) -> dict[s
         "heatmap": text_heatmap(r.predicted_tokens, r.lens.max_logprob, r.target_logprob, r.rank, shown,
                                 "Causal lens", scale_note="every position shown" + (", BOS included" if r.bos else "")),
         "rank_trajectories": rank_figure(r.rank, r.text_tokens[1:]),
-    }  # fmt: skip
+    } | tuned_figures(r)  # fmt: skip
+
+
+_TITLES = {"target_logprob": "target log-prob (nats)", "rank": "rank of the target (mean, 0-based)",
+           "entropy": "entropy (nats)", "kl_to_final": "KL to the final readout (nats)",
+           "top1_agrees_final": "top-1 agreement with the final readout"}  # fmt: skip
+
+
+def lens_units(r) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str] | None:
+    """Per-unit values of both lenses, ``quantity -> (logit [unit, layer], tuned [unit, layer])``, and the
+    unit (``text``: the corpus reservoir's per-text means; ``token``: the cells of one text); None without
+    a tuned lens."""
+    if isinstance(r, CorpusLensResult):
+        if r.tuned is None:
+            return None
+        return {q: (r.per_text[:, i], r.tuned.per_text[:, i]) for i, q in enumerate(CORPUS_QUANTITIES)}, "text"
+    if getattr(r, "tuned", None) is None:
+        return None
+    a, b = r.tuned.logit.per_cell(), r.tuned.tuned.per_cell()
+    return {q: (np.asarray(a[q], np.float64).T, np.asarray(b[q], np.float64).T) for q in CORPUS_QUANTITIES}, "token"
+
+
+def lens_intervals(units: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean over units per readout point and its 95% percentile bootstrap interval (2,000 resamples, seed 0:
+    :mod:`mechlens.comparison`'s settings); with fewer than 2 units the interval is the mean itself."""
+    from mechlens.comparison import _intervals
+
+    mean = units.mean(0)
+    ci = _intervals([units[:, j] for j in range(units.shape[1])], 0.95, 2000, "percentile", seed)
+    lo = np.array([m if c[0] is None else c[0] for m, c in zip(mean, ci, strict=True)])
+    hi = np.array([m if c[1] is None else c[1] for m, c in zip(mean, ci, strict=True)])
+    return mean, lo, hi
+
+
+def tuned_figures(r) -> dict[str, go.Figure]:
+    """One figure per lens statistic with the logit lens and the tuned lens by readout point, each with its
+    bootstrap band (over texts for a corpus, over the text's cells for one text); none without a tuned lens."""
+    got = lens_units(r)
+    if got is None:
+        return {}
+    units, unit = got
+    figs = {}
+    for q, pair in units.items():
+        f = go.Figure()
+        for name, u, colour in (("logit lens", pair[0], "31,119,180"), ("tuned lens", pair[1], "214,39,40")):
+            mean, lo, hi = lens_intervals(u)
+            x = np.arange(len(mean))
+            f.add_scatter(x=np.concatenate([x, x[::-1]]), y=np.concatenate([hi, lo[::-1]]), fill="toself",
+                          fillcolor=f"rgba({colour},0.2)", line={"width": 0}, hoverinfo="skip",
+                          name=f"{name} 95% CI", showlegend=True)  # fmt: skip
+            f.add_scatter(x=x, y=mean, mode="lines+markers", name=name, line={"color": f"rgb({colour})"})
+        n = pair[0].shape[0]
+        f.update_layout(title=f"Logit lens vs tuned lens: {_TITLES[q]} by readout point<br><sup>mean over {n} "
+                              f"{unit}s{' (per-text means)' if unit == 'text' else ''}; bands: 95% percentile "
+                              f"bootstrap over {unit}s (2,000 resamples, seed 0)</sup>",
+                        xaxis_title="readout point (0 = embeddings)", yaxis_title=_TITLES[q])  # fmt: skip
+        figs[f"tuned_{q}"] = f
+    return figs
 
 
 def laminar_figure(target_logprob, max_logprob, fit: LineFit, where: str = "") -> go.Figure:
@@ -1066,16 +1347,19 @@ def headline(m: Mapping[str, Any]) -> list[str]:
     lp = m["target_logprob_by_layer"]
     if m["kind"] == "corpus":
         kl, agree = m["kl_to_final_by_layer"], m["top1_agreement_by_layer"]
-        return [
-            f"corpus lens over {m['n_texts']} texts ({m['n_predictions']} predictions): log-prob by layer "
-            f"{format_values(lp)}",
-            f"Over {m['n_predictions']} next-token positions of {m['n_texts']} texts of {m['data']}, the next "
-            f"token's mean log-prob goes from {lp[0]:.2f} at the embeddings to {lp[-1]:.2f} at the last layer "
-            f"(sqrt(layer) slope {fit['slope']:.2f}).",
-            f"KL to the final layer falls from {kl[0]:.2f} nats at the embeddings to {kl[-2]:.2f} one layer "
-            f"before the last; the lens' top-1 agrees with the final layer's at {100 * agree[0]:.0f}% and "
-            f"{100 * agree[-2]:.0f}% of positions there.",
-        ]
+        return _with_tuned(
+            m,
+            [
+                f"corpus lens over {m['n_texts']} texts ({m['n_predictions']} predictions): log-prob by layer "
+                f"{format_values(lp)}",
+                f"Over {m['n_predictions']} next-token positions of {m['n_texts']} texts of {m['data']}, the next "
+                f"token's mean log-prob goes from {lp[0]:.2f} at the embeddings to {lp[-1]:.2f} at the last layer "
+                f"(sqrt(layer) slope {fit['slope']:.2f}).",
+                f"KL to the final layer falls from {kl[0]:.2f} nats at the embeddings to {kl[-2]:.2f} one layer "
+                f"before the last; the lens' top-1 agrees with the final layer's at {100 * agree[0]:.0f}% and "
+                f"{100 * agree[-2]:.0f}% of positions there.",
+            ],
+        )
     lines = [
         f"{m['kind']} lens: target log-prob by layer {format_values(lp)}; sqrt(layer) slope {fit['slope']:.3f}",
         f"The target's log-prob goes from {lp[0]:.2f} at the embeddings to {lp[-1]:.2f} at the last layer; "
@@ -1110,7 +1394,35 @@ def headline(m: Mapping[str, Any]) -> list[str]:
                 f"The lens' top-1 agrees with the final layer's at {100 * agree[0]:.0f}% of positions at the "
                 f"embeddings and {100 * agree[-2]:.0f}% one layer before the last."
             )
-    return lines
+    return _with_tuned(m, lines)
+
+
+def _with_tuned(m: Mapping[str, Any], lines: list[str]) -> list[str]:
+    """``lines`` and, with a tuned lens, where each lens' mean KL to the final readout first drops below
+    1 nat and the KL of both by readout point."""
+    t = m.get("tuned")
+    if not t:
+        return lines
+    if m["kind"] == "corpus":
+        logit, tuned = m["kl_to_final_by_layer"], t["kl_to_final_by_layer"]
+        where = f"over {m['n_predictions']} {m.get('lensed', 'positions')} of {m['n_texts']} texts"
+        if m.get("tuned_note"):
+            where += f" ({m['tuned_note']})"
+    else:
+        logit, tuned = t["logit"]["kl_to_final_by_layer"], t["tuned"]["kl_to_final_by_layer"]
+        where = "over the text's positions" + (" (each masked in turn)" if m["kind"] == "masked" else "")
+
+    def depth(kl) -> str:
+        d = first_depth_below(kl)
+        n = len(kl) - 1
+        return "never" if d is None else f"at readout point {d} of 0..{n} (depth {d / n:.2f})"
+
+    return [
+        *lines,
+        f"Mean KL to the final readout {where}: below 1 nat {depth(logit)} for the logit lens, {depth(tuned)} for "
+        "the tuned lens.",
+        f"KL to final by readout point, logit lens {format_values(logit)}, tuned lens {format_values(tuned)} nats.",
+    ]
 
 
 def compare(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, go.Figure]:
@@ -1157,22 +1469,26 @@ def samples(result: StudyResult):
             [
                 pd.DataFrame(
                     {
-                        "quantity": q,
+                        "quantity": lens_prefix + q,
                         "layer": pd.array(layer, dtype="Int64"),
                         "relative_depth": readout_depth(n_points)[layer].astype(np.float64),
                         "position": pd.array([pd.NA] * len(layer), dtype="Int64"),
                         "word": pd.array([pd.NA] * len(layer), dtype="Int64"),
                         "unit": "text",
                         "sample": np.repeat(c.sample_text_index, n_points).astype(np.int64),
-                        "value": c.per_text[:, qi, :].reshape(-1),
+                        "value": src.per_text[:, qi, :].reshape(-1),
                     }
                 )
+                for lens_prefix, src in (("", c), ("tuned_", c.tuned))
+                if src is not None
                 for qi, q in enumerate(CORPUS_QUANTITIES)
             ],
             ignore_index=True,
         )
     if isinstance(r, MaskedLensResult):
         quantities = {"target_logprob": r.sliding_target_logprob}
+        if r.tuned is not None:  # the logit lens' other statistics at the same cells
+            quantities |= {q: v for q, v in r.tuned.logit.per_cell().items() if q != "target_logprob"}
     else:
         quantities = {
             "target_logprob": r.target_logprob,
@@ -1181,6 +1497,8 @@ def samples(result: StudyResult):
             "rank": r.rank,
             "top1_agrees_final": r.top1_agrees_final,
         }
+    if r.tuned is not None:
+        quantities |= {f"tuned_{q}": v for q, v in r.tuned.tuned.per_cell().items()}
     n_points, n_pos = r.target_logprob_by_layer.shape[0], len(r.word)
     depth = readout_depth(n_points)
     layer = np.repeat(np.arange(n_points), n_pos)
@@ -1211,8 +1529,9 @@ def incomparable(provenances: Mapping[str, Mapping[str, Any]]) -> dict[str, str]
     the next token's log-prob from the tokens before it)."""
     kinds = {m: p.get("kind") for m, p in provenances.items()}
     if len(set(kinds.values())) > 1:
-        return {"target_logprob": "masked LMs read the masked token itself, causal LMs the next token: "
-                + ", ".join(f"{m}: {k}" for m, k in kinds.items())}  # fmt: skip
+        why = ("masked LMs read the masked token itself, causal LMs the next token: "
+               + ", ".join(f"{m}: {k}" for m, k in kinds.items()))  # fmt: skip
+        return {"target_logprob": why, "tuned_target_logprob": why}
     return {}
 
 

@@ -369,14 +369,16 @@ def test_samples_schema_and_means_equal_metrics(tiny_runs):
     g = tiny_runs["tiny-gpt2"]
     df = lens.samples(g)
     _check_schema(df)
-    assert set(df["quantity"]) == {"target_logprob", "entropy", "kl_to_final", "rank", "top1_agrees_final"}
+    base = {"target_logprob", "entropy", "kl_to_final", "rank", "top1_agrees_final"}
+    tuned = {f"tuned_{q}" for q in base}  # the shipped tuned lens (--tuned auto), read beside the logit lens
+    assert set(df["quantity"]) == base | (tuned if g.parts.tuned is not None else set())
     means = df.groupby(["quantity", "layer"])["value"].mean()
     n_points = len(g.metrics["target_logprob_by_layer"])
     for q, key, rtol in (("target_logprob", "target_logprob_by_layer", 1e-5), ("entropy", "entropy_by_layer", 1e-5),
                          ("kl_to_final", "kl_to_final_by_layer", 1e-5), ("rank", "rank_mean_by_layer", 1e-12),
                          ("top1_agrees_final", "top1_agreement_by_layer", 1e-12)):  # fmt: skip
         np.testing.assert_allclose(means[q].to_numpy(), g.metrics[key], rtol=rtol, atol=1e-9)
-    assert len(df) == 5 * n_points * len(g.metrics["target_logprob"][0])
+    assert len(df) == len(set(df["quantity"])) * n_points * len(g.metrics["target_logprob"][0])
     assert set(df.loc[df["quantity"] == "top1_agrees_final", "value"]) <= {0.0, 1.0}
     np.testing.assert_allclose(np.median(g.metrics["rank"], 1), g.metrics["rank_by_layer"])
     # word: the word the predicted token begins (position p predicts token p + 1)
@@ -386,7 +388,8 @@ def test_samples_schema_and_means_equal_metrics(tiny_runs):
     mm = tiny_runs["tiny-mlm"]
     dm = lens.samples(mm)
     _check_schema(dm)
-    assert set(dm["quantity"]) == {"target_logprob"}
+    assert set(dm["quantity"]) == {"target_logprob"} | (base | tuned if mm.parts.tuned is not None else set())
+    dm = dm[dm["quantity"] == "target_logprob"]
     means = dm.groupby("layer")["value"].mean().to_numpy()
     np.testing.assert_allclose(means, mm.metrics["sliding_target_logprob_by_layer"], rtol=1e-12)
     np.testing.assert_allclose(means, np.mean(mm.metrics["sliding_target_logprob"], 1), rtol=1e-6)
@@ -427,7 +430,7 @@ def test_masked_and_causal_target_logprob_flagged_incomparable(tiny_runs):
 
     runs = tiny_runs
     provs = {name: r.provenance for name, r in runs.items()}
-    assert set(lens.incomparable(provs)) == {"target_logprob"}
+    assert set(lens.incomparable(provs)) == {"target_logprob", "tuned_target_logprob"}
     assert lens.incomparable({"a": provs["tiny-gpt2"], "b": provs["tiny-gpt2"]}) == {}
     frame = comparison_frame("lens", {name: samples_of(r) for name, r in runs.items()}, provs, n_resamples=200)
     tl = frame[frame["quantity"] == "target_logprob"]

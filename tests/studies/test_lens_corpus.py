@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mechlens.errors import ConfigError
 from mechlens.studies import lens
 from mechlens.tokens import encode
 
@@ -87,6 +86,14 @@ def test_corpus_lens_from_a_parquet_file(tiny_gpt2_pair, tmp_path):
     np.testing.assert_array_equal(r.metrics["target_logprob_by_layer"], direct.metrics["target_logprob_by_layer"])
 
 
-def test_corpus_lens_refuses_masked_lms(tiny_mlm_pair):
-    with pytest.raises(ConfigError, match="--data"):
-        lens.Config(data="reviews").check_model(tiny_mlm_pair.bridge)
+def test_corpus_lens_of_a_masked_lm_reads_masked_positions(tiny_mlm_pair):
+    """A masked LM's corpus lens reads a seeded mask_prob of each text's tokens, masked: the number of
+    lensed positions equals the masked cells of mechlens.tuned_lens.lens_inputs, and the last readout
+    point is the model's own prediction there (KL 0, agreement 1)."""
+    from mechlens.tuned_lens import lens_inputs
+
+    model = tiny_mlm_pair.bridge
+    r = lens.run(model, lens.Config(tuned="none"), TEXTS)
+    inputs = lens_inputs(model, TEXTS, range(len(TEXTS)))
+    assert r.metrics["n_predictions"] == int(inputs.rows.sum()) and "masked" in r.metrics["lensed"]
+    assert r.metrics["kl_to_final_by_layer"][-1] == 0.0 and r.metrics["top1_agreement_by_layer"][-1] == 1.0

@@ -114,7 +114,9 @@ def is_heldout(doc_id: str, fraction: float = HELDOUT_FRACTION) -> bool:
 
 def build(out: pathlib.Path) -> dict:
     """Tokenise every source with GPT-2's BPE into ``train.bin`` / ``heldout.bin`` (uint16 ids,
-    documents separated by ``<|endoftext|>``) and write ``stats.json``."""
+    documents separated by ``<|endoftext|>``), write the same documents as ``train.jsonl`` /
+    ``heldout.jsonl`` (column ``text``, one document per line, in a seeded shuffled order so that any
+    prefix mixes the sources: the tuned lenses train on them through ``mechlens.data``) and ``stats.json``."""
     from tqdm import tqdm
 
     from mechlens.tokenizer import gpt2_tokenizer
@@ -123,21 +125,28 @@ def build(out: pathlib.Path) -> dict:
     eot = tok.eos_token_id
     out.mkdir(parents=True, exist_ok=True)
     split_ids: dict[str, list[np.ndarray]] = {"train": [], "heldout": []}
+    split_texts: dict[str, list[str]] = {"train": [], "heldout": []}
     stats: dict = {"sources": {}, "heldout_fraction": HELDOUT_FRACTION}
     for name, gen in SOURCES.items():
         docs = list(gen())
         n_tok = {"train": 0, "heldout": 0}
         texts = [t for _, t in docs]
         enc = tok(texts, add_special_tokens=False)["input_ids"]
-        for (doc_id, _), ids in tqdm(zip(docs, enc, strict=True), total=len(docs), desc=name):
+        for (doc_id, text), ids in tqdm(zip(docs, enc, strict=True), total=len(docs), desc=name):
             split = "heldout" if is_heldout(doc_id) else "train"
             split_ids[split].append(np.asarray([*ids, eot], dtype=np.uint16))
+            split_texts[split].append(text)
             n_tok[split] += len(ids) + 1
         stats["sources"][name] = {"documents": len(docs), "tokens": n_tok}
     for split, arrs in split_ids.items():
         arr = np.concatenate(arrs)
         arr.tofile(out / f"{split}.bin")
         stats[f"{split}_tokens"] = int(arr.size)
+    for split, texts in split_texts.items():  # the same documents as text, for mechlens.data (tuned lenses)
+        order = np.random.default_rng(0).permutation(len(texts))  # sources interleaved: any prefix is a mix
+        with (out / f"{split}.jsonl").open("w", encoding="utf-8") as f:
+            for i in order:
+                f.write(json.dumps({"text": texts[i]}) + "\n")
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats
 

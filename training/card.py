@@ -31,6 +31,7 @@ from mechlens.zoo import EMBEDDED
 from training.train import GPT2_EOT, MLM_MASK, gpt2_ids_to_mlm
 
 PROMPT = "I like oat milk in my"
+TUNED_LENS_COMMAND = "python -m training.tuned_lens --data .cache/corpus"  # the shipped tuned lenses
 
 
 def _docs(tokens: np.ndarray) -> list[np.ndarray]:
@@ -183,11 +184,73 @@ def _card(name: str, report: dict, metrics: dict, stats: dict) -> str:
         "python -m training.corpus --out .cache/corpus",
         f"python -m training.train --data .cache/corpus --out .cache/train/{name} {flags}",
         f"python -m training.fp16 .cache/train/{name} mechlens/zoo/weights/{name}",
+        TUNED_LENS_COMMAND + f" --models {name}",
         "python -m training.card --data .cache/corpus",
         "```",
         "",
     ]
     return "\n".join(lines)
+
+
+def _fmt_ci(mean: float, ci: list[float]) -> str:
+    return f"{mean:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def tuned_lens_section(name: str) -> list[str]:
+    """The model card's "Tuned lens" section from ``tuned_lens_eval.json`` (written by
+    :mod:`training.tuned_lens`); empty when the model has no shipped tuned lens."""
+    path = EMBEDDED[name].path / "tuned_lens_eval.json"
+    if not path.exists():
+        return []
+    r = json.loads(path.read_text())
+    c = r["card"]
+    lines = [
+        "## Tuned lens",
+        f"`tuned_lens.safetensors` + `tuned_lens.json`: one affine translator per readout point ({c['n_points']} x "
+        f"{c['d_model']} x {c['d_model']} + {c['n_points']} x {c['d_model']} floats; the last one the identity, "
+        "not trained), read by `mechlens run lens --tuned " + name + "` (and by default, `--tuned auto`).",
+        f"- trained by `{r['command']}` ({c['steps']} steps of {c['batch_size']} texts, "
+        f"{c['tokens_per_step']:.0f} {'masked' if c['kind'] == 'masked' else 'next-token'} positions per step, "
+        f"lr scale {c['lr']}, Nesterov momentum {c['momentum']}, weight decay {c['weight_decay']}, linear decay; "
+        f"{r['train_seconds']:.0f} s on {r['trained_on']}) on `train.jsonl` (the model's training documents as "
+        f"text); the first {c['heldout']} texts of it are held out from the lens",
+        "- mean KL(final || lens) per readout point (nats), logit lens vs tuned lens, each as the mean over "
+        "texts of the per-text mean with its 95% percentile bootstrap interval over texts:",
+        "",
+        "| readout point | " + " | ".join(
+            f"{split} logit | {split} tuned" for split in ("lens held-out", "model held-out")) + " |",
+        "|---|" + "---:|" * 4,
+    ]  # fmt: skip
+    a, b = r["lens_heldout"], r["model_heldout"]
+    for i in range(c["n_points"]):
+        cells = []
+        for e in (a, b):
+            for lens in ("logit", "tuned"):
+                cells.append(_fmt_ci(e[lens]["kl_per_text_mean_by_layer"][i], e[lens]["kl_per_text_ci95"][i]))
+        lines.append(f"| {i} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"(lens held-out: the first {a['n_texts']} texts of `train.jsonl`, {a['n_positions']:,} positions; model "
+        f"held-out: the first {b['n_texts']} documents of `heldout.jsonl`, never seen by the model nor the lens, "
+        f"{b['n_positions']:,} positions.)",
+        "",
+    ]
+    return lines
+
+
+def write_tuned_lens_section(name: str) -> None:
+    """Replace (or add) the "Tuned lens" section of the model card, before "Reproduce"."""
+    path = EMBEDDED[name].path / "MODEL_CARD.md"
+    text = path.read_text()
+    if "## Tuned lens" in text:
+        start = text.index("## Tuned lens")
+        text = text[:start] + text[text.index("## Reproduce", start) :]
+    i = text.index("## Reproduce")
+    text = text[:i] + "\n".join(tuned_lens_section(name)) + "\n" + text[i:]
+    if TUNED_LENS_COMMAND not in text:  # the Reproduce block of a card written before the tuned lenses
+        card = "python -m training.card --data .cache/corpus"
+        text = text.replace(card, f"{TUNED_LENS_COMMAND} --models {name}\n{card}")
+    path.write_text(text)
 
 
 def main(argv=None) -> None:
@@ -204,6 +267,8 @@ def main(argv=None) -> None:
         metrics["evaluated_on"] = platform.platform()
         (path / "card.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (path / "MODEL_CARD.md").write_text(_card(name, report, metrics, stats))
+        if (path / "tuned_lens_eval.json").exists():
+            write_tuned_lens_section(name)
         print(json.dumps({name: metrics}, indent=2))
 
 

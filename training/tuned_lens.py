@@ -17,6 +17,7 @@ section (:func:`training.card.tuned_lens_section`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import platform
@@ -34,6 +35,7 @@ from mechlens.loading import load_model
 from mechlens.studies import lens as lens_study
 from mechlens.tuned_lens import TrainConfig, train_tuned_lens
 from mechlens.zoo import EMBEDDED
+from training.card import write_tuned_lens_section
 
 EVAL_FILE = "tuned_lens_eval.json"
 
@@ -66,19 +68,24 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=pathlib.Path, default=pathlib.Path(".cache/corpus"))
     ap.add_argument("--models", nargs="*", default=list(EMBEDDED))
-    ap.add_argument("--heldout", type=int, default=500, help="texts of train.jsonl held out from the lens")
+    ap.add_argument("--heldout", type=int, default=200, help="texts of train.jsonl held out from the lens")
     ap.add_argument("--steps", type=int, default=TrainConfig.steps)
-    ap.add_argument("--eval-texts", type=int, default=1000, help="documents of heldout.jsonl evaluated")
+    ap.add_argument("--eval-texts", type=int, default=400, help="documents of heldout.jsonl evaluated")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     command = shlex.join(["python", "-m", "training.tuned_lens", *(sys.argv[1:] if argv is None else argv)])
     train_source = str(args.data / "train.jsonl")
     for name in args.models:
         model = load_model(name)
-        cfg = TrainConfig(data=train_source, heldout=args.heldout, steps=args.steps)
+        cfg = TrainConfig(data=train_source, heldout=args.heldout, steps=args.steps, evaluate=False)
         t0 = time.perf_counter()
         lens = train_tuned_lens(model, train_source, cfg, command=command)
         seconds = time.perf_counter() - t0
+        print(f"{name}: trained {cfg.steps} steps in {seconds:.0f} s", flush=True)
+        held = evaluate(model, lens, train_source, args.heldout, cfg)  # the lens' own held-out texts
+        lens = dataclasses.replace(lens, card=dataclasses.replace(
+            lens.card, heldout_kl_logit=held["logit"]["kl_to_final_by_layer"],
+            heldout_kl_tuned=held["tuned"]["kl_to_final_by_layer"], heldout_n_texts=held["n_texts"]))  # fmt: skip
         lens.save(EMBEDDED[name].path)
         report = {
             "model": name,
@@ -87,10 +94,11 @@ def main(argv=None) -> None:
             "trained_on": platform.platform(),
             "torch": torch.__version__,
             "card": json.loads((EMBEDDED[name].path / "tuned_lens.json").read_text()),
-            "lens_heldout": evaluate(model, lens, train_source, args.heldout, cfg),
+            "lens_heldout": held,
             "model_heldout": evaluate(model, lens, str(args.data / "heldout.jsonl"), args.eval_texts, cfg),
         }
         (EMBEDDED[name].path / EVAL_FILE).write_text(json.dumps(report, indent=1) + "\n")
+        write_tuned_lens_section(name)
         for split in ("lens_heldout", "model_heldout"):
             r = report[split]
             print(f"{name} {split} ({r['n_texts']} texts): logit {np.round(r['logit']['kl_to_final_by_layer'], 3)} "

@@ -125,6 +125,24 @@ print('KL to final by layer', causal.kl_to_final.mean(1).round(2))
 print('top-1 agrees with final', causal.top1_agrees_final.mean(1).round(2))
 lens.rank_figure(causal.rank, causal.tokens[1:]).show()
 
+# -- The tuned lens ----------------------------------------------------------------------------
+# The logit lens assumes every layer speaks the final layer's basis. The tuned lens (Belrose et
+# al. 2023) learns one affine translator per readout point (`d_model x d_model` + bias, starting
+# at the identity, the last one kept the identity), trained to minimise KL(final || translated
+# readout) on streamed texts (`mechlens train-lens --model M --data SOURCE --out DIR`, or
+# `tuned_lens.train_tuned_lens`). The embedded models ship one (`tuned='auto'` reads it);
+# `Config(tuned=DIR)` reads your own, `tuned='none'` none. Both lenses are read from the same
+# forward, at the same positions: compare where each one's KL to the final readout falls below 1
+# nat. A single text may be among the lens' training texts: for a held-out evaluation pass `data=`
+# (the lens' own training source is then read on its held-out texts only).
+tuned = lens.tuned_lens_for(causal_model, "tiny-gpt2")  # the shipped tuned lens of tiny-gpt2
+print('trained on', tuned.card.data, 'for', tuned.card.steps, 'steps; held out: the first',
+      tuned.card.heldout, 'texts')
+compared = lens.run(causal_model, lens.Config(tuned="tiny-gpt2"))
+print('KL to final, logit lens', compared.parts.tuned.logit.kl_to_final_by_layer.round(2))
+print('KL to final, tuned lens', compared.parts.tuned.tuned.kl_to_final_by_layer.round(2))
+compared.figures["tuned_kl_to_final"].show()
+
 # -- The whole study ---------------------------------------------------------------------------
 # `run` composes the parts (the masked parts from one batched forward) into a typed result
 # (`result.parts`), from which `results.json`'s metrics, the CSV tables and the figures are

@@ -265,3 +265,56 @@ def test_two_processes_train_the_same_lens_as_one(tmp_path):
     cb = json.loads((tmp_path / "two" / tl.CARD_FILE).read_text())
     assert cb["world_size"] == 2 and ca["world_size"] == 1 and ca["n_train_texts"] == cb["n_train_texts"]
     np.testing.assert_allclose(ca["loss_curve"], cb["loss_curve"], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["run", "lens", "--model", "tiny-gpt2", "--tuned", "nowhere"], "--tuned nowhere: no tuned lens there"),
+        (["train-lens", "--model", "tiny-gpt2", "--out", "x"], "--data is required"),
+        (["train-lens", "--model", "tiny-gpt2", "--data", "contexts", "--out", "x", "--lr", "0"], "--lr"),
+        (
+            ["train-lens", "--model", "tiny-gpt2", "--data", "contexts", "--out", "x", "--max-tokens", "5000"],
+            "--max-tokens",
+        ),
+        (
+            [
+                "train-lens",
+                "--model",
+                "tiny-gpt2",
+                "--data",
+                "contexts",
+                "--out",
+                "x",
+                "--heldout",
+                "100000",
+                "--no-evaluate",
+            ],
+            "no training text",
+        ),
+    ],
+)
+def test_bad_inputs_are_one_line(argv, needle, tmp_path, capsys, monkeypatch):
+    """Bad tuned-lens input: exit 2, one line on stderr naming the flag or the fix, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--quiet"] if argv[0] == "run" else argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and "Traceback" not in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_shipped_lenses_run_offline(tmp_path, monkeypatch):
+    """`mechlens run lens --tuned tiny-gpt2` with the study's default models (tiny-mlm and tiny-gpt2): the
+    named lens applies to tiny-gpt2, tiny-mlm reads its own shipped lens (auto); both are identity at the
+    last point and were trained with the command in their card."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "lens", "--tuned", "tiny-gpt2", "--out", "run", "--quiet"]) == 0
+    doc = json.loads((tmp_path / "run" / "results.json").read_text())["lens"]
+    assert doc["tiny-gpt2"]["metrics"]["tuned"]["source"] == "tiny-gpt2"
+    assert doc["tiny-mlm"]["metrics"]["tuned"]["source"] == "auto"
+    from mechlens.zoo import EMBEDDED
+
+    for name in EMBEDDED:
+        card = json.loads((EMBEDDED[name].path / tl.CARD_FILE).read_text())
+        assert card["command"].startswith("python -m training.tuned_lens") and card["steps"] == 250
+        assert "training.tuned_lens" in (EMBEDDED[name].path / "MODEL_CARD.md").read_text()

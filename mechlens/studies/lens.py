@@ -39,6 +39,7 @@ Conventions (each one switchable):
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -160,14 +161,28 @@ def lens_stats(
 # -- the tuned lens beside the logit lens ----------------------------------------------------------
 
 
-def tuned_lens_for(model, spec: str | None) -> TunedLens | None:
-    """The tuned lens ``--tuned`` names for ``model``: ``None`` for ``'none'``; for ``'auto'`` the shipped
-    lens of an embedded model when its fingerprint matches (an embedded model loaded with other weights,
-    e.g. ``weights="processed"``, gets none), none for any other model; otherwise
-    :func:`mechlens.tuned_lens.load_tuned_lens` (a foreign lens is refused)."""
+def tuned_source(model, spec: str | None) -> str:
+    """What ``--tuned spec`` means for ``model``: an embedded model's name applies to that model only (other
+    models of the run read ``'auto'``, their own shipped lens if any), so ``--tuned tiny-gpt2`` works in a
+    run that also reads tiny-mlm; anything else as given."""
     from mechlens.zoo import EMBEDDED
 
-    if spec is None or spec == "none":
+    if spec is None:
+        return "none"
+    if spec in EMBEDDED and spec != provenance_of(model).model and not pathlib.Path(spec).exists():
+        return "auto"
+    return spec
+
+
+def tuned_lens_for(model, spec: str | None) -> TunedLens | None:
+    """The tuned lens ``--tuned`` names for ``model`` (:func:`tuned_source`): ``None`` for ``'none'``; for
+    ``'auto'`` the shipped lens of an embedded model when its fingerprint matches (an embedded model loaded
+    with other weights, e.g. ``weights="processed"``, gets none), none for any other model; otherwise
+    :func:`mechlens.tuned_lens.load_tuned_lens` (a lens of another model is refused)."""
+    from mechlens.zoo import EMBEDDED
+
+    spec = tuned_source(model, spec)
+    if spec == "none":
         return None
     if spec == "auto":
         name = provenance_of(model).model
@@ -859,7 +874,7 @@ def _run_corpus(model, cfg: Config, texts=None) -> CorpusLensResult:
         sqrt_layer_fit=_line(c.target_logprob_by_layer),
         bos=cfg.bos,
         lensed=f"masked positions (mask_prob {cfg.mask_prob}, seed {cfg.seed})" if masked else "next-token positions",
-        tuned_source=None if lens is None else cfg.tuned,
+        tuned_source=None if lens is None else tuned_source(model, cfg.tuned),
         tuned_note=note,
         tuned_card=None if lens is None else _card_summary(lens),
     )
@@ -1039,7 +1054,8 @@ def _tuned_masked(model, cfg: Config, batch: TokenBatch) -> TunedComparison | No
     rows = torch.arange(len(cols))
     targets = torch.full_like(variants.tokens, -1)
     targets[rows, cols] = originals
-    return compare_lenses(model, variants, targets, rows, cols, lens, source=cfg.tuned, note=_single_text_note(lens),
+    return compare_lenses(model, variants, targets, rows, cols, lens, source=tuned_source(model, cfg.tuned),
+                          note=_single_text_note(lens),
                           batch_size=cfg.batch_size, max_chunk_bytes=cfg.max_chunk_bytes)  # fmt: skip
 
 
@@ -1049,9 +1065,9 @@ def _tuned_causal(model, cfg: Config, batch: TokenBatch, n_pos: int) -> TunedCom
     if lens is None:
         return None
     cols = torch.arange(n_pos)
-    note = _single_text_note(lens)
+    note, source = _single_text_note(lens), tuned_source(model, cfg.tuned)
     return compare_lenses(model, batch, next_token_targets(batch), torch.zeros_like(cols), cols, lens,
-                          source=cfg.tuned, note=note, max_chunk_bytes=cfg.max_chunk_bytes)  # fmt: skip
+                          source=source, note=note, max_chunk_bytes=cfg.max_chunk_bytes)  # fmt: skip
 
 
 def _run_causal(model, cfg: Config, batch: TokenBatch, words: torch.Tensor) -> CausalLensResult:

@@ -1368,9 +1368,9 @@ def headline(m: Mapping[str, Any]) -> list[str]:
             [
                 f"corpus lens over {m['n_texts']} texts ({m['n_predictions']} predictions): log-prob by layer "
                 f"{format_values(lp)}",
-                f"Over {m['n_predictions']} next-token positions of {m['n_texts']} texts of {m['data']}, the next "
-                f"token's mean log-prob goes from {lp[0]:.2f} at the embeddings to {lp[-1]:.2f} at the last layer "
-                f"(sqrt(layer) slope {fit['slope']:.2f}).",
+                f"Over {m['n_predictions']} {m.get('lensed', 'next-token positions')} of {m['n_texts']} texts of "
+                f"{m['data']}, the target token's mean log-prob goes from {lp[0]:.2f} at the embeddings to "
+                f"{lp[-1]:.2f} at the last layer (sqrt(layer) slope {fit['slope']:.2f}).",
                 f"KL to the final layer falls from {kl[0]:.2f} nats at the embeddings to {kl[-2]:.2f} one layer "
                 f"before the last; the lens' top-1 agrees with the final layer's at {100 * agree[0]:.0f}% and "
                 f"{100 * agree[-2]:.0f}% of positions there.",

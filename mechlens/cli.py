@@ -86,7 +86,9 @@ def _find_study(argv: Sequence[str]) -> str | None:
     return None
 
 
-def build_parser(study: str | None = None) -> argparse.ArgumentParser:
+def build_parser(study: str | None = None, train_lens: bool = False) -> argparse.ArgumentParser:
+    """The parser; ``study`` adds that study's option flags, ``train_lens`` the tuned-lens training flags
+    (each imports torch, so plain ``--help`` and ``list`` do not)."""
     from mechlens.studies import STUDIES
 
     p = Parser(prog="mechlens", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -144,9 +146,10 @@ def build_parser(study: str | None = None) -> argparse.ArgumentParser:
                    help="raw: Hugging Face weights; processed: TransformerLens' folded and centred weights "
                         "(default: raw; a lens fits one of them only)")  # fmt: skip
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    from mechlens.tuned_lens import TrainConfig
+    if train_lens:
+        from mechlens.tuned_lens import TrainConfig
 
-    _add_config_flags(t, TrainConfig, set(), set())
+        _add_config_flags(t, TrainConfig, set(), set())
     return p
 
 
@@ -445,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from mechlens.studies import get_study
 
             get_study(study)  # an unknown study is named as such, whatever options follow it
-        args = build_parser(study).parse_args(argv)
+        args = build_parser(study, train_lens=bool(argv) and argv[0] == "train-lens").parse_args(argv)
         args.command_line = shlex.join(["mechlens", *argv])
         if args.command == "list":
             cmd_list()

@@ -87,6 +87,7 @@ def _word_texts(words, n, seed=0):
     return [" ".join(rng.choice(words, size=int(rng.integers(6, 14)))) for _ in range(n)]
 
 
+@pytest.mark.slow  # ~30 s on 2 cores: 200 optimiser steps, each a bridge forward
 def test_a_few_hundred_steps_on_a_random_model(bert_pair):
     """200 steps on the seeded random BERT fixture (2 blocks, MLM head, word-level vocabulary of 128) lower
     the held-out KL at every readout point but the last by at least 10%. A random model's outputs are near
@@ -244,6 +245,7 @@ def test_cli_train_lens_and_run_lens_tuned(tmp_path, capsys, monkeypatch):
     assert len(err) == 1 and "fingerprint" in err[0] and not (tmp_path / "run2").exists()
 
 
+@pytest.mark.slow  # ~40 s on 2 cores: three mechlens processes start (import torch, load the model)
 def test_two_processes_train_the_same_lens_as_one(tmp_path):
     """torchrun with 2 gloo processes trains the same translators as 1 process: each step covers the same
     window of texts, gradients and counts are all-reduced before the step. Tolerance 1e-6 on translator

@@ -1431,7 +1431,9 @@ def _with_tuned(m: Mapping[str, Any], lines: list[str]) -> list[str]:
     def depth(kl) -> str:
         d = first_depth_below(kl)
         n = len(kl) - 1
-        return "never" if d is None else f"at readout point {d} of 0..{n} (depth {d / n:.2f})"
+        if d is None or d == n:  # the last point reads the model's own output: KL 0 by construction
+            return "only at the last readout point"
+        return f"from readout point {d} of 0..{n} (depth {d / n:.2f})"
 
     return [
         *lines,

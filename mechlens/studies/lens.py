@@ -1433,7 +1433,7 @@ def _with_tuned(m: Mapping[str, Any], lines: list[str]) -> list[str]:
         n = len(kl) - 1
         if d is None or d == n:  # the last point reads the model's own output: KL 0 by construction
             return "only at the last readout point"
-        return f"from readout point {d} of 0..{n} (depth {d / n:.2f})"
+        return f"first at readout point {d} of 0..{n} (depth {d / n:.2f})"
 
     return [
         *lines,

@@ -185,6 +185,18 @@ def newest_published(venv: Path, name: str) -> str:
     return m.group(1) if m else "?"
 
 
+def why_not(venv: Path, name: str, pub: str, installed: str) -> str:
+    """Why pip did not take the newest published release: the error of a dry run that asks for it."""
+    if pub in ("?", installed):
+        return ""
+    r = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--dry-run", "-q", TORCH,
+                        f"{name}=={pub}"], capture_output=True, text=True)  # fmt: skip
+    errors = [ln[7:] for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("ERROR:") and "Ignored" not in ln]
+    errors.sort(key=lambda e: "No matching distribution" not in e)  # the most telling line first
+    reason = errors[0].split(" (from versions")[0][:300] if errors else "see pip install --dry-run"
+    return f"; {pub} does not resolve next to {TORCH} here: {reason}"
+
+
 def canary(args) -> int:
     t0 = time.time()
     others = [r for r in project()["dependencies"] if norm(split_req(r)[0]) not in (*UNCAPPED, "torch")]
@@ -199,8 +211,7 @@ def canary(args) -> int:
     print_versions(v)
     for name in UNCAPPED:
         pub = newest_published(venv, name)
-        note = "" if pub in ("?", v[name]) else f"  (newest published {pub} does not install next to {TORCH})"
-        print(f"{name}: installed {v[name]}, newest published {pub}{note}")
+        print(f"{name}: installed {v[name]}, newest published {pub}{why_not(venv, name, pub, v[name])}")
     t1 = time.time()
 
     print("-- (a) HF cross-checks", flush=True)

@@ -12,8 +12,10 @@ not near-ties), it compares four greedy continuations of one prompt, ``N_NEW`` t
 - the HF model's own ``generate`` (with its KV cache) on an untouched deep copy of the same weights
   (the bridge modifies the model it adopts).
 
-One line per check: ``PASS`` or ``FAIL`` with the first differing step, the two tokens there and the
-reference's top-1 minus top-2 logit gap at that step (a gap near 0 would be a tie, not a bug). The last
+Each step is compared on its token and on its log-probs (max |difference| above 1e-3 nats fails: a broken
+cache can keep a random model's argmax and still move its log-probs). One line per check: ``PASS`` or
+``FAIL`` with the first differing step, the tokens and log-prob difference there and the reference's
+top-1 minus top-2 logit gap at that step (a gap near 0 would be a tie, not a bug). The last
 line is ``GENERATE CHECK: N of M checks broke``. Exit status 0 whatever the checks found (1 only if
 the script itself fails), so the canary can report and go on; ``--strict`` exits 1 when a check broke.
 
@@ -81,11 +83,24 @@ def build(name: str, seed: int = 0):
     return hf
 
 
-def first_diff(a: list[int], b: list[int]) -> int | None:
-    for i in range(max(len(a), len(b))):
-        if i >= len(a) or i >= len(b) or a[i] != b[i]:
-            return i
+TOL = 1e-3  # nats: fp32 cached vs uncached log-probs differ by ~1e-5; a broken cache moves them by ~0.1-10
+
+
+def first_diff(got: list[int], ref: list[int], lp: list[torch.Tensor] | None, ref_lp: list[torch.Tensor]):
+    """``(step, what)`` of the first step whose token differs or (``lp`` given) whose log-probs differ by more
+    than ``TOL`` from the reference; ``None`` when every step agrees. A broken cache can keep a random model's
+    argmax (its own-token path dominates) and still move the log-probs, so both are compared."""
+    for i in range(len(ref)):
+        if i >= len(got):
+            return i, f"no token (stopped after {len(got)})"
+        d = (lp[i] - ref_lp[i]).abs().max().item() if lp is not None and i < len(lp) else 0.0
+        if got[i] != ref[i] or d > TOL:
+            return i, f"token {got[i]} vs manual {ref[i]}, max |log-prob diff| {d:.3g}"
     return None
+
+
+def _logprobs(logits) -> list[torch.Tensor]:
+    return [x[0].double().log_softmax(-1) for x in logits]
 
 
 @torch.no_grad()
@@ -99,35 +114,41 @@ def check_family(name: str, tok) -> list[tuple[str, bool, str]]:
     toks = torch.tensor([[EOS, *tok(PROMPT, add_special_tokens=False)["input_ids"]]])
     n = toks.shape[1]
 
-    seq, gaps = toks, []
+    seq, gaps, ref_logits = toks, [], []
     for _ in range(N_NEW):  # the reference: argmax of full forwards, no cache
         logits = bridge(seq, return_type="logits")[0, -1]
         top2 = torch.topk(logits, 2).values
         gaps.append((top2[0] - top2[1]).item())
+        ref_logits.append(logits[None])
         seq = torch.cat([seq, logits.argmax().view(1, 1)], dim=1)
-    manual = seq[0, n:].tolist()
+    manual, ref_lp = seq[0, n:].tolist(), _logprobs(ref_logits)
 
     results = {}
     for cached in (True, False):
-        out = bridge.generate(
-            toks, max_new_tokens=N_NEW, do_sample=False, use_past_kv_cache=cached, stop_at_eos=False, verbose=False
-        )
-        results[f"bridge.generate(use_past_kv_cache={cached})"] = out[0, n:].tolist()
+        kw = dict(max_new_tokens=N_NEW, do_sample=False, use_past_kv_cache=cached, stop_at_eos=False, verbose=False)
+        try:
+            out = bridge.generate(toks, output_logits=True, **kw)
+            got, lp = out.sequences[0, n:].tolist(), _logprobs(out.logits)
+        except TypeError:  # a TransformerLens without output_logits: tokens only
+            got, lp = bridge.generate(toks, **kw)[0, n:].tolist(), None
+        results[f"bridge.generate(use_past_kv_cache={cached})"] = (got, lp)
     reference.generation_config.eos_token_id = None  # never stop early: compare all N_NEW steps
     out = reference.generate(
-        toks, attention_mask=torch.ones_like(toks), max_new_tokens=N_NEW, do_sample=False, pad_token_id=EOS
-    )
-    results["hf.generate (untouched copy, HF KV cache)"] = out[0, n:].tolist()
+        toks, attention_mask=torch.ones_like(toks), max_new_tokens=N_NEW, do_sample=False, pad_token_id=EOS,
+        output_logits=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    results["hf.generate (untouched copy, HF KV cache)"] = (out.sequences[0, n:].tolist(), _logprobs(out.logits))
 
     lines = []
-    for label, got in results.items():
-        i = first_diff(got, manual)
-        if i is None:
-            lines.append((label, True, f"{N_NEW}/{N_NEW} steps equal"))
+    for label, (got, lp) in results.items():
+        diff = first_diff(got, manual, lp, ref_lp)
+        what = "tokens and log-probs" if lp is not None else "tokens (no logits from this generate)"
+        if diff is None:
+            lines.append((label, True, f"{N_NEW}/{N_NEW} steps equal ({what})"))
         else:
-            g = got[i] if i < len(got) else "none"
-            lines.append((label, False, f"first differing step {i + 1} of {N_NEW}: {g} vs manual {manual[i]} "
-                          f"(manual top-1 - top-2 logit gap {gaps[i]:.3f}); got {got}, manual {manual}"))  # fmt: skip
+            i, detail = diff
+            lines.append((label, False, f"first differing step {i + 1} of {N_NEW}: {detail} (manual top-1 - top-2 "
+                          f"logit gap {gaps[i]:.3f}); got {got}, manual {manual}"))  # fmt: skip
     return lines
 
 

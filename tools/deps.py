@@ -8,11 +8,11 @@ Both create a fresh venv under ``.cache/deps/`` (gitignored; removed afterwards 
 any other torch spec lets pip pull a multi-GB CUDA build), and run the Hugging Face cross-checks offline:
 
     HF_HUB_OFFLINE=1 pytest -q -m "not slow" tests/test_hf_crosscheck.py tests/test_architectures.py
-                     tests/studies/test_logits.py tests/test_zoo.py
+                     tests/studies/test_logits.py
 
-(logits, hook values, the lens at every readout point and padding against plain transformers on every
-family of the architecture matrix; greedy loop vs ``bridge.generate`` vs HF ``generate`` in the logits
-study and on the embedded tiny-gpt2).
+(logits, hook values, the lens at every readout point and padding against plain transformers on the
+random and embedded models and every family of the architecture matrix, the load paths and their
+generate check; greedy loop vs ``bridge.generate`` vs HF ``generate`` in the logits study).
 
 ``lowest``: every ``NAME>=X`` of ``[project] dependencies`` becomes the constraint ``NAME==X`` (pip
 ``-c``), so mechlens runs on exactly its lower bounds (transformers 5.9.0, transformer-lens 4.3.0, numpy,
@@ -47,7 +47,6 @@ CROSS_CHECKS = [
     "tests/test_hf_crosscheck.py",
     "tests/test_architectures.py",
     "tests/studies/test_logits.py",
-    "tests/test_zoo.py",
 ]
 TEST_TOOLS = ("pytest", "beartype")  # what the suite's addopts need (jaxtyping's plugin + beartype checks)
 UNCAPPED = ("transformers", "transformer-lens")  # the canary installs the newest of these

@@ -176,6 +176,7 @@ def _card(name: str, report: dict, metrics: dict, stats: dict) -> str:
     flags = " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in cfg.items() if k not in ("data", "out", "device") and v != ""
     )
+    lines += ["", *tuned_lens_section(name)] if (EMBEDDED[name].path / "tuned_lens_eval.json").exists() else []
     lines += [
         "",
         "## Reproduce",
@@ -233,24 +234,22 @@ def tuned_lens_section(name: str) -> list[str]:
         f"(lens held-out: the first {a['n_texts']} texts of `train.jsonl`, {a['n_positions']:,} positions; model "
         f"held-out: the first {b['n_texts']} documents of `heldout.jsonl`, never seen by the model nor the lens, "
         f"{b['n_positions']:,} positions.)",
-        "",
     ]
     return lines
 
 
 def write_tuned_lens_section(name: str) -> None:
-    """Replace (or add) the "Tuned lens" section of the model card, before "Reproduce"."""
-    path = EMBEDDED[name].path / "MODEL_CARD.md"
-    text = path.read_text()
-    if "## Tuned lens" in text:
-        start = text.index("## Tuned lens")
-        text = text[:start] + text[text.index("## Reproduce", start) :]
-    i = text.index("## Reproduce")
-    text = text[:i] + "\n".join(tuned_lens_section(name)) + "\n" + text[i:]
-    if TUNED_LENS_COMMAND not in text:  # the Reproduce block of a card written before the tuned lenses
-        card = "python -m training.card --data .cache/corpus"
-        text = text.replace(card, f"{TUNED_LENS_COMMAND} --models {name}\n{card}")
-    path.write_text(text)
+    """Rewrite the model card with its "Tuned lens" section (:func:`_card` from the shipped training report
+    and metrics; the corpus sizes, from the corpus' stats.json, are read back from the card)."""
+    import re
+
+    path = EMBEDDED[name].path
+    shipped = (path / "MODEL_CARD.md").read_text()
+    held, train = re.search(r"never trained on: ([\d,]+) held-out tokens, ([\d,]+) training tokens", shipped).groups()
+    stats = {"heldout_tokens": int(held.replace(",", "")), "train_tokens": int(train.replace(",", ""))}
+    report = json.loads((path / "train_report.json").read_text())
+    metrics = json.loads((path / "card.json").read_text())
+    (path / "MODEL_CARD.md").write_text(_card(name, report, metrics, stats))
 
 
 def main(argv=None) -> None:
@@ -267,8 +266,6 @@ def main(argv=None) -> None:
         metrics["evaluated_on"] = platform.platform()
         (path / "card.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (path / "MODEL_CARD.md").write_text(_card(name, report, metrics, stats))
-        if (path / "tuned_lens_eval.json").exists():
-            write_tuned_lens_section(name)
         print(json.dumps({name: metrics}, indent=2))
 
 

@@ -213,7 +213,7 @@ def test_masked_lm_tuned_lens_and_corpus(roberta_pair):
     """A masked LM trains on masked positions (a seeded 15% of each text's tokens) with the full MLM head as
     readout; the study's sliding-mask comparison and the masked corpus lens both read it."""
     model = roberta_pair.bridge
-    cfg = tl.TrainConfig(steps=30, batch_size=8, heldout=20, max_tokens=32)
+    cfg = tl.TrainConfig(steps=10, batch_size=8, heldout=10, max_tokens=24)
     t = tl.train_tuned_lens(model, CONTEXTS, cfg)
     assert t.card.kind == "masked" and t.card.mask_prob == 0.15
     assert np.isfinite(t.card.heldout_kl_tuned).all() and t.card.heldout_kl_tuned[-1] == 0.0

@@ -66,12 +66,14 @@ def _status(field: str) -> int:
 def _child(target: str, kwargs: dict, queue, exact_peak: bool = False) -> None:
     import ctypes
     import gc
+    import importlib
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     if exact_peak:
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD: see in_child
-    setup, work = globals()[target](**kwargs)
+    module, _, name = target.rpartition(":")  # "job" here, or "module:job" for another benchmark module
+    setup, work = (getattr(importlib.import_module(module), name) if module else globals()[name])(**kwargs)
     state = setup()
 
     gc.collect()
@@ -89,7 +91,8 @@ def _child(target: str, kwargs: dict, queue, exact_peak: bool = False) -> None:
 
 
 def in_child(target: str, *, exact_peak: bool = False, **kwargs) -> dict:
-    """Run ``target``'s work in a fresh process. ``exact_peak``: large allocations come straight from
+    """Run ``target``'s work in a fresh process (``target``: a job of this module, or ``"module:job"`` of
+    another benchmark module beside it). ``exact_peak``: large allocations come straight from
     mmap, so freed memory leaves RSS at once and VmHWM tracks live tensors rather than what the
     allocator kept; it also makes every large allocation page-fault afresh, so time such runs only
     for memory (``timed_and_peak`` does both, in two processes)."""

@@ -15,11 +15,6 @@ should follow the chunk budget, not the depth; evaluation goes through ``lens_re
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
-import multiprocessing as mp
-import os
 import pathlib
 import sys
 import time
@@ -27,37 +22,9 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import torch
-from bench import _status, bridge_of
+from bench import bridge_of, in_child
 
 GIB = 2**30
-
-
-def _child(target: str, kwargs: dict, queue, exact_peak: bool) -> None:
-    """bench.py's child protocol for this module's jobs: set-up, heap trimmed, peak counter reset, work."""
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    if exact_peak:
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD: freed memory leaves RSS
-    setup, work = globals()[target](**kwargs)
-    state = setup()
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with contextlib.suppress(OSError):
-        pathlib.Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM
-    base = _status("VmRSS")
-    out = work(state)
-    queue.put({"peak_bytes": _status("VmHWM") - base, "out": out})
-
-
-def in_child(target: str, *, exact_peak: bool = False, **kwargs) -> dict:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(target, kwargs, q, exact_peak))
-    p.start()
-    res = q.get()
-    p.join()
-    return res
 
 
 def _gpt2(n_layers: int, seed: int = 0):
@@ -110,16 +77,16 @@ def main() -> None:
     rows = []
     depths = (2, 4, 8)
     for n in depths:
-        timed = in_child("train_job", n_layers=n, steps=4)["out"]
-        peak = in_child("train_job", exact_peak=True, n_layers=n, steps=2)["peak_bytes"]
+        timed = in_child("tuned_lens:train_job", n_layers=n, steps=4)["out"]
+        peak = in_child("tuned_lens:train_job", exact_peak=True, n_layers=n, steps=2)["peak_bytes"]
         rows.append(("training", n, timed["positions"] / timed["seconds"], peak))
         print(f"train depth {n}: {timed['positions'] / timed['seconds']:.0f} positions/s, peak {peak / GIB:.3f} GiB",
               flush=True)  # fmt: skip
-    small = in_child("train_job", exact_peak=True, n_layers=4, steps=2, chunk_mb=64)["peak_bytes"]
+    small = in_child("tuned_lens:train_job", exact_peak=True, n_layers=4, steps=2, chunk_mb=64)["peak_bytes"]
     print(f"train depth 4 with a 64 MiB chunk budget: peak {small / GIB:.3f} GiB", flush=True)
     for n in depths:
-        a = in_child("eval_job", exact_peak=True, n_layers=n, tuned=False)
-        b = in_child("eval_job", exact_peak=True, n_layers=n, tuned=True)
+        a = in_child("tuned_lens:eval_job", exact_peak=True, n_layers=n, tuned=False)
+        b = in_child("tuned_lens:eval_job", exact_peak=True, n_layers=n, tuned=True)
         rows_n = b["out"]["positions"]
         materialised = (n + 1) * rows_n * 50257 * 4
         print(f"eval depth {n}: logit only {a['peak_bytes'] / GIB:.3f} GiB, both lenses "

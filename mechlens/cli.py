@@ -182,7 +182,6 @@ def cmd_run(args: argparse.Namespace) -> None:
     from mechlens import distributed, progress
     from mechlens.data import check_source
     from mechlens.errors import ConfigError
-    from mechlens.outputs import prepare_output
     from mechlens.studies import STUDIES, get_study
 
     # under torchrun every rank runs this command: rank 0 alone checks the output, shows progress and writes
@@ -220,11 +219,20 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     check_device(args.device)
     args.device = distributed.local_device(args.device)  # one GPU per rank under torchrun
-    prepared: dict[str, object] = {}  # rank 0 prepares the output; its error, if any, reaches every rank
-    distributed.on_main(lambda: prepared.setdefault("dest", prepare_output(args.out)) and None)
+    _into_output(args.out, lambda dest: _run_checked(args, studies, configs, overrides, dest))
+
+
+def _into_output(out, work) -> None:
+    """``work(dest)`` with ``--out`` prepared by rank 0 (its error, if any, reaches every rank; other ranks
+    get ``None``); the partial output is abandoned if ``work`` fails, and the process group is shut down."""
+    from mechlens import distributed
+    from mechlens.outputs import prepare_output
+
+    prepared: dict[str, object] = {}
+    distributed.on_main(lambda: prepared.setdefault("dest", prepare_output(out)) and None)
     dest = prepared.get("dest")
     try:
-        _run_checked(args, studies, configs, overrides, dest)
+        work(dest)
     except BaseException:
         if dest is not None:
             dest.abort()
@@ -383,7 +391,6 @@ def cmd_train_lens(args: argparse.Namespace) -> None:
     from mechlens import distributed, progress
     from mechlens.data import check_source
     from mechlens.loading import check_device
-    from mechlens.outputs import prepare_output
     from mechlens.tuned_lens import TrainConfig
 
     distributed.init_from_env(device=args.device)
@@ -398,17 +405,7 @@ def cmd_train_lens(args: argparse.Namespace) -> None:
     distributed.on_main(check_source, cfg.data)
     check_device(args.device)
     args.device = distributed.local_device(args.device)
-    prepared: dict[str, object] = {}
-    distributed.on_main(lambda: prepared.setdefault("dest", prepare_output(args.out)) and None)
-    dest = prepared.get("dest")
-    try:
-        _train_lens_checked(args, cfg, dest)
-    except BaseException:
-        if dest is not None:
-            dest.abort()
-        raise
-    finally:
-        distributed.shutdown()
+    _into_output(args.out, lambda dest: _train_lens_checked(args, cfg, dest))
 
 
 def _train_lens_checked(args, cfg, dest) -> None:

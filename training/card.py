@@ -238,9 +238,9 @@ def tuned_lens_section(name: str) -> list[str]:
     return lines
 
 
-def write_tuned_lens_section(name: str) -> None:
-    """Rewrite the model card with its "Tuned lens" section (:func:`_card` from the shipped training report
-    and metrics; the corpus sizes, from the corpus' stats.json, are read back from the card)."""
+def regenerated_card(name: str) -> str:
+    """The model card :func:`_card` writes from the shipped training report and metrics; the corpus sizes
+    (from the corpus' stats.json, not shipped) are read back from the shipped card."""
     import re
 
     path = EMBEDDED[name].path
@@ -249,7 +249,12 @@ def write_tuned_lens_section(name: str) -> None:
     stats = {"heldout_tokens": int(held.replace(",", "")), "train_tokens": int(train.replace(",", ""))}
     report = json.loads((path / "train_report.json").read_text())
     metrics = json.loads((path / "card.json").read_text())
-    (path / "MODEL_CARD.md").write_text(_card(name, report, metrics, stats))
+    return _card(name, report, metrics, stats)
+
+
+def write_tuned_lens_section(name: str) -> None:
+    """Rewrite the model card with its "Tuned lens" section (:func:`regenerated_card`)."""
+    (EMBEDDED[name].path / "MODEL_CARD.md").write_text(regenerated_card(name))
 
 
 def main(argv=None) -> None:

@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -256,6 +257,47 @@ def prepare_tokenizer_for_bridge(tokenizer: PreTrainedTokenizerBase) -> PreTrain
     tok.init_kwargs["add_bos_token"] = True
     tok.init_kwargs.setdefault("name_or_path", tokenizer.name_or_path or "in-memory-tokenizer")
     return tok
+
+
+# -- the KV-cache keyword (transformers >= 5.24 with TransformerLens 4.3) ------------------------------
+
+_READS_CACHE_KEYWORD = "_mechlens_reads_cache_keyword"
+
+
+def read_kv_cache_keyword() -> None:
+    """Make TransformerLens' attention bridges find the KV cache that transformers >= 5.24 passes as ``cache=``.
+
+    From transformers 5.24, GPT-2- and Llama-style decoder layers (GPT-2, Llama, Mistral, Qwen, Gemma, OPT,
+    Phi, ...) call their attention module with ``cache=...``; TransformerLens 4.3's
+    ``AttentionBridge._update_kv_cache`` reads only ``past_key_values`` and ``layer_past``, so under the
+    bridge every cached decoding step attends to itself alone and ``bridge.generate(use_past_kv_cache=True)``
+    silently departs from the model's greedy steps (measured: log-probs off by 0.69 nats on a random GPT-2
+    and 25.8 on a random Llama from step 2 on). GPT-NeoX, GPT-J, BLOOM, Falcon and GPT-Neo still pass
+    ``layer_past`` and were never affected.
+
+    This wraps that one method: when neither ``past_key_values`` nor ``layer_past`` is given and ``cache``
+    is, the cache is passed on as ``past_key_values``; every other call goes through unchanged, so it is a
+    no-op on transformers <= 5.23 and for the families that name the cache ``layer_past``. Idempotent (a
+    second call finds the wrapper and returns). :func:`mechlens.load_model` calls it before the bridge
+    boots. Retire it when a TransformerLens release reads ``cache`` itself: ``tools/generate_check.py``
+    (run by ``tools/deps.py canary`` without this fix) then reports 0 broken checks on transformers >= 5.24.
+    """
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    original = AttentionBridge._update_kv_cache
+    if getattr(original, _READS_CACHE_KEYWORD, False):
+        return
+
+    @functools.wraps(original)
+    def _update_kv_cache(self, k: Tensor, v: Tensor, **kwargs):
+        if kwargs.get("past_key_values") is None and kwargs.get("layer_past") is None:
+            cache = kwargs.get("cache")
+            if cache is not None:
+                kwargs["past_key_values"] = cache
+        return original(self, k, v, **kwargs)
+
+    setattr(_update_kv_cache, _READS_CACHE_KEYWORD, True)
+    AttentionBridge._update_kv_cache = _update_kv_cache
 
 
 # -- special tokens ------------------------------------------------------------------------------

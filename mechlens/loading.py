@@ -95,6 +95,7 @@ def load_model(
     # the model's own greedy steps, before the bridge adopts (and re-implements parts of) it
     greedy = validate.hf_greedy_steps(hf_model, _probe_ids(tokenizer)) if kind == "causal" else None
     bridge_tokenizer = arch.prepare_tokenizer_for_bridge(tokenizer)
+    arch.read_kv_cache_keyword()  # transformers >= 5.24 passes the KV cache as cache=
     try:
         bridge = TransformerBridge.boot_transformers(
             label,

@@ -1,18 +1,27 @@
 """Dependency-range checks in scratch venvs: the lowest versions pyproject allows, and a newest-versions canary.
 
     python3 tools/deps.py lowest [--pin NAME==VERSION ...] [--keep]   # blocking in .ci/run
+    python3 tools/deps.py newest [--keep]                             # blocking in .ci/run
     python3 tools/deps.py canary [--keep]                             # non-blocking report in .ci/run
 
-Both create a fresh venv under ``.cache/deps/`` (gitignored; removed afterwards unless ``--keep``), install
-``torch==2.13.0`` in the same pip call as everything else (only that exact spec gives the local CPU wheel:
-any other torch spec lets pip pull a multi-GB CUDA build), and run the Hugging Face cross-checks offline:
+Each creates a fresh venv under ``.cache/deps/`` (gitignored; removed afterwards unless ``--keep``) and runs
+the Hugging Face cross-checks offline:
 
     HF_HUB_OFFLINE=1 pytest -q -m "not slow" tests/test_hf_crosscheck.py tests/test_architectures.py
-                     tests/studies/test_logits.py
+                     tests/studies/test_logits.py tests/test_generate_check.py
 
 (logits, hook values, the lens at every readout point and padding against plain transformers on the
 random and embedded models and every family of the architecture matrix, the load paths and their
-generate check; greedy loop vs ``bridge.generate`` vs HF ``generate`` in the logits study).
+generate check; greedy loop vs ``bridge.generate`` (cached and uncached) vs HF ``generate``, tokens and
+per-step log-probs). ``lowest`` and ``canary`` install ``torch==2.13.0`` in the same pip call as everything
+else (only that exact spec gives the local CPU wheel: any other torch spec lets pip pull a multi-GB CUDA
+build); ``newest`` installs the newest torch pyproject allows (from the index: a CUDA build, which runs on
+the CPU), lifting this machine's pip constraint file for its pip calls only.
+
+``newest``: the newest torch and transformers pyproject allows are installed first, as a researcher's
+environment already has them; then mechlens with its dependencies. Installing mechlens must leave both in
+place (``PASS  no downgrade`` / ``FAIL``, compared with ``pip list`` before and after), and the
+cross-checks must pass. Exits non-zero otherwise.
 
 ``lowest``: every ``NAME>=X`` of ``[project] dependencies`` becomes the constraint ``NAME==X`` (pip
 ``-c``), so mechlens runs on exactly its lower bounds (transformers 5.9.0, transformer-lens 4.3.0, numpy,
@@ -22,10 +31,13 @@ Exits with pytest's status: non-zero when the lowest versions fail, or when they
 
 ``canary``: the newest transformers and transformer-lens pip can install next to torch 2.13.0, ignoring
 mechlens' upper bounds (mechlens itself is installed with ``--no-deps``), runs the same cross-checks and
-``tools/generate_check.py`` (cached vs uncached ``generate`` on a random GPT-2 and Llama, no mechlens
-code), and prints what broke, ending with ``CANARY: N checks broke on transformers X / transformer-lens
-Y``. It exits 0 whatever broke (a report, not a gate); only a bug of this script exits non-zero.
-An upper bound may be lifted when the canary reports 0 checks broke on the versions it would admit.
+``tools/generate_check.py`` twice (cached vs uncached ``generate`` on a random GPT-2 and Llama): with
+``--mechlens`` (booted through ``mechlens.load_model``, i.e. with mechlens' fixes) and alone (no mechlens
+code: TransformerLens' own state, so a TransformerLens release that fixes an upstream bug is noticed). It
+keeps the two stories apart in its last line: ``CANARY: mechlens N checks broke (...); TransformerLens alone
+M broke, on transformers X / transformer-lens Y``. It exits 0 whatever broke (a report, not a gate); only a
+bug of this script exits non-zero. An upper bound may be lifted when the canary's **mechlens** count is 0 on
+the versions the new range would admit.
 """
 
 from __future__ import annotations
@@ -47,7 +59,12 @@ CROSS_CHECKS = [
     "tests/test_hf_crosscheck.py",
     "tests/test_architectures.py",
     "tests/studies/test_logits.py",
+    "tests/test_generate_check.py",
 ]
+# lifts this machine's pip constraint file (torch<=2.14.1, the releases on its disk) for the newest-versions step;
+# an empty constraints file, so a user's other pip settings (index, find-links) stay as they are
+NO_CONSTRAINT = {"PIP_CONSTRAINT": os.devnull}
+KEPT = ("torch", "transformers")  # installing mechlens must leave the newest allowed releases of these in place
 TEST_TOOLS = ("pytest", "beartype")  # what the suite's addopts need (jaxtyping's plugin + beartype checks)
 UNCAPPED = ("transformers", "transformer-lens")  # the canary installs the newest of these
 REPORTED = ["torch", "transformers", "transformer-lens", "huggingface-hub", "tokenizers", "accelerate", "numpy",
@@ -60,7 +77,7 @@ def norm(name: str) -> str:
 
 
 def split_req(req: str) -> tuple[str, list[str]]:
-    """``"transformers>=5.9,<5.24"`` -> ``("transformers", [">=5.9", "<5.24"])`` (no markers or extras here)."""
+    """``"transformers>=5.9,<5.26"`` -> ``("transformers", [">=5.9", "<5.26"])`` (no markers or extras here)."""
     m = re.fullmatch(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(.*?)\s*", req)
     if not m or ";" in req or "[" in req:
         raise SystemExit(f"tools/deps.py: cannot read requirement {req!r} in pyproject.toml")
@@ -113,12 +130,13 @@ def make_venv(name: str) -> Path:
     return venv
 
 
-def pip(venv: Path, *args: str) -> int:
+def pip(venv: Path, *args: str, extra_env: dict[str, str] | None = None) -> int:
     """``pip install -q`` (pip's cache is used as usual); on failure, a dry run says which requirements conflict."""
     cmd = [str(venv / "bin" / "python"), "-m", "pip", "install"]
-    rc = sh([*cmd, "-q", *args], cwd=ROOT)
+    e = dict(os.environ, **(extra_env or {}))
+    rc = sh([*cmd, "-q", *args], cwd=ROOT, env=e)
     if rc != 0:
-        r = subprocess.run([*cmd, "--dry-run", *args], cwd=ROOT, capture_output=True, text=True)
+        r = subprocess.run([*cmd, "--dry-run", *args], cwd=ROOT, capture_output=True, text=True, env=e)
         lines = (r.stdout + r.stderr).splitlines()
         start = next((i for i, ln in enumerate(lines) if "conflict is caused by" in ln), None)
         if start is not None:
@@ -177,6 +195,52 @@ def lowest(args) -> int:
     return rc
 
 
+def allowed(name: str) -> str:
+    """pyproject's requirement for ``name``, e.g. ``"torch>=2.13,<2.16"``."""
+    for req in project()["dependencies"]:
+        if norm(split_req(req)[0]) == norm(name):
+            return req
+    raise SystemExit(f"tools/deps.py: {name} is not a dependency in pyproject.toml")
+
+
+def newest(args) -> int:
+    """The newest releases pyproject allows, as a researcher's environment already has them: the newest allowed
+    torch and transformers are installed first, then mechlens with its dependencies (as ``pip install mechlens``
+    would); installing mechlens must leave both in place (no downgrade), and the cross-checks must pass."""
+    t0 = time.time()
+    specs = [allowed(n) for n in KEPT]
+    print(f"== newest versions allowed by pyproject.toml ({', '.join(specs)}), installed before mechlens", flush=True)
+    venv = make_venv("newest")
+    if pip(venv, *specs, extra_env=NO_CONSTRAINT) != 0:
+        print("NEWEST VERSIONS: FAILED to install the newest allowed torch / transformers (see pip above)")
+        cleanup(venv, args.keep)
+        return 1
+    before = versions(venv)
+    print("before mechlens: " + ", ".join(f"{n} {before[n]}" for n in KEPT), flush=True)
+    if pip(venv, "-e", ".", *test_tools(), extra_env=NO_CONSTRAINT) != 0:
+        print("NEWEST VERSIONS: FAILED to install mechlens next to them (see pip above)")
+        cleanup(venv, args.keep)
+        return 1
+    v = versions(venv)
+    print_versions(v)
+    moved = [f"{n} {before[n]} -> {v.get(n, 'removed')}" for n in KEPT if v.get(n) != before[n]]
+    print(
+        f"  {'FAIL' if moved else 'PASS'}  no downgrade: installing mechlens "
+        + (f"changed {', '.join(moved)}" if moved else f"left {', '.join(f'{n} {v[n]}' for n in KEPT)} in place")
+    )
+    t1 = time.time()
+    rc = sh(pytest_cmd(venv), cwd=ROOT, env=env())
+    cleanup(venv, args.keep)
+    rc = rc or (1 if moved else 0)
+    why = f"installing mechlens changed {', '.join(moved)}" if moved else f"pytest exit {rc}"
+    state = "PASSED" if rc == 0 else f"FAILED ({why})"
+    print(
+        f"NEWEST VERSIONS: cross-checks {state} on transformers {v['transformers']} / transformer-lens "
+        f"{v['transformer-lens']} / torch {v['torch']} (install {t1 - t0:.0f} s, tests {time.time() - t1:.0f} s)"
+    )
+    return rc
+
+
 def newest_published(venv: Path, name: str) -> str:
     r = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "index", "versions", name], capture_output=True,
                        text=True)  # fmt: skip
@@ -228,19 +292,25 @@ def canary(args) -> int:
         print("\n".join("  " + ln for ln in text.splitlines()[-30:]))
     print(f"  {'PASS' if rc == 0 else 'FAIL'}  pytest cross-checks: {summary.strip('= ') or f'exit {rc}'}")
 
-    print("-- (b) cached vs uncached generate, without mechlens", flush=True)
-    r = subprocess.run([str(venv / "bin" / "python"), str(ROOT / "tools" / "generate_check.py")], cwd=ROOT, env=env(),
-                       capture_output=True, text=True)  # fmt: skip
-    print(r.stdout.rstrip())
-    gen_bad = len(re.findall(r"^\s+FAIL\s", r.stdout, flags=re.M))
-    if r.returncode != 0:
-        print(r.stderr.rstrip()[-3000:])
-        raise SystemExit("tools/deps.py: tools/generate_check.py itself failed (a bug of the check)")
+    def generate_check(*flags: str) -> tuple[int, str]:
+        r = subprocess.run([str(venv / "bin" / "python"), str(ROOT / "tools" / "generate_check.py"), *flags],
+                           cwd=ROOT, env=env(), capture_output=True, text=True)  # fmt: skip
+        print(r.stdout.rstrip())
+        if r.returncode != 0:
+            print(r.stderr.rstrip()[-3000:])
+            raise SystemExit("tools/deps.py: tools/generate_check.py itself failed (a bug of the check)")
+        return len(re.findall(r"^\s+FAIL\s", r.stdout, flags=re.M)), r.stdout
+
+    print("-- (b) mechlens: cached vs uncached generate through mechlens.load_model (with its fixes)", flush=True)
+    ml_gen, _ = generate_check("--mechlens")
+    print("-- (c) TransformerLens alone: cached vs uncached generate, no mechlens code (reports the upstream bug "
+          "until a TransformerLens release fixes it)", flush=True)  # fmt: skip
+    tl_gen, _ = generate_check()
     cleanup(venv, args.keep)
     n_tests = len(bad) if bad else (0 if rc == 0 else 1)
-    print(f"CANARY: {n_tests + gen_bad} checks broke on transformers {v['transformers']} / transformer-lens "
-          f"{v['transformer-lens']} ({n_tests} cross-check tests failed, {gen_bad} of the generate checks; "
-          f"install {t1 - t0:.0f} s, checks {time.time() - t1:.0f} s)")  # fmt: skip
+    print(f"CANARY: mechlens {n_tests + ml_gen} checks broke ({n_tests} cross-check tests, {ml_gen} generate checks); "
+          f"TransformerLens alone {tl_gen} broke, on transformers {v['transformers']} / transformer-lens "
+          f"{v['transformer-lens']} (install {t1 - t0:.0f} s, checks {time.time() - t1:.0f} s)")  # fmt: skip
     return 0
 
 
@@ -248,12 +318,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     lo = sub.add_parser("lowest", help="install pyproject's lower bounds exactly and run the cross-checks (blocking)")
+    ne = sub.add_parser("newest", help="newest allowed torch + transformers first, then mechlens: no downgrade, "
+                        "cross-checks pass (blocking)")  # fmt: skip
     lo.add_argument("--pin", action="append", default=[], metavar="NAME==VERSION", help="override one lower bound")
     ca = sub.add_parser("canary", help="newest transformers / transformer-lens, report what breaks (exits 0)")
-    for s in (lo, ca):
+    for s in (lo, ne, ca):
         s.add_argument("--keep", action="store_true", help=f"keep the scratch venv under {SCRATCH.relative_to(ROOT)}")
     args = p.parse_args()
-    return lowest(args) if args.cmd == "lowest" else canary(args)
+    return {"lowest": lowest, "newest": newest, "canary": canary}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Cached vs uncached greedy decoding through TransformerLens' ``TransformerBridge``, independent of mechlens.
+"""Cached vs uncached greedy decoding through TransformerLens' ``TransformerBridge``: alone, or as mechlens loads it.
 
 The newest-versions canary (``tools/deps.py canary``) runs this in its scratch venv. For a tiny seeded
 random GPT-2 and Llama (plain transformers configs, eager attention, real 50,257-token GPT-2 BPE from
@@ -12,6 +12,12 @@ not near-ties), it compares four greedy continuations of one prompt, ``N_NEW`` t
 - the HF model's own ``generate`` (with its KV cache) on an untouched deep copy of the same weights
   (the bridge modifies the model it adopts).
 
+By default no mechlens code runs (``TransformerBridge.boot_transformers``): this reports TransformerLens'
+own state, so the canary notices when a TransformerLens release fixes the transformers 5.24 ``cache=``
+breakage (and :func:`mechlens.arch.read_kv_cache_keyword` can retire). ``--mechlens`` boots through
+``mechlens.load_model`` instead (which applies that fix before the bridge boots) and adds one check per
+family: the load-time generate check kept the KV cache (provenance ``generate_kv_cache``).
+
 Each step is compared on its token and on its log-probs (max |difference| above 1e-3 nats fails: a broken
 cache can keep a random model's argmax and still move its log-probs). One line per check: ``PASS`` or
 ``FAIL`` with the first differing step, the tokens and log-prob difference there and the reference's
@@ -19,7 +25,7 @@ top-1 minus top-2 logit gap at that step (a gap near 0 would be a tie, not a bug
 line is ``GENERATE CHECK: N of M checks broke``. Exit status 0 whatever the checks found (1 only if
 the script itself fails), so the canary can report and go on; ``--strict`` exits 1 when a check broke.
 
-    HF_HUB_OFFLINE=1 python tools/generate_check.py [--strict]
+    HF_HUB_OFFLINE=1 python tools/generate_check.py [--mechlens] [--strict]
 """
 
 from __future__ import annotations
@@ -104,13 +110,22 @@ def _logprobs(logits) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def check_family(name: str, tok) -> list[tuple[str, bool, str]]:
-    from transformer_lens.model_bridge import TransformerBridge
-
+def check_family(name: str, tok, through_mechlens: bool = False) -> list[tuple[str, bool, str]]:
     hf = build(name)
     reference = copy.deepcopy(hf)  # untouched: the bridge swaps the adopted model's attention in place
-    bridge = TransformerBridge.boot_transformers(f"{name}-random", hf_model=hf, tokenizer=tok, device="cpu")
-    bridge.eval()
+    lines = []
+    if through_mechlens:
+        from mechlens import load_model, provenance_of
+
+        bridge = load_model(hf, tokenizer=tok)
+        p = provenance_of(bridge)
+        lines.append(("mechlens load-time generate check keeps the KV cache", p.generate_kv_cache is True,
+                      p.generate_check or "no generate check ran"))  # fmt: skip
+    else:
+        from transformer_lens.model_bridge import TransformerBridge
+
+        bridge = TransformerBridge.boot_transformers(f"{name}-random", hf_model=hf, tokenizer=tok, device="cpu")
+        bridge.eval()
     toks = torch.tensor([[EOS, *tok(PROMPT, add_special_tokens=False)["input_ids"]]])
     n = toks.shape[1]
 
@@ -139,7 +154,6 @@ def check_family(name: str, tok) -> list[tuple[str, bool, str]]:
     )  # fmt: skip
     results["hf.generate (untouched copy, HF KV cache)"] = (out.sequences[0, n:].tolist(), _logprobs(out.logits))
 
-    lines = []
     for label, (got, lp) in results.items():
         diff = first_diff(got, manual, lp, ref_lp)
         what = "tokens and log-probs" if lp is not None else "tokens (no logits from this generate)"
@@ -155,19 +169,21 @@ def check_family(name: str, tok) -> list[tuple[str, bool, str]]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--strict", action="store_true", help="exit 1 when a check broke")
+    p.add_argument("--mechlens", action="store_true", help="boot through mechlens.load_model (with its KV-cache fix)")
     args = p.parse_args()
     torch.set_num_threads(2)
     from importlib.metadata import version
 
     print(
         f"generate check: torch {version('torch')}, transformers {version('transformers')}, "
-        f"transformer-lens {version('transformer-lens')}; {N_NEW} greedy tokens vs a manual argmax loop"
+        f"transformer-lens {version('transformer-lens')}; {N_NEW} greedy tokens vs a manual argmax loop; "
+        + ("booted through mechlens.load_model" if args.mechlens else "TransformerLens alone (no mechlens code)")
     )
     tok = tokenizer()
     broke = total = 0
     for name in ("gpt2", "llama"):
         try:
-            lines = check_family(name, tok)
+            lines = check_family(name, tok, through_mechlens=args.mechlens)
         except Exception as e:  # a crash of the library under test is a broken check, not a script bug
             first = str(e).splitlines()[0] if str(e) else ""
             lines = [("boot + generate", False, f"raised {type(e).__name__}: {first}")]
@@ -175,7 +191,8 @@ def main() -> int:
             total += 1
             broke += not ok
             print(f"  {'PASS' if ok else 'FAIL'}  {name:5s}  {label}: {detail}")
-    print(f"GENERATE CHECK: {broke} of {total} checks broke")
+    who = "mechlens" if args.mechlens else "TransformerLens alone"
+    print(f"GENERATE CHECK ({who}): {broke} of {total} checks broke")
     return 1 if (args.strict and broke) else 0
 
 

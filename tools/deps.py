@@ -130,8 +130,12 @@ def make_venv(name: str) -> Path:
     return venv
 
 
+CONFLICT = 3  # pip() status: the requirements do not resolve together (as opposed to a download that failed)
+
+
 def pip(venv: Path, *args: str, extra_env: dict[str, str] | None = None) -> int:
-    """``pip install -q`` (pip's cache is used as usual); on failure, a dry run says which requirements conflict."""
+    """``pip install -q`` (pip's cache is used as usual); on failure, a dry run says which requirements conflict
+    (and the status is :data:`CONFLICT`)."""
     cmd = [str(venv / "bin" / "python"), "-m", "pip", "install"]
     e = dict(os.environ, **(extra_env or {}))
     rc = sh([*cmd, "-q", *args], cwd=ROOT, env=e)
@@ -141,6 +145,8 @@ def pip(venv: Path, *args: str, extra_env: dict[str, str] | None = None) -> int:
         start = next((i for i, ln in enumerate(lines) if "conflict is caused by" in ln), None)
         if start is not None:
             print("\n".join(lines[start : start + 8]))
+        if start is not None or any("ResolutionImpossible" in ln for ln in lines):
+            return CONFLICT
     return rc
 
 
@@ -211,10 +217,16 @@ def newest(args) -> int:
     specs = [allowed(n) for n in KEPT]
     print(f"== newest versions allowed by pyproject.toml ({', '.join(specs)}), installed before mechlens", flush=True)
     venv = make_venv("newest")
-    if pip(venv, *specs, extra_env=NO_CONSTRAINT) != 0:
-        print("NEWEST VERSIONS: FAILED to install the newest allowed torch / transformers (see pip above)")
+    rc = pip(venv, *specs, extra_env=NO_CONSTRAINT)
+    if rc != 0:
         cleanup(venv, args.keep)
-        return 1
+        if rc == CONFLICT:
+            print("NEWEST VERSIONS: FAILED: pyproject's torch and transformers ranges do not resolve together (above)")
+            return 1
+        # a download of several GB that broke off says nothing about mechlens: reported, not a failure
+        print("NEWEST VERSIONS: SKIPPED: the newest allowed torch / transformers could not be downloaded (pip above); "
+              "nothing was checked")  # fmt: skip
+        return 0
     before = versions(venv)
     print("before mechlens: " + ", ".join(f"{n} {before[n]}" for n in KEPT), flush=True)
     if pip(venv, "-e", ".", *test_tools(), extra_env=NO_CONSTRAINT) != 0:

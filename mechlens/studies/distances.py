@@ -246,7 +246,10 @@ def synthetic_mi(
 def document(cfg: Config, texts: Texts | None = None) -> str | Sequence[int]:
     """The studied document: the first of ``texts`` (strings, or token ids without special tokens), or
     of the texts of ``cfg.data`` when ``texts`` is None."""
-    return (load_texts(cfg.data) if texts is None else texts)[0]
+    texts = load_texts(cfg.data) if texts is None else texts
+    if len(texts) == 0:
+        raise DataError("no texts: the distances study reads the first text of --data (texts= in Python); pass one")
+    return texts[0]
 
 
 def document_batch(model, text: str | Sequence[int], *, bos: bool = True) -> TokenBatch:

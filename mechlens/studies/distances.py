@@ -42,11 +42,12 @@ from plotly.subplots import make_subplots
 from mechlens import arch
 from mechlens.axes import block_depth
 from mechlens.data import load_texts
-from mechlens.errors import DataError, TokenError
+from mechlens.errors import DataError, NonFiniteError, TokenError
 from mechlens.forward import run_cached
 from mechlens.loading import provenance_of
 from mechlens.ops import stack_layers, vector_norm
 from mechlens.options import Options, check_layer, option
+from mechlens.stats.degenerate import zero_variance
 from mechlens.stats.distance import minkowski, pairwise_minkowski
 from mechlens.stats.information import mi_histogram, mi_knn, pairwise_mi
 from mechlens.studies import Step
@@ -304,9 +305,17 @@ def pair_measures(acts: np.ndarray, seed: int = 0, n_jobs: int = 1) -> dict[str,
     }
 
 
-def kendall(measure: np.ndarray, pos_dist: np.ndarray) -> tuple[float, float]:
-    """Kendall tau-b (and p) of two square matrices over their upper triangles."""
-    res = scipy.stats.kendalltau(upper(measure), upper(pos_dist))
+def kendall(measure: np.ndarray, pos_dist: np.ndarray, name: str = "the measure") -> tuple[float, float]:
+    """Kendall tau-b (and p) of two square matrices over their upper triangles. A constant triangle (no
+    untied pair: tau undefined, scipy's NaN) raises :class:`NonFiniteError` naming ``name``."""
+    a, b = upper(measure), upper(pos_dist)
+    res = scipy.stats.kendalltau(a, b)
+    if not (np.isfinite(res.statistic) and np.isfinite(res.pvalue)):
+        which = name if zero_variance(a) else "the token distance" if zero_variance(b) else f"{name} (non-finite)"
+        raise NonFiniteError(
+            f"Kendall's tau of {name} against token distance is undefined: {which} has the same value at all "
+            f"{len(a)} pairs; choose another --target or --data with more varied occurrences"
+        )
     return float(res.statistic), float(res.pvalue)
 
 
@@ -338,7 +347,8 @@ def pairwise_measures(outputs: TargetOutputs, layer: int, *, seed: int = 0, n_jo
     pos = outputs.positions
     pos_dist = np.abs(pos[:, None] - pos[None, :]).astype(np.float64)
     dist = {k: pair_measures(a[layer], seed, n_jobs) for k, a in outputs.outputs.items()}
-    taus = {k: {m: Tau(*kendall(v, pos_dist)) for m, v in d.items()} for k, d in dist.items()}
+    taus = {k: {m: Tau(*kendall(v, pos_dist, f"{m} of the {k} outputs")) for m, v in d.items()}
+            for k, d in dist.items()}  # fmt: skip
     return PairwiseMeasures(
         layer=layer, positions=pos, position_distance=pos_dist, distance_matrices=dist, kendall_tau=taus
     )
@@ -361,7 +371,7 @@ def kendall_by_layer(outputs: TargetOutputs, *, seed: int = 0, n_jobs: int = 1) 
     tau, p, norm, row_tau, occ_tau, occ_norm = ({k: {} for k in KINDS} for _ in range(6))
     for k, d in stacked.items():
         for m, ms in d.items():
-            tp = [kendall(v, pos_dist) for v in ms]
+            tp = [kendall(v, pos_dist, f"{m} of the {k} outputs at block {li}") for li, v in enumerate(ms)]
             tau[k][m] = np.array([t for t, _ in tp], np.float64)
             p[k][m] = np.array([q for _, q in tp], np.float64)
             norm[k][m] = np.array([(upper(v) / max(upper(v).max(), 1e-300)).mean() for v in ms], np.float64)

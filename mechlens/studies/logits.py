@@ -132,7 +132,7 @@ def prompt_batch(model, prompt: str | Sequence[int], bos: bool = True) -> TokenB
     ``<s> prompt <mask> </s>`` (the ``<mask>`` is not a text token; ``bos`` is ignored: the special
     tokens are always added)."""
     masked = arch.kind_of(model) == "masked"
-    batch = encode(model, [prompt], bos=bos or masked)
+    batch = encode(model, [prompt], bos=bos or masked, fix="shorten --prompt")
     if not masked:
         return batch
     tokens = with_slot(model, batch.tokens)

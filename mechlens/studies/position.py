@@ -128,10 +128,10 @@ def split_sizes(cfg: Config, texts: Sequence | None = None) -> tuple[int, int]:
     half = min(500, count // 2) if exact else 500
     n_train, n_test = cfg.n_train or half, cfg.n_test or half
     if exact and min(n_train, n_test) < 1:  # 0 or 1 texts: the default split leaves a split empty
-        where = "the texts given" if texts is not None else f"--data {cfg.data}"
+        where = "the list passed as texts=" if texts is not None else f"--data {cfg.data}"
         raise DataError(
-            f"{where} holds {count} text{'' if count == 1 else 's'}, but the position study needs at least 2 "
-            f"(--n-train training texts and --n-test fresh test texts, >= 1 each): pass more texts"
+            f"the position study needs at least 2 texts (--n-train training texts and --n-test fresh test texts, "
+            f">= 1 each), {where} holds {count}: pass more texts"
         )
     if exact:
         split_train_test(range(count), n_train, n_test)  # raises naming how many texts exist

@@ -46,8 +46,9 @@ def check_tuned_paths(specs: Iterable[str]) -> None:
     from mechlens.zoo import EMBEDDED
 
     for spec in specs:
-        if spec in ("auto", "none") or spec in EMBEDDED or not _looks_like_path(spec):
-            continue
+        explicit = spec.startswith((".", "/", "~")) or pathlib.Path(spec).expanduser().exists()
+        if spec in ("auto", "none") or spec in EMBEDDED or not explicit:
+            continue  # a name: resolved (and refused, if need be) by the lens study when it loads the lens
         d = pathlib.Path(spec).expanduser()
         if not (d / WEIGHTS_FILE).is_file() or not (d / CARD_FILE).is_file():
             raise TunedLensError(

@@ -675,6 +675,22 @@ class Line:
     slope: float
 
 
+def degenerate_notes(train: LossMatrix, test: LossMatrix, sampled: bool = False) -> list[str]:
+    """What makes the statistics on these loss matrices degenerate, in words (:mod:`mechlens.stats.degenerate`:
+    marked, not refused): training texts repeated (as encoded tokens), test texts equal to a training text.
+    Counted over the matrices' texts (a sample of the splits when ``sampled``)."""
+    rep_train, in_train = repeated_rows(train.batch.tokens.numpy(), test.batch.tokens.numpy())
+    kept = " of the sampled" if sampled else ""
+    notes = []
+    if rep_train:
+        notes.append(f"{rep_train}{kept} of {len(train.loss)} training texts repeat an earlier one (as tokens): "
+                     "the OLS p-values count them as independent")  # fmt: skip
+    if in_train:
+        notes.append(f"{in_train}{kept} of {len(test.loss)} test texts are identical (as tokens) to a training "
+                     "text: the test accuracy is not on fresh texts")  # fmt: skip
+    return notes
+
+
 @dataclasses.dataclass(frozen=True)
 class PositionResult:
     """The study's typed result (``StudyResult.parts``). Its fields before ``train`` are the metrics of
@@ -709,6 +725,7 @@ class PositionResult:
     logistic_sample_texts: int
     logistic_sample_texts_test: int
     sampled: bool
+    degenerate: list[str]  # why these numbers are not findings (degenerate_notes); empty for sound inputs
     train: LossMatrix = not_in_metrics()
     test: LossMatrix = not_in_metrics()
     confusion: Confusion = not_in_metrics()
@@ -750,6 +767,7 @@ class PositionResult:
             logistic_sample_texts=len(train.loss),
             logistic_sample_texts_test=len(test.loss),
             sampled=len(train.loss) < n_train or len(test.loss) < n_test,
+            degenerate=degenerate_notes(train, test, len(train.loss) < n_train or len(test.loss) < n_test),
             train=train,
             test=test,
             confusion=conf,
@@ -757,22 +775,6 @@ class PositionResult:
             train_index=np.arange(len(train.loss)) if stream is None else stream.index("train"),
             test_index=np.arange(len(test.loss)) if stream is None else stream.index("test"),
         )
-
-
-def degenerate_notes(parts: PositionResult) -> list[str]:
-    """What makes the statistics of ``parts`` degenerate, in words (:mod:`mechlens.stats.degenerate`: marked,
-    not refused): training texts repeated (as encoded tokens), test texts equal to a training text. Counted
-    over the kept texts (all of them unless ``sampled``)."""
-    rep_train, in_train = repeated_rows(parts.train.batch.tokens.numpy(), parts.test.batch.tokens.numpy())
-    kept = " of the sampled" if parts.sampled else ""
-    notes = []
-    if rep_train:
-        notes.append(f"{rep_train}{kept} of {parts.logistic_sample_texts} training texts repeat an earlier one (as "
-                     "tokens): the OLS p-values count them as independent")  # fmt: skip
-    if in_train:
-        notes.append(f"{in_train}{kept} of {parts.logistic_sample_texts_test} test texts are identical (as tokens) "
-                     "to a training text: the test accuracy is not on fresh texts")  # fmt: skip
-    return notes
 
 
 def run(model, cfg: Config | None = None, texts: Texts | None = None) -> StudyResult:
@@ -824,7 +826,7 @@ def run(model, cfg: Config | None = None, texts: Texts | None = None) -> StudyRe
     result = StudyResult(
         study="position",
         model=prov.model,
-        metrics=metrics_of(parts) | {"degenerate": degenerate_notes(parts)},
+        metrics=metrics_of(parts),
         provenance=prov.to_dict(),
         config=dataclasses.asdict(cfg) | {"n_train": n_train, "n_test": n_test},
         tables=tables,

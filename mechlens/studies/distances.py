@@ -305,12 +305,13 @@ def pair_measures(acts: np.ndarray, seed: int = 0, n_jobs: int = 1) -> dict[str,
     }
 
 
-def kendall(measure: np.ndarray, pos_dist: np.ndarray, name: str = "the measure") -> tuple[float, float]:
+def kendall(measure: np.ndarray, pos_dist: np.ndarray, name: str | None = None) -> tuple[float, float]:
     """Kendall tau-b (and p) of two square matrices over their upper triangles. A constant triangle (no
-    untied pair: tau undefined, scipy's NaN) raises :class:`NonFiniteError` naming ``name``."""
+    untied pair) leaves tau undefined: scipy's NaN when ``name`` is None (the layer sweep reports it as
+    None), else :class:`NonFiniteError` naming ``name`` (the headline part, :func:`pairwise_measures`)."""
     a, b = upper(measure), upper(pos_dist)
     res = scipy.stats.kendalltau(a, b)
-    if not (np.isfinite(res.statistic) and np.isfinite(res.pvalue)):
+    if name is not None and not (np.isfinite(res.statistic) and np.isfinite(res.pvalue)):
         which = name if zero_variance(a) else "the token distance" if zero_variance(b) else f"{name} (non-finite)"
         raise NonFiniteError(
             f"Kendall's tau of {name} against token distance is undefined: {which} has the same value at all "
@@ -371,7 +372,7 @@ def kendall_by_layer(outputs: TargetOutputs, *, seed: int = 0, n_jobs: int = 1) 
     tau, p, norm, row_tau, occ_tau, occ_norm = ({k: {} for k in KINDS} for _ in range(6))
     for k, d in stacked.items():
         for m, ms in d.items():
-            tp = [kendall(v, pos_dist, f"{m} of the {k} outputs at block {li}") for li, v in enumerate(ms)]
+            tp = [kendall(v, pos_dist) for v in ms]
             tau[k][m] = np.array([t for t, _ in tp], np.float64)
             p[k][m] = np.array([q for _, q in tp], np.float64)
             norm[k][m] = np.array([(upper(v) / max(upper(v).max(), 1e-300)).mean() for v in ms], np.float64)

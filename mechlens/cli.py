@@ -216,7 +216,10 @@ def cmd_run(args: argparse.Namespace) -> None:
     for source in {cfg.data for cfg in configs.values() if getattr(cfg, "data", None)}:
         distributed.on_main(check_source, source)  # each source once, even when every study reads it
     from mechlens.loading import check_device
+    from mechlens.preflight import check_model_paths, check_tuned_paths
 
+    check_model_paths(args.model or [m for s in studies for m in STUDIES[s].default_models])
+    check_tuned_paths({cfg.tuned for cfg in configs.values() if isinstance(getattr(cfg, "tuned", None), str)})
     check_device(args.device)
     args.device = distributed.local_device(args.device)  # one GPU per rank under torchrun
     _into_output(args.out, lambda dest: _run_checked(args, studies, configs, overrides, dest))
@@ -403,6 +406,9 @@ def cmd_train_lens(args: argparse.Namespace) -> None:
         raise ConfigError("--data is required: the texts to train the tuned lens on (see 'mechlens list')",
                           flag="--data")  # fmt: skip
     distributed.on_main(check_source, cfg.data)
+    from mechlens.preflight import check_model_paths
+
+    check_model_paths([args.model])
     check_device(args.device)
     args.device = distributed.local_device(args.device)
     _into_output(args.out, lambda dest: _train_lens_checked(args, cfg, dest))
@@ -438,6 +444,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     study = _find_study(argv) if argv and argv[0] == "run" else None
+    from mechlens import signals
+
+    try:
+        with signals.handled():
+            return _main(argv, study)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the outputs removed what they had begun
+        line, code = signals.message(e)
+        print(line, file=sys.stderr)
+        return code
+
+
+def _main(argv: list[str], study: str | None) -> int:
     from mechlens.errors import MechlensError
 
     try:

@@ -93,7 +93,12 @@ def load_model(
     from mechlens import validate
 
     # the model's own greedy steps, before the bridge adopts (and re-implements parts of) it
-    greedy = validate.hf_greedy_steps(hf_model, _probe_ids(tokenizer)) if kind == "causal" else None
+    n_ctx = _context_of(hf_model)
+    if n_ctx is not None and n_ctx < 2:
+        raise UnsupportedArchitectureError(f"{label!r} has a context of {n_ctx} token(s): mechlens needs at least 2")
+    probe = _probe_ids(tokenizer, n_ctx)  # cut so that the probe and its greedy steps fit a short context
+    steps = validate.GENERATE_PROBE_TOKENS if n_ctx is None else min(validate.GENERATE_PROBE_TOKENS, n_ctx - len(probe))
+    greedy = validate.hf_greedy_steps(hf_model, probe, steps) if kind == "causal" else None
     bridge_tokenizer = arch.prepare_tokenizer_for_bridge(tokenizer)
     arch.read_kv_cache_keyword()  # transformers >= 5.24 passes the KV cache as cache=
     try:
@@ -232,11 +237,23 @@ def _resolve_spec(spec: Any, tokenizer, kw: dict) -> tuple[str, PreTrainedModel,
     return name, *_load_hub(name, tokenizer, kw)
 
 
-def _probe_ids(tokenizer) -> list[int]:
-    """The load probe's token ids (the tokenizer's own special tokens, as for any string)."""
-    from mechlens.validate import PROBE_TEXT
+def _probe_ids(tokenizer, n_ctx: int | None = None) -> list[int]:
+    """The load probe's token ids (the tokenizer's own special tokens, as for any string), cut to leave
+    room for the generate check's greedy steps in a context of ``n_ctx`` positions (at least one token)."""
+    from mechlens.validate import GENERATE_PROBE_TOKENS, PROBE_TEXT
 
-    return list(tokenizer(PROBE_TEXT)["input_ids"])
+    ids = list(tokenizer(PROBE_TEXT)["input_ids"])
+    return ids if n_ctx is None else ids[: max(1, n_ctx - GENERATE_PROBE_TOKENS)]
+
+
+def _context_of(hf_model) -> int | None:
+    """The model's context length from its config (``n_positions``, ``max_position_embeddings``...), or None."""
+    config = hf_model.config
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _first_line(e: BaseException) -> str:

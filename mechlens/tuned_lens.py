@@ -138,6 +138,11 @@ class TunedLensCard:
     heldout_kl_logit: list[float] | None = None
     heldout_kl_tuned: list[float] | None = None
     heldout_n_texts: int | None = None
+    # the training source's identity (mechlens.data.identity): a local file's resolved path, and the content
+    # fingerprint of its first `data_fingerprint_texts` texts (the held-out ones and the first training text)
+    data_path: str | None = None
+    data_fingerprint: str | None = None
+    data_fingerprint_texts: int | None = None
     command: str = ""
     format: str = FORMAT
 
@@ -560,12 +565,43 @@ def train_tuned_lens(model, data: str | Iterable[str] | None = None, cfg: TrainC
         tokens_per_step=positions / cfg.steps, batch_size=cfg.batch_size, max_tokens=cfg.max_tokens, lr=cfg.lr,
         momentum=cfg.momentum, weight_decay=cfg.weight_decay, mask_prob=cfg.mask_prob if masked else None,
         bos=cfg.bos, seed=cfg.seed, world_size=world_size, trained_points=trained, final_kl_by_layer=final,
-        loss_curve=curve, command=command,
+        loss_curve=curve, command=command, **_data_identity(data if isinstance(data, str) else texts, cfg.heldout),
     )  # fmt: skip
     lens = TunedLens(weight, b, card)
     if cfg.evaluate and cfg.heldout > 0:
         lens = with_heldout_evaluation(model, lens, data, cfg)
     return lens
+
+
+def _data_identity(data, heldout: int) -> dict[str, Any]:
+    """The card's record of which texts trained the lens (:mod:`mechlens.data.identity`)."""
+    from mechlens.data.identity import resolved, source_fingerprint
+
+    n = heldout + 1
+    return {
+        "data_path": resolved(data) if isinstance(data, str) else None,
+        "data_fingerprint": source_fingerprint(data, n),
+        "data_fingerprint_texts": n,
+    }
+
+
+def same_data(card: TunedLensCard, data) -> bool:
+    """Whether ``data`` (a source spec or texts given in Python) is the lens' training source: the same
+    spelling, the same resolved file, or the same content fingerprint of its first texts (a copy, a link,
+    another spelling). A card without a fingerprint (an older mechlens) is compared by spelling and path."""
+    from mechlens.data.identity import resolved, source_fingerprint
+
+    if data is None:
+        return False
+    if isinstance(data, str):
+        if data == card.data:
+            return True
+        path = resolved(data)
+        if path is not None and path == card.data_path:
+            return True
+    if card.data_fingerprint is None or not card.data_fingerprint_texts:
+        return False
+    return source_fingerprint(data, card.data_fingerprint_texts) == card.data_fingerprint
 
 
 def with_heldout_evaluation(model, lens: TunedLens, data, cfg: TrainConfig) -> TunedLens:
@@ -598,12 +634,15 @@ def _heldout_stream(data, heldout: int) -> Iterator[tuple[int, str]]:
     return ((i, t) for i, t in enumerate(texts) if i % world_size == rank)
 
 
-def check_for(lens: TunedLens, cfg_data: str | None, n_texts: int | None) -> tuple[int | None, str]:
-    """The evaluation's ``--n-texts`` and a note on the split: on the lens' own training source only the
+def check_for(lens: TunedLens, cfg_data, n_texts: int | None) -> tuple[int | None, str]:
+    """The evaluation's ``--n-texts`` and a note on the split: on the lens' own training source (the same
+    texts however spelled, :func:`same_data`; ``cfg_data`` a source spec or texts given in Python) only the
     held-out texts (the first ``heldout``) are read; another source is unseen by construction."""
-    if cfg_data is None or cfg_data != lens.card.data:
-        return n_texts, f"evaluated on {cfg_data or 'the given texts'}, not the tuned lens' training data " \
-                        f"({lens.card.data})"  # fmt: skip
+    if not same_data(lens.card, cfg_data):
+        shown = cfg_data if isinstance(cfg_data, str) else "the given texts"
+        return n_texts, f"evaluated on {shown}, not the tuned lens' training data ({lens.card.data})"
+    if not isinstance(cfg_data, str):
+        cfg_data = "the given texts"
     if lens.card.heldout == 0:
         raise ConfigError(
             f"--tuned: the tuned lens was trained on every text of {cfg_data} (no held-out texts): evaluate it "

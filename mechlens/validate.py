@@ -85,7 +85,8 @@ def check_readout(model: TransformerBridge, text: str = PROBE_TEXT) -> ReadoutCh
 
     t0 = time.perf_counter()
     masked = arch.kind_of(model) == "masked"
-    batch = encode(model, [text], bos=masked)
+    room = model.cfg.n_ctx - (2 if masked else 0)  # a short context: the probe's first tokens only
+    batch = encode(model, [text], bos=masked, max_tokens=max(1, room))
     names = arch.readout_hook_names(model)
     missing = [n for n in names if n not in model.hook_dict]
     if missing:

@@ -165,3 +165,21 @@ def masked_pair(request):
     return request.getfixturevalue(
         {"bert": "bert_pair", "roberta": "roberta_pair", "tiny-mlm": "tiny_mlm_pair"}[request.param]
     )
+
+
+def short_gpt2_params(n_positions: int) -> int:
+    """The parameter count of :func:`make_gpt2`'s model with ``n_positions`` positions instead of 1024."""
+    return GPT2_PARAMS - (1024 - n_positions) * 64
+
+
+def make_short_gpt2(n_positions: int, seed: int = 0):
+    """:func:`make_gpt2`'s model with a short context (``n_positions`` 16 or 32: shorter than the load probe
+    with its greedy steps, than the default prompt plus --n-new-tokens...), seeded, its size asserted."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=GPT2_VOCAB_SIZE, n_positions=n_positions, n_embd=64, n_layer=2, n_head=4, n_inner=256)
+    cfg._attn_implementation = "eager"
+    model = GPT2LMHeadModel(cfg).eval()
+    assert _param_count(model) == short_gpt2_params(n_positions), _param_count(model)
+    return model, gpt2_tokenizer()

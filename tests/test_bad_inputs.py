@@ -30,7 +30,7 @@ def _tree(root: pathlib.Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def scratch_template(tmp_path_factory) -> pathlib.Path:
     """Input files for the cases, and an earlier run in PREVIOUS."""
-    from conftest import make_gpt2
+    from conftest import make_gpt2, make_short_gpt2
 
     d = tmp_path_factory.mktemp("bad-inputs")
     (d / "short.txt").write_text("Hi.\n")
@@ -57,6 +57,22 @@ def scratch_template(tmp_path_factory) -> pathlib.Path:
     tok.save_pretrained(d / "nan-weights")
     assert main(["run", "logits", "--n-samples", "10", "--n-new-tokens", "2", "--out", str(d / PREVIOUS)]) == 0
     assert json.loads((d / PREVIOUS / "results.json").read_text())["logits"]
+    # round 3 (issue 28): an earlier run with an edited report, one-text sources, short-context models, and a
+    # tuned lens trained on every text of fx/one.txt (no held-out texts)
+    shutil.copytree(d / PREVIOUS, d / "edited-run")
+    with (d / "edited-run" / "report.html").open("a") as f:
+        f.write("<p>my notes on this run</p>\n")
+    (d / "fx").mkdir()
+    (d / "fx" / "one.txt").write_text("The only text in this file is a sentence about coffee and rain.\n")
+    shutil.copy(d / "fx" / "one.txt", d / "copy-of-one.txt")
+    for n in (16, 32):
+        short, short_tok = make_short_gpt2(n)
+        short.save_pretrained(d / f"short{n}")
+        short_tok.save_pretrained(d / f"short{n}")
+    one, lens = str(d / "fx" / "one.txt"), str(d / "lens-one")
+    train = ["train-lens", "--model", "tiny-gpt2", "--data", one, "--heldout", "0", "--steps", "2",
+             "--batch-size", "1", "--max-tokens", "8", "--quiet", "--out", lens]  # fmt: skip
+    assert main(train) == 0
     return d
 
 
@@ -128,6 +144,31 @@ CASES = [
     (f"compare {PREVIOUS} --out {PREVIOUS}", "input"),
     (f"compare {PREVIOUS} --out {PREVIOUS}/inside", "input"),
     ("compare precious --out new-dir", "has no results.json"),
+    # round 3 (issue 28). Data loss: an earlier run whose report the user edited is not replaced
+    ("run logits --out edited-run", "'report.html' was edited since mechlens wrote it"),
+    # silent wrong results: the held-out guard compares identity (resolved path, content), not spelling
+    ("run lens --model tiny-gpt2 --tuned lens-one --data fx/../fx/one.txt", "trained on every text"),
+    ("run lens --model tiny-gpt2 --tuned lens-one --data ./fx/one.txt", "trained on every text"),
+    ("run lens --model tiny-gpt2 --tuned lens-one --data copy-of-one.txt", "trained on every text"),
+    # every limit before the expensive work: generation length against the context, short contexts
+    ("run logits --n-new-tokens 5000", "--n-new-tokens (n_new_tokens) must be <= "),
+    ("run logits --model short16", "--n-new-tokens (n_new_tokens) must be <= "),  # loads (the probe fits), then refused
+    ("run logits --model short32 --n-new-tokens 30", "--n-new-tokens (n_new_tokens) must be <= "),
+    ("run logits --model short16 --prompt 'a b c d e f g h i j k l m n o p q'", "shorten --prompt"),
+    ("run position --model short16 --seqlen 20", "--seqlen"),
+    ("run lens --model short16 --data contexts --max-tokens 64", "--max-tokens"),
+    ("run magnitudes --model short32 --max-tokens 64", "--max-tokens"),
+    # sample counts against memory
+    ("run logits --n-samples 1000000000000000", "--n-samples"),
+    # every path the run reads, before any model is loaded
+    ("run logits --model tiny-gpt2 --model ./no-such-dir", "not a model directory"),
+    ("run lens --model tiny-gpt2 --tuned ./no-such-lens", "no tuned lens there"),
+    ("run lens --model tiny-gpt2 --tuned precious", "no tuned lens there"),
+    ("train-lens --model ./no-such-dir --data fx/one.txt --out new-lens", "not a model directory"),
+    ("train-lens --model tiny-gpt2 --data no-such.txt --out new-lens", "no such file"),
+    # messages name the flag of the study at hand
+    ("run position --data fx/one.txt", "--n-train training texts and --n-test"),
+    ("run position --data fx/one.txt --n-train 1", "--n-test"),
 ]
 
 

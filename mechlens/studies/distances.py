@@ -42,11 +42,12 @@ from plotly.subplots import make_subplots
 from mechlens import arch
 from mechlens.axes import block_depth
 from mechlens.data import load_texts
-from mechlens.errors import DataError, TokenError
+from mechlens.errors import DataError, NonFiniteError, TokenError
 from mechlens.forward import run_cached
 from mechlens.loading import provenance_of
 from mechlens.ops import stack_layers, vector_norm
 from mechlens.options import Options, check_layer, option
+from mechlens.stats.degenerate import zero_variance
 from mechlens.stats.distance import minkowski, pairwise_minkowski
 from mechlens.stats.information import mi_histogram, mi_knn, pairwise_mi
 from mechlens.studies import Step
@@ -246,7 +247,10 @@ def synthetic_mi(
 def document(cfg: Config, texts: Texts | None = None) -> str | Sequence[int]:
     """The studied document: the first of ``texts`` (strings, or token ids without special tokens), or
     of the texts of ``cfg.data`` when ``texts`` is None."""
-    return (load_texts(cfg.data) if texts is None else texts)[0]
+    texts = load_texts(cfg.data) if texts is None else texts
+    if len(texts) == 0:
+        raise DataError("no texts: the distances study reads the first text of --data (texts= in Python); pass one")
+    return texts[0]
 
 
 def document_batch(model, text: str | Sequence[int], *, bos: bool = True) -> TokenBatch:
@@ -301,9 +305,18 @@ def pair_measures(acts: np.ndarray, seed: int = 0, n_jobs: int = 1) -> dict[str,
     }
 
 
-def kendall(measure: np.ndarray, pos_dist: np.ndarray) -> tuple[float, float]:
-    """Kendall tau-b (and p) of two square matrices over their upper triangles."""
-    res = scipy.stats.kendalltau(upper(measure), upper(pos_dist))
+def kendall(measure: np.ndarray, pos_dist: np.ndarray, name: str | None = None) -> tuple[float, float]:
+    """Kendall tau-b (and p) of two square matrices over their upper triangles. A constant triangle (no
+    untied pair) leaves tau undefined: scipy's NaN when ``name`` is None (the layer sweep reports it as
+    None), else :class:`NonFiniteError` naming ``name`` (the headline part, :func:`pairwise_measures`)."""
+    a, b = upper(measure), upper(pos_dist)
+    res = scipy.stats.kendalltau(a, b)
+    if name is not None and not (np.isfinite(res.statistic) and np.isfinite(res.pvalue)):
+        which = name if zero_variance(a) else "the token distance" if zero_variance(b) else f"{name} (non-finite)"
+        raise NonFiniteError(
+            f"Kendall's tau of {name} against token distance is undefined: {which} has the same value at all "
+            f"{len(a)} pairs; choose another --target or --data with more varied occurrences"
+        )
     return float(res.statistic), float(res.pvalue)
 
 
@@ -335,7 +348,8 @@ def pairwise_measures(outputs: TargetOutputs, layer: int, *, seed: int = 0, n_jo
     pos = outputs.positions
     pos_dist = np.abs(pos[:, None] - pos[None, :]).astype(np.float64)
     dist = {k: pair_measures(a[layer], seed, n_jobs) for k, a in outputs.outputs.items()}
-    taus = {k: {m: Tau(*kendall(v, pos_dist)) for m, v in d.items()} for k, d in dist.items()}
+    taus = {k: {m: Tau(*kendall(v, pos_dist, f"{m} of the {k} outputs")) for m, v in d.items()}
+            for k, d in dist.items()}  # fmt: skip
     return PairwiseMeasures(
         layer=layer, positions=pos, position_distance=pos_dist, distance_matrices=dist, kendall_tau=taus
     )

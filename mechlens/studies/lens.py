@@ -857,7 +857,7 @@ def _run_corpus(model, cfg: Config, texts=None) -> CorpusLensResult:
     lens = tuned_lens_for(model, cfg.tuned)
     n_texts, note = cfg.n_texts, None
     if lens is not None:
-        n_texts, note = tuned_lens.check_for(lens, cfg.data if texts is None else None, cfg.n_texts)
+        n_texts, note = tuned_lens.check_for(lens, cfg.data if texts is None else texts, cfg.n_texts)
     if texts is None:
         stream = iter_indexed(cfg.data, n_texts, rank=rank, world_size=world_size)
     else:  # texts given in Python: this rank's share, keyed by global index

@@ -68,6 +68,34 @@ class Config(Options):
         single_token_id(model, self.target, flag="--target")
         if self.top_k > model.cfg.d_vocab:
             fail("top_k", f"must be <= {model.cfg.d_vocab} (the vocabulary size), got {self.top_k}")
+        check_generation_length(model, prompt_batch(model, self.prompt, bos=self.bos), self.n_new_tokens)
+        check_sample_memory(self.n_samples)
+
+
+def check_sample_memory(n_samples: int) -> None:
+    """Refuse a sample count whose draws (int64, kept for the frequencies, plus their one-hot counting
+    buffer of the same size) would not fit in half of the memory free now."""
+    import os
+
+    need = 16 * n_samples
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not available on this platform: no limit known
+        return
+    if need > free // 2:
+        fail("n_samples", f"must be <= {free // 2 // 16} (each draw takes 16 bytes and half of the {free / 2**30:.1f} "
+                          f"GiB free memory is the limit), got {n_samples}")  # fmt: skip
+
+
+def check_generation_length(model, batch: TokenBatch, n_new_tokens: int) -> None:
+    """Refuse, before any forward pass, a generation that would outgrow the model's context: the prompt
+    (with its special tokens) plus ``n_new_tokens`` must fit in ``n_ctx`` positions."""
+    used, n_ctx = int(batch.tokens.shape[1]), int(model.cfg.n_ctx)
+    if used + n_new_tokens > n_ctx:
+        room = n_ctx - used
+        fix = f"must be <= {room}" if room >= 1 else "cannot be met: shorten --prompt"
+        fail("n_new_tokens", f"{fix} (the model's context is {n_ctx} tokens and the prompt takes {used}), "
+                             f"got {n_new_tokens}")  # fmt: skip
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -104,7 +132,7 @@ def prompt_batch(model, prompt: str | Sequence[int], bos: bool = True) -> TokenB
     ``<s> prompt <mask> </s>`` (the ``<mask>`` is not a text token; ``bos`` is ignored: the special
     tokens are always added)."""
     masked = arch.kind_of(model) == "masked"
-    batch = encode(model, [prompt], bos=bos or masked)
+    batch = encode(model, [prompt], bos=bos or masked, fix="shorten --prompt")
     if not masked:
         return batch
     tokens = with_slot(model, batch.tokens)
@@ -541,6 +569,7 @@ def run(model, cfg: Config | None = None, prompt: str | Sequence[int] | None = N
     torch.manual_seed(cfg.seed)
     text = cfg.prompt if prompt is None else prompt
     batch = prompt_batch(model, text, bos=cfg.bos)
+    check_generation_length(model, batch, cfg.n_new_tokens)
     nt = next_token(model, batch, cfg.target, top_k=cfg.top_k, overflow_scale=cfg.overflow_scale)
     sm = sample(model, batch, nt.prediction_logits, n_samples=cfg.n_samples, seed=cfg.seed, top_k=cfg.top_k,
                 n_new_tokens=cfg.n_new_tokens, temperature=cfg.temperature)  # fmt: skip

@@ -58,6 +58,7 @@ from mechlens.forward import iter_cached
 from mechlens.loading import provenance_of
 from mechlens.ops import next_token_loss
 from mechlens.options import Options, fail, option
+from mechlens.stats.degenerate import check_regression, repeated_rows, require_finite, zero_variance
 from mechlens.stats.regression import LogisticConfig, logistic, ols
 from mechlens.stats.streaming import Moments, NormalEquations, Reservoir
 from mechlens.studies import Step
@@ -126,6 +127,12 @@ def split_sizes(cfg: Config, texts: Sequence | None = None) -> tuple[int, int]:
         exact = count < limit
     half = min(500, count // 2) if exact else 500
     n_train, n_test = cfg.n_train or half, cfg.n_test or half
+    if exact and min(n_train, n_test) < 1:  # 0 or 1 texts: the default split leaves a split empty
+        where = "the list passed as texts=" if texts is not None else f"--data {cfg.data}"
+        raise DataError(
+            f"the position study needs at least 2 texts (--n-train training texts and --n-test fresh test texts, "
+            f">= 1 each), {where} holds {count}: pass more texts"
+        )
     if exact:
         split_train_test(range(count), n_train, n_test)  # raises naming how many texts exist
     return n_train, n_test
@@ -290,8 +297,13 @@ def fit_position_ols(
     exactly ``losses``' rows, statsmodels runs on the rows (the two agree to ~1e-12)."""
     x = _as_array(losses)
     pos = np.tile(np.arange(x.shape[1]), len(x))
+    require_finite("fit_position_ols", {"the loss matrix": x})
+    check_regression(x.reshape(-1), pos, n_params=2, what="the OLS of position on loss", x_name="loss",
+                     y_name="position",
+                     fix="raise --seqlen or pass more or other texts (--data, --n-train)")  # fmt: skip
     if equations is None or int(equations.n) == pos.size:
         lin = ols(x.reshape(-1), pos)
+        require_finite("fit_position_ols", {k: lin[k] for k in ("params", "bse", "tvalues", "pvalues", "r2")})
         return OLSFit(
             params=np.asarray(lin["params"]),
             bse=np.asarray(lin["bse"]),
@@ -311,6 +323,7 @@ def fit_position_ols(
     from sklearn.linear_model import LinearRegression
 
     fit = equations.fit()
+    require_finite("fit_position_ols", {k: fit[k] for k in ("params", "bse", "tvalues", "pvalues", "r2")})
     params = np.asarray(fit["params"], dtype=np.float64)
     rows = x.reshape(-1).astype(np.float64)
     sk = LinearRegression().fit(rows[:, None], pos.astype(np.float64))
@@ -408,6 +421,13 @@ def fit_position_logistic(
     cfg = cfg or Config()
     x_train, x_test = _as_array(train_losses), _as_array(test_losses)
     n_pos = x_train.shape[1]
+    require_finite("fit_position_logistic", {"the training loss matrix": x_train, "the test loss matrix": x_test})
+    if n_pos < 2 or len(x_test) == 0:
+        raise DataError(f"fit_position_logistic needs >= 2 positions and >= 1 test text, got {n_pos} positions and "
+                        f"{len(x_test)} test texts: raise --seqlen or --n-test")  # fmt: skip
+    if zero_variance(x_train):
+        raise DataError(f"fit_position_logistic: the training loss has the same value at all {x_train.size} "
+                        "points, so no position can be told from it: pass other texts (--data) or model")  # fmt: skip
     pos_train, pos_test = np.tile(np.arange(n_pos), len(x_train)), np.tile(np.arange(n_pos), len(x_test))
     fit = logistic(x_train.reshape(-1), pos_train, x_test.reshape(-1), pos_test, cfg.logistic_config())
     train, test = fit["train"], fit["test"]
@@ -655,6 +675,22 @@ class Line:
     slope: float
 
 
+def degenerate_notes(train: LossMatrix, test: LossMatrix, sampled: bool = False) -> list[str]:
+    """What makes the statistics on these loss matrices degenerate, in words (:mod:`mechlens.stats.degenerate`:
+    marked, not refused): training texts repeated (as encoded tokens), test texts equal to a training text.
+    Counted over the matrices' texts (a sample of the splits when ``sampled``)."""
+    rep_train, in_train = repeated_rows(train.batch.tokens.numpy(), test.batch.tokens.numpy())
+    kept = " of the sampled" if sampled else ""
+    notes = []
+    if rep_train:
+        notes.append(f"{rep_train}{kept} of {len(train.loss)} training texts repeat an earlier one (as tokens): "
+                     "the OLS p-values count them as independent")  # fmt: skip
+    if in_train:
+        notes.append(f"{in_train}{kept} of {len(test.loss)} test texts are identical (as tokens) to a training "
+                     "text: the test accuracy is not on fresh texts")  # fmt: skip
+    return notes
+
+
 @dataclasses.dataclass(frozen=True)
 class PositionResult:
     """The study's typed result (``StudyResult.parts``). Its fields before ``train`` are the metrics of
@@ -689,6 +725,7 @@ class PositionResult:
     logistic_sample_texts: int
     logistic_sample_texts_test: int
     sampled: bool
+    degenerate: list[str]  # why these numbers are not findings (degenerate_notes); empty for sound inputs
     train: LossMatrix = not_in_metrics()
     test: LossMatrix = not_in_metrics()
     confusion: Confusion = not_in_metrics()
@@ -730,6 +767,7 @@ class PositionResult:
             logistic_sample_texts=len(train.loss),
             logistic_sample_texts_test=len(test.loss),
             sampled=len(train.loss) < n_train or len(test.loss) < n_test,
+            degenerate=degenerate_notes(train, test, len(train.loss) < n_train or len(test.loss) < n_test),
             train=train,
             test=test,
             confusion=conf,
@@ -933,15 +971,21 @@ def headline(m: Mapping[str, Any]) -> list[str]:
     if m.get("sampled"):
         sample = (f" on a seeded sample of {m['logistic_sample_texts']} of {m['n_texts_train']} training and "
                   f"{m['logistic_sample_texts_test']} of {m['n_texts_test']} test texts")  # fmt: skip
-    return [
-        f"logistic accuracy train {m['logistic_accuracy_train']:.3f} / test {m['logistic_accuracy_test']:.3f} "
+    marks = m.get("degenerate") or []
+    warn = f"DEGENERATE ({'; '.join(marks)}): " if marks else ""
+    fresh = "fresh texts" if not any("test texts" in n for n in marks) else "test texts that repeat training texts"
+    lines = [
+        f"{warn}logistic accuracy train {m['logistic_accuracy_train']:.3f} / test {m['logistic_accuracy_test']:.3f} "
         f"(chance {m['logistic']['chance']:.3f}); OLS R² {m['ols']['r2']:.4f}",
         f"Mean {kind} loss is {loss[0]:.2f} nats at position 0 and {loss[lo]:.2f} at its lowest (position "
         f"{lo}); position explains {100 * m['ols']['r2']:.1f}% of the variance of the loss (OLS).",
         f"A multinomial logistic regression recovers the position from the loss alone with "
-        f"{100 * m['logistic_accuracy_test']:.0f}% accuracy on fresh texts "
+        f"{100 * m['logistic_accuracy_test']:.0f}% accuracy on {fresh} "
         f"(chance {100 * m['logistic']['chance']:.0f}%){sample}.",
     ]
+    if marks:  # the report shows lines[1:]: the mark leads there too
+        lines.insert(1, f"DEGENERATE inputs, so these numbers are not findings: {'; '.join(marks)}.")
+    return lines
 
 
 def compare(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, go.Figure]:

@@ -195,6 +195,33 @@ def test_reservoir_small_streams_index_only_and_guards():
     assert Reservoir(4, 3).update(np.arange(10), torch.arange(20.0).reshape(10, 2)).values.shape == (4, 2)
 
 
+def test_reservoir_memory_is_its_kept_items_whatever_the_stream_length():
+    """A reservoir holds 16 + 8 * width bytes per kept item (priority, index, float64 row), ``size`` items
+    after any longer stream, and an update of a full reservoir allocates no copy of the kept rows: re-copying
+    them every batch fragmented the heap until the corpus lens' RSS grew ~9x the kept bytes (issue 32).
+    Bound on an update's traced peak: the batch's rows a few times plus the selection over the kept
+    priorities (concatenation, partition, candidates, order: ~7 arrays of 8 bytes per item) -- 64 bytes
+    per item, under a sixth of one copy of the kept rows (width 48: 384 bytes per item)."""
+    import tracemalloc
+
+    size, width, batch = 2_000, 48, 64
+    res = Reservoir(size, seed=0)
+    rows = np.random.default_rng(0).normal(size=(batch, width))
+    for b in range(4 * size // batch):  # four times its size: full after the first quarter
+        res.update(np.arange(b * batch, (b + 1) * batch), rows)
+    assert len(res) == size and res.nbytes == size * (16 + 8 * width)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for b in range(4 * size // batch, 5 * size // batch):
+            res.update(np.arange(b * batch, (b + 1) * batch), rows)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert res.nbytes == size * (16 + 8 * width) and res.seen == 5 * size // batch * batch
+    assert peak < 64 * size + 4 * rows.nbytes, (peak, size * 8 * width)
+
+
 def test_reservoir_sample_is_uniform():
     """Over 2,000 seeds, each of 400 items is kept with probability 50/400: its inclusion count is
     Binomial(2000, 1/8) (mean 250, sd 14.8). All 400 within 5 sd fails by chance with probability ~2e-4;

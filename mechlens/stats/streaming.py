@@ -315,6 +315,12 @@ class Reservoir:
     Items are rows of a float64 array (``update(index, rows)``, rows of shape ``(n, *item_shape)``), or
     indices only (``rows=None``). Global indices must be unique over the stream (e.g. text index times the
     maximum length plus position, from :func:`mechlens.data.iter_indexed`).
+
+    Memory: ``16 + 8 * prod(item_shape)`` bytes per kept item (priority, index, float64 row), at most
+    ``size`` items, whatever the length of the stream. Items live in fixed slots: an update writes the
+    entering items over the evicted ones in place (storage grows by doubling up to ``size`` slots while
+    the reservoir fills), so reading a stream never copies the kept rows; ``index``, ``priority`` and
+    ``rows`` give them in global-index order (a copy, sorted once per change).
     """
 
     reduce: ClassVar[str] = "gather"
@@ -323,21 +329,61 @@ class Reservoir:
         if size < 1:
             raise ValueError(f"reservoir size must be >= 1, got {size}")
         self.size, self.seed = int(size), int(seed)
-        self.priority = np.empty(0, np.uint64)
-        self.index = np.empty(0, np.int64)
-        self.rows: np.ndarray | None = None
         self.seen = 0
+        self._n = 0  # slots [0, _n) are filled; storage capacity len(self._priority) <= size
+        self._priority = np.empty(0, np.uint64)
+        self._index = np.empty(0, np.int64)
+        self._rows: np.ndarray | None = None
+        self._order: np.ndarray | None = None  # the filled slots in global-index order (cached)
 
-    def _keep(self, pri: np.ndarray, idx: np.ndarray, rows: np.ndarray | None) -> None:
-        if len(pri) > self.size:
-            cut = np.partition(pri, self.size - 1)[self.size - 1]
-            cand = np.nonzero(pri <= cut)[0]  # all with priority <= the size-th smallest (ties included)
-            order = cand[np.lexsort((idx[cand], pri[cand]))][: self.size]
+    def _reserve(self, n: int, item_shape: tuple[int, ...] | None) -> None:
+        """Storage for ``n`` items (and rows of ``item_shape``): doubled when short, never above ``size``."""
+        cap = len(self._priority)
+        if item_shape is not None and self._rows is None:
+            self._rows = np.empty((cap, *item_shape), np.float64)
+        if n <= cap:
+            return
+        cap = min(self.size, max(n, 2 * cap, 64))
+        keep = slice(0, self._n)
+        for name in ("_priority", "_index", "_rows"):
+            old = getattr(self, name)
+            if old is not None:
+                new = np.empty((cap, *old.shape[1:]), old.dtype)
+                new[keep] = old[keep]
+                setattr(self, name, new)
+
+    def _offer(self, pri: np.ndarray, idx: np.ndarray, rows: np.ndarray | None) -> None:
+        """Keep the ``size`` smallest (priority, index) of the kept items and these: entering items are
+        written into the evicted (or free) slots; nothing else moves."""
+        n = self._n
+        if n >= self.size:  # full: only items below the current largest priority can enter
+            keep = pri < self._priority[:n].max()
+            pri, idx = pri[keep], idx[keep]
+            rows = None if rows is None else rows[keep]
+        self._reserve(n, None if rows is None else rows.shape[1:])
+        if not len(idx):
+            return
+        all_pri = np.concatenate([self._priority[:n], pri])
+        m = len(all_pri)
+        if m > self.size:
+            all_idx = np.concatenate([self._index[:n], idx])
+            cut = np.partition(all_pri, self.size - 1)[self.size - 1]
+            cand = np.nonzero(all_pri <= cut)[0]  # all with priority <= the size-th smallest (ties included)
+            won = cand[np.lexsort((all_idx[cand], all_pri[cand]))][: self.size]
+            stays = np.zeros(n, bool)
+            stays[won[won < n]] = True
+            enter = np.sort(won[won >= n]) - n
+            slots = np.concatenate([np.nonzero(~stays)[0], np.arange(n, self.size)])
         else:
-            order = np.lexsort((idx, pri))
-        order = order[np.argsort(idx[order], kind="stable")]  # kept in global order
-        self.priority, self.index = pri[order], idx[order]
-        self.rows = None if rows is None else rows[order]
+            enter = np.arange(len(idx))
+            slots = np.arange(n, m)
+        n_after = min(m, self.size)
+        self._reserve(n_after, None)
+        self._priority[slots] = pri[enter]
+        self._index[slots] = idx[enter]
+        if rows is not None:
+            self._rows[slots] = rows[enter]
+        self._n, self._order = n_after, None
 
     def update(self, index: Any, rows: Any = None) -> Reservoir:
         idx = np.asarray(index, dtype=np.int64).reshape(-1)
@@ -347,37 +393,49 @@ class Reservoir:
             new_rows = r.astype(np.float64, copy=False)
             if len(new_rows) != len(idx):
                 raise ValueError(f"{len(idx)} indices but {len(new_rows)} rows")
-        if (new_rows is None) != (self.rows is None) and self.seen:
+            if self._rows is not None and new_rows.shape[1:] != self._rows.shape[1:]:
+                raise ValueError(f"rows of shape {new_rows.shape[1:]}, the reservoir holds {self._rows.shape[1:]}")
+        if (new_rows is None) != (self._rows is None) and (self.seen or self._rows is not None):
             raise ValueError("a reservoir holds rows for all of its items or for none")
         self.seen += len(idx)
-        pri = priorities(idx, self.seed)
-        if len(self.priority) >= self.size:  # full: only items below the current largest priority can enter
-            keep = pri < self.priority.max()
-            idx, pri = idx[keep], pri[keep]
-            new_rows = None if new_rows is None else new_rows[keep]
-        if not len(idx):
-            if self.rows is None and new_rows is not None and not len(self.priority):
-                self.rows = new_rows[:0]
-            return self
-        rows_all = None
-        if new_rows is not None:
-            rows_all = new_rows if self.rows is None else np.concatenate([self.rows, new_rows])
-        self._keep(np.concatenate([self.priority, pri]), np.concatenate([self.index, idx]), rows_all)
+        self._offer(priorities(idx, self.seed), idx, new_rows)
         return self
 
     def merge(self, other: Reservoir) -> Reservoir:
         if (other.size, other.seed) != (self.size, self.seed):
             raise ValueError("cannot merge reservoirs of different size or seed")
-        if len(self.index) and len(other.index) and (self.rows is None) != (other.rows is None):
+        if len(other) and (self._rows is None) != (other._rows is None) and (len(self) or self._rows is not None):
             raise ValueError("cannot merge a reservoir of rows with one of indices only")
         if np.intersect1d(self.index, other.index).size:
             raise ValueError("merged reservoirs share global indices: the same item was counted twice")
-        rows = self.rows if other.rows is None else other.rows if self.rows is None else None
-        if self.rows is not None and other.rows is not None:
-            rows = np.concatenate([self.rows, other.rows])
+        n = other._n
+        rows = None if other._rows is None else other._rows[:n]
+        if rows is not None and self._rows is not None and rows.shape[1:] != self._rows.shape[1:]:
+            raise ValueError("cannot merge reservoirs of rows of different shapes")
         self.seen += other.seen
-        self._keep(np.concatenate([self.priority, other.priority]), np.concatenate([self.index, other.index]), rows)
+        if n:
+            self._offer(other._priority[:n].copy(), other._index[:n].copy(), rows)
         return self
+
+    def _sorted(self) -> np.ndarray:
+        if self._order is None:
+            self._order = np.argsort(self._index[: self._n], kind="stable")
+        return self._order
+
+    @property
+    def priority(self) -> np.ndarray:
+        """The kept items' priorities, in global-index order."""
+        return self._priority[: self._n][self._sorted()]
+
+    @property
+    def index(self) -> np.ndarray:
+        """The kept items' global indices, ascending."""
+        return self._index[: self._n][self._sorted()]
+
+    @property
+    def rows(self) -> np.ndarray | None:
+        """The kept rows, in global-index order (None for an index-only reservoir)."""
+        return None if self._rows is None else self._rows[: self._n][self._sorted()]
 
     def state(self) -> dict[str, Any]:
         return {
@@ -393,9 +451,10 @@ class Reservoir:
     def from_state(cls, state: dict[str, Any]) -> Reservoir:
         out = cls(state["size"], state["seed"])
         out.seen = int(state["seen"])
-        out.priority = np.asarray(state["priority"], np.uint64)
-        out.index = np.asarray(state["index"], np.int64)
-        out.rows = None if state["rows"] is None else np.asarray(state["rows"], np.float64)
+        out._priority = np.array(state["priority"], np.uint64)
+        out._index = np.array(state["index"], np.int64)
+        out._rows = None if state["rows"] is None else np.array(state["rows"], np.float64)
+        out._n = len(out._index)
         return out
 
     @property
@@ -403,5 +462,10 @@ class Reservoir:
         """The sampled rows, in global-index order (None for an index-only reservoir)."""
         return self.rows
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the storage of its priorities, indices and rows (at most ``size`` slots)."""
+        return sum(a.nbytes for a in (self._priority, self._index, self._rows) if a is not None)
+
     def __len__(self) -> int:
-        return len(self.index)
+        return self._n

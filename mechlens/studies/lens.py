@@ -92,7 +92,8 @@ class Config(Options):
     n_texts: int | None = option(None, "corpus lens: the first N texts of --data (default: all of them)", ge=1)
     max_tokens: int = option(128, "corpus lens: text tokens kept per text", ge=1)
     reservoir: int = option(10_000, "corpus lens: size of the seeded reservoir of texts whose per-text means "
-                            "give the bootstrap intervals of comparisons", ge=1)  # fmt: skip
+                            "give the bootstrap intervals of comparisons (each kept text: 16 + 40 x (layers + 1) "
+                            "bytes, 16 + 80 x (layers + 1) with a tuned lens)", ge=1)  # fmt: skip
     tuned: str = option("auto", "the tuned lens read beside the logit lens: a directory written by 'mechlens "
                         "train-lens', an embedded model's name for its shipped lens (tiny-gpt2, tiny-mlm), 'auto' (the "
                         "shipped lens of an embedded model, none otherwise) or 'none'", nonempty=True)  # fmt: skip
@@ -809,9 +810,9 @@ def corpus_lens(
     if count == 0:
         raise DataError("the corpus has no position to read (texts of one token and no BOS): use longer texts")
     mean, std = moments.mean, moments.std
-    rows = reservoir.rows if reservoir.rows is not None else np.zeros((0, n_q, n_points))
-    rows = rows.reshape(-1, n_q, n_points).astype(np.float64)
-    index = reservoir.index.astype(np.int64)
+    rows, index = reservoir.rows, reservoir.index  # float64, int64: sorted copies (the storage is freed next)
+    del reservoir
+    rows = np.zeros((0, n_q, n_points)) if rows is None else rows.reshape(-1, n_q, n_points)
 
     def one(lo: int, sub: CorpusLens | None) -> CorpusLens:
         q = len(CORPUS_QUANTITIES)

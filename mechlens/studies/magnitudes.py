@@ -285,7 +285,7 @@ def previous_norm_equations(
 
 class _Pending:
     """Items waiting to enter a :class:`Reservoir`, added to it in blocks of about a quarter of its size
-    (each ``Reservoir.update`` re-sorts and copies all it holds). Once the reservoir is full, an item whose
+    (each ``Reservoir.update`` selects over the priorities of all it holds). Once the reservoir is full, an item whose
     priority is above the largest kept one can never enter and is dropped at once."""
 
     def __init__(self, reservoir: Reservoir):

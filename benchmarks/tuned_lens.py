@@ -105,7 +105,8 @@ def reference_venv(root: pathlib.Path) -> tuple[pathlib.Path | None, str]:
     return (py, "") if r.returncode == 0 else (None, f"the package does not import: {r.stderr.strip()[-300:]}")
 
 
-def reference_comparison(data: pathlib.Path, steps: int = 80, heldout: int = 200, root=pathlib.Path(".cache/bench-tl")):
+def reference_comparison(data: pathlib.Path, steps: int = 80, heldout: int = 200, eval_texts: int = 64,
+                         root=pathlib.Path(".cache/bench-tl")):  # fmt: skip
     """tiny-gpt2's tuned lens, mechlens against the package, on the same token ids: the first ``heldout`` texts
     of ``data`` held out, then ``steps`` steps of 16 texts (BOS + at most 128 tokens) for both. mechlens trains
     in this process, the package in its scratch venv (``benchmarks/tuned_lens_reference.py``), one after the
@@ -136,7 +137,7 @@ def reference_comparison(data: pathlib.Path, steps: int = 80, heldout: int = 200
 
     train = [ids(texts[heldout + 16 * s : heldout + 16 * (s + 1)], heldout + 16 * s) for s in range(steps)]
     spec = {"model_dir": str(model_dir), "train": train, "heldout": ids(texts[:heldout], 0),
-            "mechlens_lens": str(root / "mechlens" / tl.WEIGHTS_FILE)}  # fmt: skip
+            "mechlens_lens": str(root / "mechlens" / tl.WEIGHTS_FILE), "eval_texts": eval_texts}  # fmt: skip
     cfg = tl.TrainConfig(steps=steps, heldout=heldout, batch_size=16, max_tokens=128, evaluate=False)
     wall, cpu = time.perf_counter(), time.process_time()
     lens = tl.train_tuned_lens(model, texts, cfg)
@@ -147,7 +148,7 @@ def reference_comparison(data: pathlib.Path, steps: int = 80, heldout: int = 200
     subprocess.run([str(py), str(pathlib.Path(__file__).with_name("tuned_lens_reference.py")), str(root / "spec.json"),
                     str(root / "reference.json")], check=True)  # fmt: skip
     ref = json.loads((root / "reference.json").read_text())
-    c = lens_study.corpus_lens(model, texts[:heldout], bos=True, max_tokens=128, tuned=lens, n_samples=1)
+    c = lens_study.corpus_lens(model, texts[:eval_texts], bos=True, max_tokens=128, tuned=lens, n_samples=1)
     out = {
         "steps": steps, "positions": positions, "package_positions": ref["train_positions"],
         "mechlens_pos_per_s": positions / wall, "mechlens_pos_per_cpu_s": positions / cpu,
@@ -162,8 +163,9 @@ def reference_comparison(data: pathlib.Path, steps: int = 80, heldout: int = 200
     out["wall_ratio"] = out["mechlens_pos_per_s"] / out["package_pos_per_s"]
     out["cpu_ratio"] = out["mechlens_pos_per_cpu_s"] / out["package_pos_per_cpu_s"]
     (root / "comparison.json").write_text(json.dumps(out, indent=1) + "\n")
-    print(f"reference comparison, tiny-gpt2, {steps} steps of 16 texts, held-out KL (nats) on {heldout} texts "
-          f"({out['heldout_positions']} positions), evaluated in float64:", flush=True)  # fmt: skip
+    print(f"reference comparison, tiny-gpt2, {steps} steps of 16 texts, held-out KL (nats) on the first "
+          f"{eval_texts} of {heldout} held-out texts ({out['heldout_positions']} positions), in float64:",
+          flush=True)  # fmt: skip
     print("| point | logit lens | tuned-lens 0.2.0 | mechlens |\n| --- | --- | --- | --- |")
     for i in range(len(out["kl_logit"]) - 1):
         print(f"| {i} | {out['kl_logit'][i]:.4f} | {out['kl_package'][i]:.4f} | {out['kl_mechlens'][i]:.4f} |")

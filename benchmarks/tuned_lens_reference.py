@@ -6,7 +6,8 @@ imports nothing from mechlens).
 
 SPEC: ``model_dir`` (a save_pretrained GPT-2), ``train`` (one list of token-id lists per step: the same texts,
 BOS + at most 128 tokens, that mechlens trains on), ``heldout`` (token-id lists), ``mechlens_lens`` (optional:
-a ``tuned_lens.safetensors`` to evaluate beside the package's lens), ``batch_eval`` (texts per forward).
+a ``tuned_lens.safetensors`` to evaluate beside the package's lens), ``batch_eval`` (texts per forward), ``eval_texts``
+(the first held-out texts evaluated, default 64: float64 readouts of 50,257 words are slow on a CPU).
 
 Training follows the package's own loop (``tuned_lens.scripts.train_loop.Train.execute``) with its default
 recipe from its ``Optimizer`` ingredient (SGD, Nesterov momentum 0.9, lr scale 1.0 times (1 - momentum),
@@ -88,7 +89,7 @@ def main(spec_path: str, out_path: str) -> None:
         translators["mechlens"] = lambda h, i: h @ w[i] + b[i]
     sums = {k: th.zeros(n_layers, dtype=th.float64) for k in translators}
     count = 0
-    heldout = spec["heldout"]
+    heldout = spec["heldout"][: spec.get("eval_texts", 64)]
     with th.no_grad():
         for s in range(0, len(heldout), spec.get("batch_eval", 16)):
             ids, mask, rows = _batch(th, heldout[s : s + spec.get("batch_eval", 16)])

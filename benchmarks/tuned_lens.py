@@ -145,8 +145,9 @@ def reference_comparison(data: pathlib.Path, steps: int = 80, heldout: int = 200
     lens.save(root / "mechlens")
     positions = lens.card.tokens_per_step * steps
     (root / "spec.json").write_text(json.dumps(spec))
-    subprocess.run([str(py), str(pathlib.Path(__file__).with_name("tuned_lens_reference.py")), str(root / "spec.json"),
-                    str(root / "reference.json")], check=True)  # fmt: skip
+    # -P: this folder's tuned_lens.py must not shadow the package
+    script = pathlib.Path(__file__).with_name("tuned_lens_reference.py")
+    subprocess.run([str(py), "-P", str(script), str(root / "spec.json"), str(root / "reference.json")], check=True)
     ref = json.loads((root / "reference.json").read_text())
     c = lens_study.corpus_lens(model, texts[:eval_texts], bos=True, max_tokens=128, tuned=lens, n_samples=1)
     out = {
@@ -184,9 +185,10 @@ def main() -> None:
     ap.add_argument("--data", type=pathlib.Path, default=pathlib.Path(".cache/corpus/train.jsonl"),
                     help="texts of the comparison (python -m training.corpus writes it)")  # fmt: skip
     ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--eval-texts", type=int, default=64)
     args = ap.parse_args()
     if args.data.exists():
-        reference_comparison(args.data, steps=args.steps)
+        reference_comparison(args.data, steps=args.steps, eval_texts=args.eval_texts)
     else:
         print(f"reference tuned-lens row skipped: {args.data} is missing (python -m training.corpus)", flush=True)
     if args.reference_only:

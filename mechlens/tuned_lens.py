@@ -23,9 +23,9 @@ identity: it is applied to ``W_l - I``), no warm-up, the gradient norm of all tr
 at 1.0 before each step, 250 steps; as in the reference the SGD step size is ``lr * (1 - momentum)``. Before
 clipping was part of the recipe the default scale was 0.1, because 1.0 diverged on both embedded models
 (tiny-gpt2's mean KL went from 6.4 to 22 nats in 3 steps): the first steps' gradients are large (norms of
-tens), and the clip bounds them; with it, 1.0 decreases the loss steadily (issue 29: tiny-mlm's held-out KL
-after 20 steps, ``training/tuned_lens_sweep.py``, and tiny-gpt2's against the package at 80 steps,
-``benchmarks/tuned_lens.py``). The batch is sized for a CPU
+tens), and the clip bounds them; with it, 1.0 decreases the loss steadily (issue 29, ``benchmarks/RESULTS.md``:
+tiny-mlm's held-out KL after 20 steps, ``training/tuned_lens_sweep.py``; tiny-gpt2's against the package,
+``benchmarks/tuned_lens.py --reference-only``). The batch is sized for a CPU
 (16 texts of at most 128 tokens per step, against the paper's 2^18 tokens): the card records both. The
 defaults are in :class:`TrainConfig` with the reason for each. Texts stream through :mod:`mechlens.data`
 (any ``--data`` source), tokenised one step at a time; the residual stream comes from one

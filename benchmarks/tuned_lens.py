@@ -73,7 +73,126 @@ def eval_job(n_layers: int, tuned: bool, n_texts: int = 32):
     return setup, work
 
 
+REFERENCE_PINS = ("torch==2.13.0", "tuned-lens==0.2.0", "transformers==4.57.6", "datasets==4.0.0",
+                  "huggingface-hub==0.36.2", "torchdata==0.8.0")  # fmt: skip
+# what the pins above need (installed under them as constraints; newer torchdata/transformers break the package)
+REFERENCE_NEEDS = ("typing_extensions", "numpy", "filelock", "sympy", "networkx", "jinja2", "fsspec[http]<=2025.3.0",
+                   "tokenizers>=0.22,<=0.23.0", "safetensors", "regex", "pyyaml", "packaging", "requests", "tqdm",
+                   "accelerate", "simple-parsing", "flatten-dict", "dill<0.3.9", "multiprocess<0.70.17", "pyarrow",
+                   "xxhash", "pandas")  # fmt: skip
+
+
+def reference_venv(root: pathlib.Path) -> tuple[pathlib.Path | None, str]:
+    """A scratch virtual environment with the ``tuned-lens`` package (``root/venv``, made once): its python, or
+    None and why it could not be installed."""
+    import subprocess
+
+    py = root / "venv" / "bin" / "python"
+    probe = [str(py), "-c", "import tuned_lens.scripts.ingredients, transformers"]
+    if py.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return py, ""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "constraints.txt").write_text("\n".join(REFERENCE_PINS) + "\n")
+    steps = [[sys.executable, "-m", "venv", str(root / "venv")],
+             [str(py), "-m", "pip", "install", "-q", "--no-deps", *REFERENCE_PINS],
+             [str(py), "-m", "pip", "install", "-q", "-c", str(root / "constraints.txt"),
+              *REFERENCE_NEEDS]]  # fmt: skip
+    for cmd in steps:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            return None, f"{' '.join(cmd[:4])}... failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}"
+    r = subprocess.run(probe, capture_output=True, text=True)
+    return (py, "") if r.returncode == 0 else (None, f"the package does not import: {r.stderr.strip()[-300:]}")
+
+
+def reference_comparison(data: pathlib.Path, steps: int = 80, heldout: int = 200, eval_texts: int = 64,
+                         root=pathlib.Path(".cache/bench-tl")):  # fmt: skip
+    """tiny-gpt2's tuned lens, mechlens against the package, on the same token ids: the first ``heldout`` texts
+    of ``data`` held out, then ``steps`` steps of 16 texts (BOS + at most 128 tokens) for both. mechlens trains
+    in this process, the package in its scratch venv (``benchmarks/tuned_lens_reference.py``), one after the
+    other; each times its own training loop (wall and this process' CPU time). Every lens is evaluated by the
+    reference script in float64 on the held-out texts (and mechlens' also by its corpus lens)."""
+    import json
+    import subprocess
+
+    from mechlens import tuned_lens as tl
+    from mechlens.data import iter_indexed
+    from mechlens.loading import load_model
+    from mechlens.studies import lens as lens_study
+    from mechlens.zoo.export import export_model
+
+    py, why = reference_venv(root)
+    if py is None:
+        print(f"reference tuned-lens row skipped: the package could not be installed ({why})", flush=True)
+        return None
+    model_dir = root / "tiny-gpt2-hf"
+    if not (model_dir / "config.json").exists():
+        export_model("tiny-gpt2", model_dir)
+    model = load_model("tiny-gpt2")
+    texts = [t for _, t in iter_indexed(str(data), heldout + 16 * steps)]
+
+    def ids(chunk, start):
+        x = tl.lens_inputs(model, chunk, range(start, start + len(chunk)), bos=True, max_tokens=128)
+        return [row[m.bool()].tolist() for row, m in zip(x.batch.tokens, x.batch.attention_mask, strict=True)]
+
+    train = [ids(texts[heldout + 16 * s : heldout + 16 * (s + 1)], heldout + 16 * s) for s in range(steps)]
+    spec = {"model_dir": str(model_dir), "train": train, "heldout": ids(texts[:heldout], 0),
+            "mechlens_lens": str(root / "mechlens" / tl.WEIGHTS_FILE), "eval_texts": eval_texts}  # fmt: skip
+    cfg = tl.TrainConfig(steps=steps, heldout=heldout, batch_size=16, max_tokens=128, evaluate=False)
+    wall, cpu = time.perf_counter(), time.process_time()
+    lens = tl.train_tuned_lens(model, texts, cfg)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    lens.save(root / "mechlens")
+    positions = lens.card.tokens_per_step * steps
+    (root / "spec.json").write_text(json.dumps(spec))
+    # -P: this folder's tuned_lens.py must not shadow the package
+    script = pathlib.Path(__file__).with_name("tuned_lens_reference.py")
+    subprocess.run([str(py), "-P", str(script), str(root / "spec.json"), str(root / "reference.json")], check=True)
+    ref = json.loads((root / "reference.json").read_text())
+    c = lens_study.corpus_lens(model, texts[:eval_texts], bos=True, max_tokens=128, tuned=lens, n_samples=1)
+    out = {
+        "steps": steps, "positions": positions, "package_positions": ref["train_positions"],
+        "mechlens_pos_per_s": positions / wall, "mechlens_pos_per_cpu_s": positions / cpu,
+        "package_pos_per_s": ref["train_positions"] / ref["train_wall_s"],
+        "package_pos_per_cpu_s": ref["train_positions"] / ref["train_cpu_s"],
+        "heldout_positions": ref["heldout_positions"],
+        "kl_logit": ref["heldout_kl_logit"], "kl_package": ref["heldout_kl_package"],
+        "kl_mechlens": ref["heldout_kl_mechlens"],
+        "corpus_lens_kl_logit": [float(v) for v in c.kl_to_final_by_layer],
+        "corpus_lens_kl_mechlens": [float(v) for v in c.tuned.kl_to_final_by_layer],
+    }  # fmt: skip
+    out["wall_ratio"] = out["mechlens_pos_per_s"] / out["package_pos_per_s"]
+    out["cpu_ratio"] = out["mechlens_pos_per_cpu_s"] / out["package_pos_per_cpu_s"]
+    (root / "comparison.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(f"reference comparison, tiny-gpt2, {steps} steps of 16 texts, held-out KL (nats) on the first "
+          f"{eval_texts} of {heldout} held-out texts ({out['heldout_positions']} positions), in float64:",
+          flush=True)  # fmt: skip
+    print("| point | logit lens | tuned-lens 0.2.0 | mechlens |\n| --- | --- | --- | --- |")
+    for i in range(len(out["kl_logit"]) - 1):
+        print(f"| {i} | {out['kl_logit'][i]:.4f} | {out['kl_package'][i]:.4f} | {out['kl_mechlens'][i]:.4f} |")
+    print(f"training throughput: mechlens {out['mechlens_pos_per_s']:.1f} positions/s "
+          f"({out['mechlens_pos_per_cpu_s']:.1f} per CPU-s), package {out['package_pos_per_s']:.1f} "
+          f"({out['package_pos_per_cpu_s']:.1f} per CPU-s): "
+          f"{out['wall_ratio']:.2f}x wall, {out['cpu_ratio']:.2f}x CPU", flush=True)  # fmt: skip
+    return out
+
+
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reference-only", action="store_true", help="only the comparison with the tuned-lens package")
+    ap.add_argument("--data", type=pathlib.Path, default=pathlib.Path(".cache/corpus/train.jsonl"),
+                    help="texts of the comparison (python -m training.corpus writes it)")  # fmt: skip
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--eval-texts", type=int, default=64)
+    args = ap.parse_args()
+    if args.data.exists():
+        reference_comparison(args.data, steps=args.steps, eval_texts=args.eval_texts)
+    else:
+        print(f"reference tuned-lens row skipped: {args.data} is missing (python -m training.corpus)", flush=True)
+    if args.reference_only:
+        return
     rows = []
     depths = (2, 4, 8)
     for n in depths:

@@ -17,19 +17,22 @@ so each translator receives the gradient of its own point's mean KL only. **The 
 translator is not trained**: it is held at the identity (its readout is the model's output, KL 0), and
 the saved file stores it as an exact identity.
 
-The recipe is the paper's: SGD with Nesterov momentum 0.9, a learning rate decayed linearly to 0 over
-the run, weight decay 1e-3 (towards the identity: it is applied to ``W_l - I``), no warm-up, 250 steps;
-as in the reference implementation the SGD step size is ``lr * (1 - momentum)``. One default differs:
-the learning-rate scale is 0.1, not the paper's 1.0, because 1.0 diverged on both embedded models
-(d_model 128, residual std ~1: on tiny-gpt2 the mean KL went from 6.4 to 22 nats in 3 steps, and 0.3
-made tiny-mlm's rise after 4 steps), while 0.1 decreased it steadily on both (tiny-gpt2: 6.4 -> 1.0 nats
-in 20 steps; held-out KL below the logit lens' at every readout point). The batch is sized for a CPU
+The recipe is the reference implementation's (``tuned-lens`` 0.2.0, the paper's code): SGD with Nesterov
+momentum 0.9, a learning-rate scale of 1.0 decayed linearly to 0 over the run, weight decay 1e-3 (towards the
+identity: it is applied to ``W_l - I``), no warm-up, the gradient norm of all translators together clipped
+at 1.0 before each step, 250 steps; as in the reference the SGD step size is ``lr * (1 - momentum)``. Before
+clipping was part of the recipe the default scale was 0.1, because 1.0 diverged on both embedded models
+(tiny-gpt2's mean KL went from 6.4 to 22 nats in 3 steps): the first steps' gradients are large (norms of
+tens), and the clip bounds them; with it, 1.0 decreases the loss steadily (issue 29, ``benchmarks/RESULTS.md``:
+tiny-mlm's held-out KL after 20 steps, ``training/tuned_lens_sweep.py``; tiny-gpt2's against the package,
+``benchmarks/tuned_lens.py --reference-only``). The batch is sized for a CPU
 (16 texts of at most 128 tokens per step, against the paper's 2^18 tokens): the card records both. The
 defaults are in :class:`TrainConfig` with the reason for each. Texts stream through :mod:`mechlens.data`
 (any ``--data`` source), tokenised one step at a time; the residual stream comes from one
 :func:`mechlens.forward.run_cached` per step (TransformerLens hook points, no gradient through the
-model); the vocabulary readout materialises one chunk of rows of one readout point at a time
-(``[rows, d_vocab]``, bounded by ``max_chunk_bytes``), whose KL is backpropagated at once.
+model); the vocabulary readout materialises one chunk of rows of all readout points at a time
+(``[points x rows, d_vocab]``, bounded by ``max_chunk_bytes``): :func:`kl_points` reads the final
+distribution once per chunk for every point and uses the closed-form gradient ``softmax(z) - p_final``.
 
 **Data parallel**: under ``torchrun`` each rank streams every N-th text (:func:`mechlens.data.iter_indexed`);
 step ``s`` covers the texts of global indices ``[s * batch_size, (s + 1) * batch_size)`` of the stream
@@ -135,6 +138,7 @@ class TunedLensCard:
     trained_points: list[int]
     final_kl_by_layer: list[float]
     loss_curve: list[float]  # mean over trained points of the per-step KL, every step
+    max_grad_norm: float | None = None  # None: a lens trained before clipping was part of the recipe
     heldout_kl_logit: list[float] | None = None
     heldout_kl_tuned: list[float] | None = None
     heldout_n_texts: int | None = None
@@ -210,13 +214,31 @@ def _label(model) -> str:
 
 
 def resolve_dir(spec: str | os.PathLike) -> pathlib.Path:
-    """A tuned-lens directory, or the name of an embedded model that ships one (its weights directory)."""
+    """The directory ``--tuned spec`` names: a path that holds a tuned lens (``tuned_lens.safetensors`` and
+    ``tuned_lens.json``), else the name of an embedded model that ships one (its weights directory), else the
+    path as given (:func:`load_tuned_lens` then says there is no lens there). A local directory that merely
+    has an embedded model's name (what ``mechlens export tiny-gpt2 tiny-gpt2`` creates) does not shadow the
+    shipped lens; a name that is both a directory holding a lens and an embedded model is refused in one
+    line. A spec with a path separator (``./tiny-gpt2``) is always a path."""
     from mechlens.zoo import EMBEDDED
 
     s = os.fspath(spec)
-    if s in EMBEDDED and not pathlib.Path(s).exists():
-        return EMBEDDED[s].path
-    return pathlib.Path(s).expanduser()
+    local = pathlib.Path(s).expanduser()
+    embedded = s in EMBEDDED and os.sep not in s and (EMBEDDED[s].path / WEIGHTS_FILE).is_file()
+    if holds_lens(local):
+        if embedded:
+            raise TunedLensError(
+                f"--tuned {s} is ambiguous: ./{s} holds a tuned lens and {s} is an embedded model that ships one; "
+                f"pass ./{s} for the directory or {EMBEDDED[s].path} for the shipped lens"
+            )
+        return local
+    return EMBEDDED[s].path if embedded else local
+
+
+def holds_lens(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a tuned lens written by :meth:`TunedLens.save`."""
+    d = pathlib.Path(directory)
+    return (d / WEIGHTS_FILE).is_file() and (d / CARD_FILE).is_file()
 
 
 def load_tuned_lens(directory: str | os.PathLike, model) -> TunedLens:
@@ -328,10 +350,10 @@ def residuals(model, inputs: LensInputs, *, batch_size: int | None = None) -> Fl
 
 @dataclasses.dataclass
 class TrainConfig(Options):
-    """The training recipe. Defaults follow the paper (SGD, Nesterov momentum 0.9, linear decay, weight decay
-    1e-3, 250 steps) except the learning-rate scale, 0.1 instead of 1.0 (1.0 diverged on the embedded
-    models: module docstring); the batch is sized for a CPU (the paper's 2^18 tokens per step is ~1,000x
-    more than a 2-core CPU does in a second on a 50,257-token vocabulary)."""
+    """The training recipe. Defaults follow the reference implementation (SGD, Nesterov momentum 0.9, lr scale
+    1.0 with linear decay, weight decay 1e-3, gradient norm clipped at 1.0, 250 steps); the batch is sized
+    for a CPU (the paper's 2^18 tokens per step is ~1,000x more than a 2-core CPU does in a second on a
+    50,257-token vocabulary)."""
 
     data: str | None = option(None, "training texts: a built-in name, a local .txt/.jsonl/.csv/.parquet file or "
                               "hf:REPO[:CONFIG]:SPLIT[:COLUMN], streamed", nonempty=True)  # fmt: skip
@@ -343,11 +365,14 @@ class TrainConfig(Options):
     batch_size: int = option(16, "texts per step (all processes together; a multiple of the number of processes)",
                              ge=1)  # fmt: skip
     max_tokens: int = option(128, "text tokens kept per text", ge=2)
-    lr: float = option(0.1, "peak learning-rate scale, decayed linearly to 0; the SGD step size is lr * (1 - "
-                       "momentum), as in the tuned-lens reference implementation (the paper's 1.0 diverged on "
-                       "the embedded models; see the module docstring)", gt=0)  # fmt: skip
+    lr: float = option(1.0, "peak learning-rate scale, decayed linearly to 0; the SGD step size is lr * (1 - "
+                       "momentum), as in the tuned-lens reference implementation (its default 1.0, stable with "
+                       "--max-grad-norm; see the module docstring)", gt=0)  # fmt: skip
     momentum: float = option(0.9, "Nesterov momentum (the paper's 0.9)", ge=0, le=0.999)
     weight_decay: float = option(1e-3, "weight decay towards the identity translator (the paper's 1e-3)", ge=0)
+    max_grad_norm: float = option(1.0, "clip the gradient norm of all translators together at this value before "
+                                  "each step, as the tuned-lens reference implementation does (0: no clipping)",
+                                  ge=0)  # fmt: skip
     mask_prob: float = option(0.15, "masked LMs: fraction of each text's tokens masked (BERT's 0.15)", gt=0, le=1)
     bos: bool = option(True, "causal LMs: prepend BOS (as the lens study does by default)")
     seed: int = option(0, "random seed (masking choice of masked LMs)", ge=0)
@@ -439,6 +464,72 @@ def kl_rows(readout, h_final: Tensor, h: Tensor, weight: Tensor, bias: Tensor, m
     return total
 
 
+def kl_points(readout, h_final: Tensor, hs: Sequence[Tensor], weights: Sequence[Tensor],
+              biases: Sequence[Tensor], max_chunk_bytes: int) -> Tensor:  # fmt: skip
+    """For every readout point ``j``: ``sum over rows of KL(final || readout(hs[j] @ weights[j] + biases[j]))``
+    (nats), with the gradient of that sum accumulated into the ``.grad`` of ``weights[j]``/``biases[j]``'s
+    leaves. Returns the per-point sums (float64, detached).
+
+    One training step's work, done once where :func:`kl_rows` per point would repeat it: the final
+    distribution of a chunk of rows is read once for all points; the points' logits come from one
+    ``[points * rows, d_model] @ [d_model, d_vocab]`` product into one buffer; and the gradient is the
+    closed form ``dKL/dz = softmax(z) - p_final`` (no autograd graph over ``[rows, d_vocab]``: the vocabulary
+    buffer is walked 4 times -- max, shift, exp, sum -- and read once more by the ``d_vocab``-side product
+    ``softmax(z) @ W_U^T``), with autograd only through the translators and the readout's ``pre`` (final
+    norm, MLM transform) on ``[points, rows, d_model]``. ``KL = sum p_f log p_f - sum_v p_f z_v + lse(z)``,
+    where ``sum_v p_f z_v = pre(x) . (p_f @ W_U^T) + p_f . b_U`` needs no vocabulary-sized product; the
+    terms are summed in float64. A readout that is not a :class:`~mechlens.ops.lens_reduce.LinearReadout`,
+    or is soft-capped, or float64 inputs, take :func:`kl_rows` per point (autograd)."""
+    from mechlens.ops.lens_reduce import LinearReadout
+
+    n_points = len(hs)
+    if not isinstance(readout, LinearReadout) or readout.softcap is not None or h_final.dtype == torch.float64:
+        return torch.stack([kl_rows(readout, h_final, hs[j], weights[j], biases[j], max_chunk_bytes)
+                            for j in range(n_points)])  # fmt: skip
+    w_u = readout.weight.to(h_final.dtype)
+    b_u = None if readout.bias is None else readout.bias.to(h_final.dtype)
+    d_vocab = w_u.shape[-1]
+    # alive at once: the points' logits buffer, and the final chunk's logits, log-probs, probs, product
+    rows = max(1, max_chunk_bytes // ((n_points + 4) * 4 * d_vocab))
+    n = h_final.shape[0]
+    buf = torch.empty(min(rows, n) * n_points * d_vocab, dtype=h_final.dtype, device=h_final.device)
+    total = torch.zeros(n_points, dtype=torch.float64)
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        r = e - s
+        with torch.no_grad():
+            # p_f = e_f / s_f with e_f = exp(z_f - max) in fp32 and s_f their float64 sum, so that the p_f
+            # used below sum to 1 up to float64 rounding: an fp32 log_softmax's rounded logsumexp shifts
+            # every log p_f the same way and biases the KL by ~1e-5 nats per row (measured)
+            zm = readout(h_final[s:e])
+            zm = zm.sub_(zm.amax(-1, keepdim=True))
+            e_f = zm.exp()
+            s_f = e_f.sum(-1).double()  # fp32 pairwise sums (a float64 sum would copy the rows)
+            neg_h = (e_f * zm).sum(-1).double() / s_f - s_f.log()  # sum p_f log p_f, [r]
+            del zm
+            pw = (e_f @ w_u.T).double() / s_f[:, None]  # p_f @ W_U^T, [r, d_in]
+            pb = (e_f @ b_u).double() / s_f if b_u is not None else torch.zeros_like(s_f)
+            del e_f
+        x = torch.stack([torch.addmm(biases[j], hs[j][s:e], weights[j]) for j in range(n_points)])
+        u = readout.pre(x)  # [point, r, d_in], with autograd
+        with torch.no_grad():
+            ud = u.detach().reshape(n_points * r, -1)
+            z = buf[: n_points * r * d_vocab].view(n_points * r, d_vocab)
+            if b_u is None:
+                torch.mm(ud, w_u, out=z)
+            else:
+                torch.addmm(b_u, ud, w_u, out=z)
+            m = z.amax(-1, keepdim=True)
+            z.sub_(m).exp_()  # exp(z - max)
+            ssum = z.sum(-1, keepdim=True).double()
+            lse = (m.double() + ssum.log()).view(n_points, r)
+            cross = (u.detach().double() * pw).sum(-1) + pb  # sum_v p_f z_v, [point, r]
+            total += (neg_h - cross + lse).sum(-1).cpu()
+            grad = (z @ w_u.T).div_(ssum.to(z.dtype)).view(n_points, r, -1).sub_(pw.to(z.dtype))  # (q - p_f) @ W_U^T
+        u.backward(grad)
+    return total
+
+
 def train_tuned_lens(model, data: str | Iterable[str] | None = None, cfg: TrainConfig | None = None, *,
                      command: str = "") -> TunedLens:  # fmt: skip
     """Train a tuned lens for ``model`` on ``data`` (a source as ``--data`` takes it, or a sequence of texts;
@@ -504,8 +595,8 @@ def train_tuned_lens(model, data: str | Iterable[str] | None = None, cfg: TrainC
                     rows = inputs.rows.to(resid.device)
                     h = resid[:, rows]  # [point, n, d]
                     count = int(rows.sum())
-                    for j, layer in enumerate(trained):
-                        sums[j] = kl_rows(readout, h[-1], h[layer], eye + delta[j], bias[j], cfg.max_chunk_bytes)
+                    sums[:] = kl_points(readout, h[-1], [h[layer] for layer in trained],
+                                        [eye + dj for dj in delta], bias, cfg.max_chunk_bytes)  # fmt: skip
             except Exception as e:  # every rank must reach the all_reduce, or learn why another did not
                 error = e
             distributed.raise_on_every_rank(error)
@@ -535,6 +626,8 @@ def train_tuned_lens(model, data: str | Iterable[str] | None = None, cfg: TrainC
                 )
             for p in params:
                 p.grad.div_(total)
+            if cfg.max_grad_norm > 0:  # the reference implementation's clip: all translators' gradients together
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
@@ -563,7 +656,8 @@ def train_tuned_lens(model, data: str | Iterable[str] | None = None, cfg: TrainC
         model=_label(model), fingerprint=fingerprint(model), kind=arch.kind_of(model), n_points=n_points, d_model=d,
         data=label, heldout=cfg.heldout, n_train_texts=n_train_texts, epochs=windows.epoch + 1, steps=cfg.steps,
         tokens_per_step=positions / cfg.steps, batch_size=cfg.batch_size, max_tokens=cfg.max_tokens, lr=cfg.lr,
-        momentum=cfg.momentum, weight_decay=cfg.weight_decay, mask_prob=cfg.mask_prob if masked else None,
+        momentum=cfg.momentum, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        mask_prob=cfg.mask_prob if masked else None,
         bos=cfg.bos, seed=cfg.seed, world_size=world_size, trained_points=trained, final_kl_by_layer=final,
         loss_curve=curve, command=command, **_data_identity(data if isinstance(data, str) else texts, cfg.heldout),
     )  # fmt: skip

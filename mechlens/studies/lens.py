@@ -39,7 +39,6 @@ Conventions (each one switchable):
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -163,14 +162,17 @@ def lens_stats(
 
 
 def tuned_source(model, spec: str | None) -> str:
-    """What ``--tuned spec`` means for ``model``: an embedded model's name applies to that model only (other
-    models of the run read ``'auto'``, their own shipped lens if any), so ``--tuned tiny-gpt2`` works in a
-    run that also reads tiny-mlm; anything else as given."""
+    """What ``--tuned spec`` means for ``model``: an embedded model's name applies to that model, and to a
+    model that is not embedded (a local checkpoint, e.g. that model exported: the lens is loaded and its
+    fingerprint checked, so another model is refused in one line naming ``--tuned``); the other embedded
+    models of the run read ``'auto'``, their own shipped lens if any, so ``--tuned tiny-gpt2`` works in a run
+    that also reads tiny-mlm. A directory holding a lens, and anything else, as given."""
     from mechlens.zoo import EMBEDDED
 
     if spec is None:
         return "none"
-    if spec in EMBEDDED and spec != provenance_of(model).model and not pathlib.Path(spec).exists():
+    mine = provenance_of(model).model
+    if spec in EMBEDDED and spec != mine and mine in EMBEDDED and not tuned_lens.holds_lens(spec):
         return "auto"
     return spec
 

@@ -27,11 +27,29 @@ def ols(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         "r2": float(fit.rsquared),
         "r2_adj": float(fit.rsquared_adj),
         "nobs": int(fit.nobs),
-        "summary": str(fit.summary()),
+        "summary": summary_without_clock(fit),
         "sklearn_intercept": float(sk.intercept_),
         "sklearn_coef": sk.coef_.tolist(),
         "predictions": fit.predict(sm.add_constant(x, has_constant="add")).tolist(),
     }
+
+
+def summary_without_clock(fit) -> str:
+    """statsmodels' OLS summary as printed, less its ``Date:`` and ``Time:`` rows (the time of printing, not
+    of the data: results.json stays byte-identical across identical runs; the run's date is ``_run.date``).
+    The left column moves up by two rows; the right column keeps its place."""
+    s = fit.summary()
+    top = s.tables[0]
+    left = [(r[0].data, r[1].data) for r in top if r[0].data.strip() not in ("Date:", "Time:")]
+    right = [(r[2].data, r[3].data) for r in top if r[2].data.strip()]
+    n = max(len(left), len(right))
+    for i, row in enumerate(top[:n]):
+        (row[0].data, row[1].data), (row[2].data, row[3].data) = (
+            left[i] if i < len(left) else ("", ""),
+            right[i] if i < len(right) else ("", ""),
+        )
+    del top[n:]
+    return str(s)
 
 
 @dataclasses.dataclass(frozen=True)

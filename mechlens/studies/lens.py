@@ -55,7 +55,7 @@ from mechlens.errors import DataError, MechlensError
 from mechlens.forward import run_cached
 from mechlens.loading import provenance_of
 from mechlens.ops import LensStats, lens_reduce, stack_layers
-from mechlens.options import Options, check_layer, fail, option
+from mechlens.options import MASKED_SPECIALS, Options, check_layer, fail, option
 from mechlens.stats import regression
 from mechlens.studies import Step
 from mechlens.studies.result import StudyResult, format_values, metrics_of, not_in_metrics
@@ -98,6 +98,22 @@ class Config(Options):
                         "shipped lens of an embedded model, none otherwise) or 'none'", nonempty=True)  # fmt: skip
     mask_prob: float = option(0.15, "corpus lens of a masked LM: fraction of each text's tokens masked (seeded by "
                               "--seed and the text's index)", gt=0, le=1)  # fmt: skip
+
+    def not_applied(self, kind: str | None) -> dict[str, str]:
+        if self.data is None:
+            out = dict.fromkeys(("n_texts", "max_tokens", "reservoir", "mask_prob"),
+                                "it sets the corpus lens, which runs only with --data SOURCE (without it the lens "
+                                "reads the one --text)")  # fmt: skip
+        else:
+            out = dict.fromkeys(("text", "position", "layer", "heatmap_specials", "top_k"),
+                                "with --data the corpus lens runs: per-layer means over the corpus, no --text, "
+                                "studied position, readout layer, heatmap or top-k table")  # fmt: skip
+        if kind == "causal":
+            for name in ("position", "layer", "heatmap_specials", "mask_prob"):
+                out.setdefault(name, "it applies to masked LMs only")
+        elif kind == "masked":
+            out["bos"] = MASKED_SPECIALS
+        return out
 
     def check_model(self, model) -> None:
         lens = tuned_lens_for(model, self.tuned)  # a missing or foreign lens is refused before any forward

@@ -38,7 +38,7 @@ from torch import Tensor
 from mechlens import arch, plotly_text
 from mechlens.errors import MechlensError
 from mechlens.loading import provenance_of
-from mechlens.options import Options, fail, option
+from mechlens.options import MASKED_SPECIALS, Options, fail, option
 from mechlens.studies import Step
 from mechlens.studies.result import StudyResult, metrics_of, not_in_metrics
 from mechlens.tokens import TokenBatch, encode, single_token_id, word_index
@@ -63,6 +63,9 @@ class Config(Options):
     overflow_scale: float = option(100.0, "logits are multiplied by this to show the naive softmax overflowing",
                                    gt=0)  # fmt: skip
     seed: int = option(0, "random seed", ge=0)
+
+    def not_applied(self, kind: str | None) -> dict[str, str]:
+        return {"bos": MASKED_SPECIALS} if kind == "masked" else {}
 
     def check_model(self, model) -> None:
         single_token_id(model, self.target, flag="--target")

@@ -5,6 +5,7 @@
                  [--weights raw|processed] [--allow-different-tokenizers] [--quiet] [study options]
     mechlens compare DIR DIR [DIR ...] --out DIR
     mechlens export tiny-gpt2|tiny-mlm DIR
+    mechlens add-tokenizer gpt2-bpe|roberta-bpe DIR
     mechlens train-lens --model SPEC --data SOURCE --out DIR [--device D] [--quiet] [training options]
 
 Options may come before or after the study name. Study options are the fields of the study's
@@ -138,6 +139,17 @@ def build_parser(study: str | None = None, train_lens: bool = False) -> argparse
     )
     e.add_argument("name", metavar="NAME", help="an embedded model: tiny-gpt2 or tiny-mlm")
     e.add_argument("dir", metavar="DIR", help="output directory: a new one, or an earlier mechlens export (replaced)")
+    a = sub.add_parser(
+        "add-tokenizer",
+        help="save mechlens' offline GPT-2 or RoBERTa-style tokenizer beside your own saved model",
+        description="Save one of mechlens' offline tokenizers into DIR, a model saved with save_pretrained that "
+        "has no tokenizer (one trained with GPT-2's byte-level BPE): then 'mechlens run --model DIR', "
+        "load_model(DIR) and AutoTokenizer.from_pretrained(DIR) read it. Nothing is overwritten; the "
+        "tokenizer must fit the model's vocab_size. gpt2-bpe: GPT-2's ids (50257 tokens); roberta-bpe: "
+        "<s> <pad> </s> <unk>, GPT-2's BPE shifted by 4, <mask> (50262 tokens).",
+    )
+    a.add_argument("name", metavar="NAME", choices=("gpt2-bpe", "roberta-bpe"), help="gpt2-bpe or roberta-bpe")
+    a.add_argument("dir", metavar="DIR", help="the model's directory (config.json and weights, no tokenizer)")
     t = sub.add_parser(
         "train-lens",
         help="train a tuned lens (one affine translator per readout point) and write it to DIR",
@@ -438,6 +450,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {args.dir}: {args.name} as a save_pretrained checkpoint with its tokenizer and model card")
 
 
+def cmd_add_tokenizer(args: argparse.Namespace) -> None:
+    from mechlens.tokenizer import save_tokenizer
+
+    written = save_tokenizer(args.name, args.dir)
+    print(f"wrote {written} and tokenizer_config.json: {args.name} beside the model in {args.dir}; "
+          f"read it with 'mechlens run STUDY --model {args.dir}' or load_model({str(args.dir)!r})")  # fmt: skip
+
+
 def cmd_train_lens(args: argparse.Namespace) -> None:
     from mechlens import distributed, progress
     from mechlens.data import check_source
@@ -506,6 +526,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd_export(args)
         elif args.command == "train-lens":
             cmd_train_lens(args)
+        elif args.command == "add-tokenizer":
+            cmd_add_tokenizer(args)
         else:
             cmd_compare(args)
     except MechlensError as e:

@@ -160,6 +160,10 @@ CASES = [
     ),
     ("run position --model tiny-mlm --bos", "--bos (bos) does not apply to study 'position'"),
     ("run logits --model tiny-mlm --no-bos", "--bos (bos) does not apply to study 'logits'"),
+    # your own checkpoint's tokenizer
+    ("add-tokenizer gpt2-bpe no-such-dir", "has no config.json"),
+    ("add-tokenizer gpt2-bpe overflow", "already holds a tokenizer ("),
+    ("add-tokenizer bert-wordpiece no-tokenizer", "invalid choice"),
 ]
 
 

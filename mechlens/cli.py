@@ -3,8 +3,9 @@
     mechlens list
     mechlens run STUDY|all [--model SPEC ...] [--data SOURCE] [--out DIR] [--device D] [--seed N]
                  [--weights raw|processed] [--allow-different-tokenizers] [--quiet] [study options]
-    mechlens compare DIR DIR ... --out DIR
+    mechlens compare DIR DIR [DIR ...] --out DIR
     mechlens export tiny-gpt2|tiny-mlm DIR
+    mechlens add-tokenizer gpt2-bpe|roberta-bpe DIR
     mechlens train-lens --model SPEC --data SOURCE --out DIR [--device D] [--quiet] [training options]
 
 Options may come before or after the study name. Study options are the fields of the study's
@@ -120,8 +121,15 @@ def build_parser(study: str | None = None, train_lens: bool = False) -> argparse
     for name in names:
         group = r.add_argument_group(f"{name} options")
         _add_config_flags(group, STUDIES[name].module.Config, COMMON, seen)
-    c = sub.add_parser("compare", help="combine earlier runs into one comparison report")
-    c.add_argument("dirs", nargs="+", metavar="DIR", help="directories written by 'mechlens run'")
+    c = sub.add_parser(
+        "compare",
+        help="combine earlier runs into one comparison report",
+        description="Combine two or more earlier runs (directories written by 'mechlens run') into one report: "
+        "every study that ran in at least two of them gets comparison figures and a comparison.csv with "
+        "bootstrap intervals (paired differences where the runs read the same inputs and options). Writes "
+        "results.json, comparison.csv and report.html into --out.",
+    )
+    c.add_argument("dirs", nargs="+", metavar="DIR", help="two or more directories written by 'mechlens run'")
     c.add_argument("--out", required=True, help="output directory: a new one, or an earlier mechlens run")
     e = sub.add_parser(
         "export",
@@ -131,6 +139,17 @@ def build_parser(study: str | None = None, train_lens: bool = False) -> argparse
     )
     e.add_argument("name", metavar="NAME", help="an embedded model: tiny-gpt2 or tiny-mlm")
     e.add_argument("dir", metavar="DIR", help="output directory: a new one, or an earlier mechlens export (replaced)")
+    a = sub.add_parser(
+        "add-tokenizer",
+        help="save mechlens' offline GPT-2 or RoBERTa-style tokenizer beside your own saved model",
+        description="Save one of mechlens' offline tokenizers into DIR, a model saved with save_pretrained that "
+        "has no tokenizer (one trained with GPT-2's byte-level BPE): then 'mechlens run --model DIR', "
+        "load_model(DIR) and AutoTokenizer.from_pretrained(DIR) read it. Nothing is overwritten; the "
+        "tokenizer must fit the model's vocab_size. gpt2-bpe: GPT-2's ids (50257 tokens); roberta-bpe: "
+        "<s> <pad> </s> <unk>, GPT-2's BPE shifted by 4, <mask> (50262 tokens).",
+    )
+    a.add_argument("name", metavar="NAME", choices=("gpt2-bpe", "roberta-bpe"), help="gpt2-bpe or roberta-bpe")
+    a.add_argument("dir", metavar="DIR", help="the model's directory (config.json and weights, no tokenizer)")
     t = sub.add_parser(
         "train-lens",
         help="train a tuned lens (one affine translator per readout point) and write it to DIR",
@@ -213,6 +232,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     configs = {s: make_config(STUDIES[s], overrides) for s in studies}
     if args.data is not None and not any(hasattr(c, "data") for c in configs.values()):
         raise ConfigError(f"--data does not apply to study {args.study!r}: it reads no data source", flag="--data")
+    given = {k for k, v in overrides.items() if v is not None and k not in COMMON}
+    unused_options(configs, given, {s: dict.fromkeys(args.model or STUDIES[s].default_models) for s in studies})
+    args.given_options = given
     for source in {cfg.data for cfg in configs.values() if getattr(cfg, "data", None)}:
         distributed.on_main(check_source, source)  # each source once, even when every study reads it
     from mechlens.loading import check_device
@@ -223,6 +245,35 @@ def cmd_run(args: argparse.Namespace) -> None:
     check_device(args.device)
     args.device = distributed.local_device(args.device)  # one GPU per rank under torchrun
     _into_output(args.out, lambda dest: _run_checked(args, studies, configs, overrides, dest))
+
+
+def unused_options(configs: dict, given: set[str], kinds: dict[str, dict[str, str | None]]) -> list[str]:
+    """Options given on the command line (``given``: config field names) that a study does not use for a
+    model (:meth:`mechlens.options.Options.not_applied`). One that no study and model of the run uses is
+    refused (:class:`~mechlens.errors.ConfigError` naming its flag, before any forward pass); one that some
+    use is applied there, and the others are returned as notes (terminal and results.json). ``kinds``:
+    study -> {model spec: its kind, or None before the models are loaded}."""
+    from mechlens.errors import ConfigError
+    from mechlens.options import flag
+
+    used: set[str] = set()
+    unused: dict[str, dict[tuple[str, str], list[str]]] = {}
+    for study, cfg in configs.items():
+        fields = {f.name for f in dataclasses.fields(cfg)} & given
+        for spec, kind in kinds.get(study, {}).items():
+            why = cfg.not_applied(kind)
+            used |= {name for name in fields if name not in why}
+            for name in fields & set(why):
+                unused.setdefault(name, {}).setdefault((study, why[name]), []).append(spec)
+    notes = []
+    for name, where in sorted(unused.items()):
+        if name not in used:
+            (study, why), specs = next(iter(where.items()))
+            raise ConfigError(f"{flag(name)} ({name}) does not apply to study {study!r} on {', '.join(specs)}: "
+                              f"{why}; drop {flag(name)}", flag=flag(name))  # fmt: skip
+        notes += [f"{study} on {', '.join(specs)}: {flag(name)} not applied: {why}"
+                  for (study, why), specs in where.items()]  # fmt: skip
+    return notes
 
 
 def _into_output(out, work) -> None:
@@ -284,6 +335,13 @@ def _run_checked(args, studies, configs, overrides, dest) -> None:
         if note:
             notes.append(f"{study}: {note}")
         plan[study] = models
+    from mechlens import arch, distributed
+
+    kinds = {study: {spec: arch.kind_of(m) for spec, m in models.items()} for study, models in plan.items()}
+    for note in unused_options({s: configs[s] for s in plan}, args.given_options, kinds):
+        notes.append(note)
+        if distributed.is_main():
+            print(f"mechlens: note: {note}", file=sys.stderr)
     # 3. compute
     torch.manual_seed(args.seed)
     results = {}
@@ -304,6 +362,11 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from mechlens.errors import MechlensError
     from mechlens.outputs import prepare_output
 
+    if len(args.dirs) < 2:
+        from mechlens.errors import ConfigError
+
+        raise ConfigError(f"compare needs two or more run directories, got {len(args.dirs)} ({args.dirs[0]}): "
+                          "pass each directory written by 'mechlens run' to compare", flag="DIR")  # fmt: skip
     runs = []
     for d in args.dirs:
         path = pathlib.Path(d) / "results.json"
@@ -390,6 +453,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {args.dir}: {args.name} as a save_pretrained checkpoint with its tokenizer and model card")
 
 
+def cmd_add_tokenizer(args: argparse.Namespace) -> None:
+    from mechlens.tokenizer import save_tokenizer
+
+    written = save_tokenizer(args.name, args.dir)
+    print(f"wrote {written} and tokenizer_config.json: {args.name} beside the model in {args.dir}; "
+          f"read it with 'mechlens run STUDY --model {args.dir}' or load_model({str(args.dir)!r})")  # fmt: skip
+
+
 def cmd_train_lens(args: argparse.Namespace) -> None:
     from mechlens import distributed, progress
     from mechlens.data import check_source
@@ -473,6 +544,8 @@ def _main(argv: list[str], study: str | None) -> int:
             cmd_export(args)
         elif args.command == "train-lens":
             cmd_train_lens(args)
+        elif args.command == "add-tokenizer":
+            cmd_add_tokenizer(args)
         else:
             cmd_compare(args)
     except MechlensError as e:

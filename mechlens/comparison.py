@@ -7,20 +7,24 @@ comparison table, :func:`comparison_frame`, a pandas DataFrame in long format wi
 
 ==================  ======================================================================================
 ``model``           the model (for a difference row: the model whose value is compared)
-``reference``       empty for a model's own statistic; for a difference row the model subtracted
+``reference``       NA for a model's own statistic; for a difference row the model subtracted
 ``study``           the study
 ``quantity``        the statistic (the study's name for it)
-``layer``           the model's own layer index (a readout point, or a block), empty if none
+``layer``           the model's own layer index (a readout point, or a block), NA if none
 ``relative_depth``  the shared depth axis of :mod:`mechlens.axes` (0 = embeddings, 1.0 = last block)
-``position``        a token position, or a word index when the models' tokenizers differ; empty if none
-``position_axis``   ``token``, ``word`` (the token that begins each whitespace word) or empty
+``position``        a token position, or a word index when the models' tokenizers differ; NA if none
+``position_axis``   ``token``, ``word`` (the token that begins each whitespace word) or NA
 ``n``               the number of units averaged (texts, tokens or occurrences)
 ``value``           the mean over units (for a difference row: the mean of the paired differences)
-``ci_low, ci_high`` the bootstrap confidence interval of that mean (empty when ``n < 2``)
+``ci_low, ci_high`` the bootstrap confidence interval of that mean (NaN when ``n < 2``)
 ``ci_method``       e.g. ``percentile bootstrap, 95%, 2000 resamples, seed 0, over texts``
 ``unit``            what was resampled: ``text``, ``token`` or ``occurrence``
-``note``            what is not comparable, or why a value has no interval
+``note``            what is not comparable, or why a value has no interval; NA if nothing
 ==================  ======================================================================================
+
+Missing values are one kind of NA (``pd.NA``; ``isna()``/``notna()`` select them) in every column but the
+float ones (NaN), as ``pd.read_csv`` reads ``comparison.csv`` back: ``frame.reference.notna()`` selects the
+difference rows.
 
 Uncertainty: intervals come from :func:`scipy.stats.bootstrap` (percentile by default, BCa on request,
 seeded) over the units; a difference between two models is the paired bootstrap of per-unit
@@ -183,6 +187,8 @@ def comparison_frame(
         frame[c] = frame[c].astype("Int64")
     for c in ("relative_depth", "value", "ci_low", "ci_high"):
         frame[c] = frame[c].astype("float64")
+    for c in ("reference", "position_axis", "note"):  # empty text is missing: one NA, as in layer and position
+        frame[c] = frame[c].astype(object).mask(frame[c].isin(["", None]), pd.NA)
     return frame
 
 
@@ -190,7 +196,7 @@ def headline(frame: pd.DataFrame) -> list[str]:
     """The differences in words: for each compared model and quantity, at how many shared depths and
     positions the paired interval excludes zero, and the largest difference with its interval."""
     lines = []
-    diffs = frame[frame["reference"] != ""]
+    diffs = frame[frame["reference"].notna()]
     for (model, ref, q), g in diffs.groupby(["model", "reference", "quantity"], sort=False):
         g = g.dropna(subset=["ci_low", "ci_high"])
         if g.empty:
@@ -217,7 +223,7 @@ def figures(frame: pd.DataFrame) -> dict[str, Any]:
     import plotly.graph_objects as go
 
     figs: dict[str, Any] = {}
-    own = frame[frame["reference"] == ""]
+    own = frame[frame["reference"].isna()]
     for q, g in own.groupby("quantity", sort=False):
         has_depth, has_pos = g["relative_depth"].notna().any(), g["position"].notna().any()
         notes = []
@@ -234,7 +240,7 @@ def figures(frame: pd.DataFrame) -> dict[str, Any]:
             x, xtitle = "model", "model"
         if has_pos and len(g) and g["position_axis"].iloc[0] == "word":
             notes.append("tokenizers differ: positions are words (the token that begins each word)")
-        flags = sorted({n for n in g["note"] if n and not n.startswith("no interval")})
+        flags = sorted({n for n in g["note"].dropna() if n and not n.startswith("no interval")})
         notes += [f"NOT COMPARABLE: {n}" for n in flags]
         unit = g["ci_method"].iloc[0] if len(g) else ""
         f = go.Figure()

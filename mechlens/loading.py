@@ -33,7 +33,7 @@ _PROVENANCE_ATTR = "_mechlens_provenance"
 def load_model(
     spec: str | os.PathLike | PreTrainedModel,
     *,
-    tokenizer: PreTrainedTokenizerBase | None = None,
+    tokenizer: PreTrainedTokenizerBase | str | None = None,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     weights: str = "raw",
@@ -46,6 +46,9 @@ def load_model(
     TransformerLens' compatibility processing (folded LayerNorm, centred writing weights and unembed:
     log-probs unchanged, norms and raw logits changed). An in-memory ``hf_model`` is adopted by the
     bridge and modified in place: pass a copy if you need the original.
+    ``tokenizer``: the model's tokenizer (default: the one saved with it), or the name of one of mechlens'
+    offline tokenizers, ``"gpt2-bpe"`` or ``"roberta-bpe"`` (:func:`mechlens.tokenizer.offline_tokenizer`), for
+    a checkpoint trained with GPT-2's BPE that has none saved (``mechlens add-tokenizer`` saves it beside it).
     The model carries a :class:`~mechlens.provenance.Provenance` (see :func:`provenance_of`).
     A multimodal Gemma3 is analysed through its text model (:func:`mechlens.arch.text_model_of`).
 
@@ -219,6 +222,10 @@ def _resolve(spec: Any, tokenizer, load_kw: dict) -> tuple[str, PreTrainedModel,
 def _resolve_spec(spec: Any, tokenizer, kw: dict) -> tuple[str, PreTrainedModel, PreTrainedTokenizerBase]:
     from transformers import PreTrainedModel
 
+    if isinstance(tokenizer, str):  # one of mechlens' offline tokenizers by name: "gpt2-bpe", "roberta-bpe"
+        from mechlens.tokenizer import offline_tokenizer
+
+        tokenizer = offline_tokenizer(tokenizer)
     if isinstance(spec, PreTrainedModel):
         if tokenizer is None:
             raise MechlensError("an in-memory model needs its tokenizer: load_model(hf_model, tokenizer=tok)")
@@ -330,8 +337,9 @@ def _load_dir(path: pathlib.Path, tokenizer, load_kw: dict):
     if tokenizer is None:
         if not any((path / f).exists() for f in _TOKENIZER_FILES):
             raise ModelNotAvailableError(
-                f"{path} holds a model but no tokenizer: save it there with tokenizer.save_pretrained(dir) "
-                "(in Python you can also pass load_model(dir, tokenizer=tok))"
+                f"{path} holds a model but no tokenizer: save it there with tokenizer.save_pretrained(dir), or, "
+                f"for GPT-2's BPE, 'mechlens add-tokenizer gpt2-bpe {path}' (roberta-bpe for a RoBERTa-style "
+                "masked LM; in Python: load_model(dir, tokenizer='gpt2-bpe' or a tokenizer)"
             )
         tokenizer = _read(path, lambda: AutoTokenizer.from_pretrained(path), "its tokenizer files")
     return _read(path, lambda: cls.from_pretrained(path, **load_kw), "its weights"), tokenizer

@@ -149,6 +149,16 @@ class Options:
     def check_model(self, model: Any) -> None:
         """Rules that need the model (a layer within its depth); called before any forward pass."""
 
+    def not_applied(self, kind: str | None) -> dict[str, str]:
+        """The fields this config does not use for a model of ``kind`` (``"causal"``, ``"masked"``; ``None``
+        before the model is known: only what holds for every model), each with why. The command line
+        refuses an option given explicitly that no study and model of the run uses, and notes one that
+        only some use (:func:`mechlens.cli.unused_options`)."""
+        return {}
+
+
+MASKED_SPECIALS = "a masked LM always gets <s> ... </s>"
+
 
 def check_layer(name: str, layer: int | None, n: int, what: str) -> None:
     """``layer`` (``None`` = default) must index one of ``n`` ``what``."""

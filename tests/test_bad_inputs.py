@@ -141,9 +141,45 @@ CASES = [
     ("run logits --out .", "current directory"),
     ("run logits --out ..", "current directory"),
     ("run logits --out notes.txt/sub", "is not a directory"),
-    (f"compare {PREVIOUS} --out {PREVIOUS}", "input"),
-    (f"compare {PREVIOUS} --out {PREVIOUS}/inside", "input"),
-    ("compare precious --out new-dir", "has no results.json"),
+    (f"compare {PREVIOUS} {PREVIOUS} --out {PREVIOUS}", "input"),
+    (f"compare {PREVIOUS} {PREVIOUS} --out {PREVIOUS}/inside", "input"),
+    (f"compare precious {PREVIOUS} --out new-dir", "has no results.json"),
+    (f"compare {PREVIOUS} --out new-dir", "compare needs two or more run directories"),
+    # options that would be silently ignored: refused where no study and model of the run uses them (before
+    # loading where that does not depend on the model)
+    (
+        "run lens --n-texts 5",
+        "--n-texts (n_texts) does not apply to study 'lens' on tiny-mlm, tiny-gpt2: it sets "
+        "the corpus lens, which runs only with --data SOURCE",
+    ),
+    ("run lens --max-tokens 10", "--max-tokens (max_tokens) does not apply"),
+    ("run lens --reservoir 10", "--reservoir (reservoir) does not apply"),
+    ("run lens --mask-prob 0.3", "--mask-prob (mask_prob) does not apply"),
+    (
+        "run lens --data contexts --position 3",
+        "--position (position) does not apply to study 'lens' on tiny-mlm, tiny-gpt2: with --data the corpus lens runs",
+    ),
+    ("run lens --data contexts --top-k 3", "--top-k (top_k) does not apply"),
+    ("run lens --data contexts --text 'Hello there.'", "--text (text) does not apply"),
+    (
+        "run lens --model tiny-gpt2 --layer 2",
+        "--layer (layer) does not apply to study 'lens' on tiny-gpt2: it applies to masked LMs only",
+    ),
+    ("run lens --model tiny-gpt2 --heatmap-specials", "--heatmap-specials (heatmap_specials) does not apply"),
+    (
+        "run lens --model tiny-gpt2 --data contexts --mask-prob 0.3",
+        "--mask-prob (mask_prob) does not apply to study 'lens' on tiny-gpt2: it applies to masked LMs only",
+    ),
+    (
+        "run lens --model tiny-mlm --no-bos",
+        "--bos (bos) does not apply to study 'lens' on tiny-mlm: a masked LM always gets <s> ... </s>",
+    ),
+    ("run position --model tiny-mlm --bos", "--bos (bos) does not apply to study 'position'"),
+    ("run logits --model tiny-mlm --no-bos", "--bos (bos) does not apply to study 'logits'"),
+    # your own checkpoint's tokenizer
+    ("add-tokenizer gpt2-bpe no-such-dir", "has no config.json"),
+    ("add-tokenizer gpt2-bpe overflow", "already holds a tokenizer ("),
+    ("add-tokenizer bert-wordpiece no-tokenizer", "invalid choice"),
     # round 3 (issue 28). Data loss: an earlier run whose report the user edited is not replaced
     ("run logits --out edited-run", "'report.html' was edited since mechlens wrote it"),
     # silent wrong results: the held-out guard compares identity (resolved path, content), not spelling

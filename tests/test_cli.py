@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -171,3 +172,88 @@ def test_rerun_replaces_its_own_run_and_keeps_nothing_stale(tmp_path):
     second = sorted(p.name for p in out.iterdir())
     assert not any(n.startswith("logits__") for n in second) and any(n.startswith("lens__") for n in second)
     assert first != second and sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_same_command_twice_gives_byte_identical_results_and_csvs(all_run):
+    """Reproducible outputs: the same command, seed and versions write byte-identical results.json and CSVs.
+    The one time in them is the run's date, ``_run.date``, excluded here by name (statsmodels' OLS summary
+    printed its date and time too: it no longer does)."""
+    kept = (".json", ".csv")
+    first = {p.name: p.read_bytes() for p in all_run.iterdir() if p.suffix in kept}
+    assert main(["run", "all", "--out", str(all_run)]) == 0  # the same command line (--out included)
+    second = {p.name: p.read_bytes() for p in all_run.iterdir() if p.suffix in kept}
+    assert sorted(first) == sorted(second) and len(first) > 20
+
+    def without_date(raw: bytes) -> bytes:
+        date = json.loads(raw)["_run"]["date"]
+        assert date.startswith("20") and raw.count(json.dumps(date).encode()) == 1
+        return raw.replace(json.dumps(date).encode(), b'"(date)"')
+
+    for name in sorted(first):
+        a, b = first[name], second[name]
+        if name == "results.json":
+            a, b = without_date(a), without_date(b)
+        assert a == b, f"{name} differs between two identical runs"
+    ols = json.loads(first["results.json"])["position"]["tiny-gpt2"]["metrics"]["ols"]["summary"]
+    assert "OLS Regression Results" in ols and "Date:" not in ols and "Time:" not in ols and "R-squared:" in ols
+
+
+def test_options_that_apply_to_some_models_only_are_noted(tmp_path, capsys):
+    """--layer reads the masked LM's lens only: applied to tiny-mlm, and the run says, in the terminal and in
+    results.json, that tiny-gpt2 ignored it (with no model that uses it, it is refused: test_bad_inputs)."""
+    out = tmp_path / "l"
+    assert main(["run", "lens", "--layer", "2", "--quiet", "--out", str(out)]) == 0
+    note = "lens on tiny-gpt2: --layer not applied: it applies to masked LMs only"
+    assert f"mechlens: note: {note}" in capsys.readouterr().err.splitlines()
+    doc = json.loads((out / "results.json").read_text())
+    assert note in doc["_notes"] and note in (out / "report.html").read_text()
+    assert doc["lens"]["tiny-mlm"]["metrics"]["layer"] == 2
+
+
+def test_compare_help_describes_the_command(capsys):
+    assert main(["compare", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Combine two or more earlier runs" in text and "comparison.csv" in text
+
+
+@pytest.mark.parametrize(
+    ("configs", "given", "kinds", "refused", "notes"),
+    [
+        # lens without --data: the corpus-lens options are refused before any model is loaded (kind None)
+        ({"lens": {}}, {"n_texts"}, {"lens": {"a": None}}, "--n-texts (n_texts) does not apply", []),
+        ({"lens": {}}, {"mask_prob"}, {"lens": {"a": None}}, "--mask-prob (mask_prob) does not apply", []),
+        ({"lens": {"data": "contexts"}}, {"n_texts", "max_tokens"}, {"lens": {"a": "causal"}}, None, []),
+        ({"lens": {"data": "contexts"}}, {"position"}, {"lens": {"a": None}}, "with --data the corpus lens", []),
+        # the masked lens' options: refused on a causal LM alone, noted beside a masked one
+        ({"lens": {}}, {"layer"}, {"lens": {"g": None}}, None, []),  # kind not known yet: decided after loading
+        ({"lens": {}}, {"layer"}, {"lens": {"g": "causal"}}, "applies to masked LMs only", []),
+        ({"lens": {}}, {"heatmap_specials", "position"}, {"lens": {"m": "masked", "g": "causal"}}, None,
+         ["lens on g: --heatmap-specials not applied: it applies to masked LMs only",
+          "lens on g: --position not applied: it applies to masked LMs only"]),
+        ({"lens": {"data": "contexts"}}, {"mask_prob"}, {"lens": {"g": "causal"}}, "masked LMs only", []),
+        ({"lens": {"data": "contexts"}}, {"mask_prob", "bos"}, {"lens": {"m": "masked"}}, "--bos (bos)", []),
+        # BOS: masked LMs always get <s> ... </s> in position, logits and lens; magnitudes and distances use it
+        ({"position": {}}, {"bos"}, {"position": {"m": "masked"}}, "a masked LM always gets <s> ... </s>", []),
+        ({"logits": {}}, {"bos"}, {"logits": {"m": "masked", "g": "causal"}}, None,
+         ["logits on m: --bos not applied: a masked LM always gets <s> ... </s>"]),
+        ({"magnitudes": {}, "distances": {}}, {"bos"}, {"magnitudes": {"m": "masked"}, "distances": {"m": "masked"}},
+         None, []),
+        # run all: an option one study uses is applied there and noted where another study ignores it
+        ({"lens": {}, "magnitudes": {}}, {"n_texts"}, {"lens": {"m": None}, "magnitudes": {"g": None}}, None,
+         ["lens on m: --n-texts not applied: it sets the corpus lens, which runs only with --data SOURCE (without "
+          "it the lens reads the one --text)"]),
+        # options every model uses
+        ({"position": {}, "distances": {}, "magnitudes": {}}, {"seqlen", "n_context", "padding_side"},
+         {"position": {"m": "masked"}, "distances": {"m": "masked"}, "magnitudes": {"g": "causal"}}, None, []),
+    ],
+)  # fmt: skip
+def test_unused_options_are_refused_or_noted(configs, given, kinds, refused, notes):
+    from mechlens.cli import unused_options
+    from mechlens.errors import ConfigError
+
+    built = {s: STUDIES[s].module.Config(**kw) for s, kw in configs.items()}
+    if refused:
+        with pytest.raises(ConfigError, match=re.escape(refused)):
+            unused_options(built, given, kinds)
+    else:
+        assert unused_options(built, given, kinds) == notes

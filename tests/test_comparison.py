@@ -80,11 +80,18 @@ def test_paired_difference_on_shared_depths_only():
     diffs = f[f["reference"] == "a"]
     assert sorted(diffs["relative_depth"]) == [0.5, 1.0]
     assert (diffs["ci_low"] > 0.29).all() and (diffs["ci_high"] < 0.31).all()
-    own = f[(f["reference"] == "") & (f["model"] == "b")]
+    own = f[f["reference"].isna() & (f["model"] == "b")]
     assert (own["ci_high"] - own["ci_low"] > 0.3).all()
     for model, n_layers in (("a", 2), ("b", 4)):
-        depths = f[(f["model"] == model) & (f["reference"] == "")]["relative_depth"]
+        depths = f[(f["model"] == model) & f["reference"].isna()]["relative_depth"]
         assert depths.max() == 1.0 and len(depths) == n_layers
+    # one kind of NA for what is missing: reference.notna() selects the difference rows, and only them
+    assert f["reference"].notna().sum() == len(diffs) == 2
+    for c in ("reference", "layer", "position", "position_axis", "note"):
+        missing = f.loc[f[c].isna(), c]
+        assert all(v is pd.NA for v in missing), c
+    assert f["position"].isna().all() and f["position_axis"].isna().all() and f["note"].isna().any()
+    assert "" not in set(f["reference"].dropna()) | set(f["position_axis"].dropna()) | set(f["note"].dropna())
 
 
 def test_words_replace_positions_when_tokenizers_differ():
@@ -197,7 +204,7 @@ def test_token_units_pair_by_word_when_tokenizers_differ():
         [base | {"word": w, "sample": i, "value": v} for i, (w, v) in enumerate([(0, 1.5), (1, 2.5), (2, 3.5)])]
     )
     f = comparison_frame("lens", {"a": a, "b": b}, {"a": {"tokenizer": "x"}, "b": {"tokenizer": "y"}})
-    own = f[(f.model == "a") & (f.reference == "")]
+    own = f[(f.model == "a") & f.reference.isna()]
     assert own["value"].item() == pytest.approx(3.75) and own["n"].item() == 4  # a model's own mean: every token
     diff = f[f.reference == "a"]
     assert diff["value"].item() == pytest.approx(0.5) and diff["n"].item() == 3  # pairs: word-initial tokens
@@ -208,7 +215,7 @@ def test_runs_on_different_inputs_get_no_differences():
     f = comparison_frame("magnitudes", {"a": _samples(rng.normal(0, 1, (2, 20)), 2),
                                          "b": _samples(rng.normal(0, 1, (2, 20)), 2)},
                          unpaired="runs read different inputs: data reviews vs contexts")  # fmt: skip
-    assert (f["reference"] == "").all() and f["note"].str.contains("different inputs").all()
+    assert f["reference"].isna().all() and f["note"].str.contains("different inputs").all()
 
 
 def test_intervals_on_real_texts_cover_the_all_texts_value_and_shrink(neox_dir):
@@ -225,7 +232,7 @@ def test_intervals_on_real_texts_cover_the_all_texts_value_and_shrink(neox_dir):
     key = ["model", "reference", "quantity", "layer"]
     sel = lambda f: f[(f["quantity"] == "log_rms")].set_index(key)  # noqa: E731
     a, b = sel(few), sel(all_)
-    own = a.index.get_level_values("reference") == ""
+    own = a.index.get_level_values("reference").isna()
     covered = (a["ci_low"] <= b["value"]) & (b["value"] <= a["ci_high"])
     assert covered[own].mean() >= 0.8
     width_few, width_all = (a["ci_high"] - a["ci_low"])[own], (b["ci_high"] - b["ci_low"])[own]

@@ -102,7 +102,11 @@ def test_run_all_runs_every_study_in_its_masked_form_and_skips_what_does_not_app
     assert main(argv) == 0
     doc = json.loads((out / "results.json").read_text())
     assert list(doc) == ["position", "logits", "lens", "magnitudes", "distances", "_notes", "_run"]
-    assert doc["_notes"] == ["dummy: skipped for tiny-mlm (it applies to causal LMs only)"]
+    assert doc["_notes"] == [
+        "dummy: skipped for tiny-mlm (it applies to causal LMs only)",
+        "lens on tiny-mlm: --n-texts not applied: it sets the corpus lens, which runs only with --data SOURCE "
+        "(without it the lens reads the one --text)",  # magnitudes reads 8 texts; the lens reads no --data
+    ]
     assert doc["position"]["tiny-mlm"]["metrics"]["loss_kind"] == "pseudo-log-likelihood"
     assert doc["logits"]["tiny-mlm"]["metrics"]["prediction"] == "fill-mask"
     assert "dummy: skipped for tiny-mlm" in (out / "report.html").read_text()

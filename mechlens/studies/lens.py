@@ -48,13 +48,13 @@ import plotly.graph_objects as go
 import torch
 from jaxtyping import Bool, Float, Int
 
-from mechlens import arch, progress, tuned_lens
+from mechlens import arch, plotly_text, progress, tuned_lens
 from mechlens.axes import readout_depth
 from mechlens.errors import DataError, MechlensError
 from mechlens.forward import run_cached
 from mechlens.loading import provenance_of
 from mechlens.ops import LensStats, lens_reduce, stack_layers
-from mechlens.options import Options, check_layer, fail, option
+from mechlens.options import MASKED_SPECIALS, Options, check_layer, fail, option
 from mechlens.stats import regression
 from mechlens.studies import Step
 from mechlens.studies.result import StudyResult, format_values, metrics_of, not_in_metrics
@@ -98,6 +98,22 @@ class Config(Options):
                         "shipped lens of an embedded model, none otherwise) or 'none'", nonempty=True)  # fmt: skip
     mask_prob: float = option(0.15, "corpus lens of a masked LM: fraction of each text's tokens masked (seeded by "
                               "--seed and the text's index)", gt=0, le=1)  # fmt: skip
+
+    def not_applied(self, kind: str | None) -> dict[str, str]:
+        if self.data is None:
+            out = dict.fromkeys(("n_texts", "max_tokens", "reservoir", "mask_prob"),
+                                "it sets the corpus lens, which runs only with --data SOURCE (without it the lens "
+                                "reads the one --text)")  # fmt: skip
+        else:
+            out = dict.fromkeys(("text", "position", "layer", "heatmap_specials", "top_k"),
+                                "with --data the corpus lens runs: per-layer means over the corpus, no --text, "
+                                "studied position, readout layer, heatmap or top-k table")  # fmt: skip
+        if kind == "causal":
+            for name in ("position", "layer", "heatmap_specials", "mask_prob"):
+                out.setdefault(name, "it applies to masked LMs only")
+        elif kind == "masked":
+            out["bos"] = MASKED_SPECIALS
+        return out
 
     def check_model(self, model) -> None:
         lens = tuned_lens_for(model, self.tuned)  # a missing or foreign lens is refused before any forward
@@ -1306,7 +1322,7 @@ def rank_figure(rank, next_tokens: Sequence[str]) -> go.Figure:
     """Causal lens: each position's next-token rank by readout point (log axis, 1 = top)."""
     rank = np.asarray(rank)
     x = list(range(rank.shape[0]))
-    f = go.Figure([go.Scatter(x=x, y=np.maximum(rank[:, p], 0) + 1, name=f"{p}: {next_tokens[p]!r}",
+    f = go.Figure([go.Scatter(x=x, y=np.maximum(rank[:, p], 0) + 1, name=plotly_text.escape(f"{p}: {next_tokens[p]!r}"),
                               mode="lines+markers") for p in range(rank.shape[1])])  # fmt: skip
     f.update_layout(title="Rank of the next token by layer (1 = top)", xaxis_title="readout point (0 = embeddings)",
                     yaxis_type="log", yaxis_title="rank + 1", legend_title_text="position: next token")  # fmt: skip
@@ -1321,6 +1337,7 @@ def sliding_heatmap(s: SlidingMask) -> go.Figure:
     it = iter(labels)
     x = [next(it) if t else f"[{w}]" for t, w in zip(s.is_text, s.tokens, strict=True)]
     note = "text tokens and <s>/</s> (as the original)" if s.has_specials else "text tokens only (<s>/</s> not shown)"
+    note = plotly_text.escape(note)  # plotly reads <s> as strike-through
     return text_heatmap(s.predicted_tokens, s.max_logprob, s.target_logprob, s.target_rank, x, "Masked-LM lens",
                         scale_note=note, top2_gap=s.top2_gap, labelled=True)  # fmt: skip
 
@@ -1333,7 +1350,9 @@ def text_heatmap(predicted, max_lp, target_lp, rank, words, title, *, scale_note
     scaled = (z - np.nanmin(z)) / max(np.nanmax(z) - np.nanmin(z), 1e-12)
     gap = np.full_like(z, np.nan) if top2_gap is None else np.asarray(top2_gap, dtype=np.float64)
     custom = np.stack([np.asarray(target_lp), np.asarray(rank), z, gap], -1)
-    shown = [[t if len(t) <= 9 else t[:8] + "…" for t in row] for row in predicted]  # cells stay legible
+    shown = [[plotly_text.escape(t if len(t) <= 9 else t[:8] + "…") for t in row] for row in predicted]  # legible
+    words = [plotly_text.escape(w) for w in words]  # tokens such as <s> are text, not plotly markup
+    predicted = [[plotly_text.escape(t) for t in row] for row in predicted]
     hover = ("layer %{y}, %{x}<br>predicted %{customdata[4]} (log-prob %{customdata[2]:.2f})"
              "<br>original token log-prob %{customdata[0]:.2f}, rank %{customdata[1]}")  # fmt: skip
     if top2_gap is not None:
@@ -1355,7 +1374,7 @@ def text_heatmap(predicted, max_lp, target_lp, rank, words, title, *, scale_note
     f.update_layout(title=f"{title}: predicted tokens<br><sup>colour: max log-prob, min-max scaled over "
                           f"{scale_note}</sup>",
                     yaxis_title="readout point (0 = embeddings)", xaxis_title="position: original token",
-                    width=max(800, 80 * len(words) + 200), height=max(400, 45 * len(z) + 200),
+                    height=max(400, 45 * len(z) + 200),  # no fixed width: the figure fills its page or cell
                     xaxis={"tickangle": -45})  # fmt: skip
     return f
 

@@ -35,10 +35,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechlens import arch
+from mechlens import arch, plotly_text
 from mechlens.errors import MechlensError
 from mechlens.loading import provenance_of
-from mechlens.options import Options, fail, option
+from mechlens.options import MASKED_SPECIALS, Options, fail, option
 from mechlens.studies import Step
 from mechlens.studies.result import StudyResult, metrics_of, not_in_metrics
 from mechlens.tokens import TokenBatch, encode, single_token_id, word_index
@@ -63,6 +63,9 @@ class Config(Options):
     overflow_scale: float = option(100.0, "logits are multiplied by this to show the naive softmax overflowing",
                                    gt=0)  # fmt: skip
     seed: int = option(0, "random seed", ge=0)
+
+    def not_applied(self, kind: str | None) -> dict[str, str]:
+        return {"bos": MASKED_SPECIALS} if kind == "masked" else {}
 
     def check_model(self, model) -> None:
         single_token_id(model, self.target, flag="--target")
@@ -658,10 +661,11 @@ def logits_figure(nt: NextToken) -> go.Figure:
     at = nt.prediction_logits
     f = go.Figure(go.Scattergl(x=np.arange(len(at)), y=at.numpy(), mode="markers", marker={"size": 2}, name="logits"))
     for t, s, name in ((nt.topk[0].id, nt.topk[0].token, "argmax"), (nt.target.id, nt.target.string, "target")):
-        f.add_scatter(x=[t], y=[float(at[t])], mode="markers+text", text=[f"{name}: {s!r}"],
+        f.add_scatter(x=[t], y=[float(at[t])], mode="markers+text", text=[plotly_text.escape(f"{name}: {s!r}")],
                       textposition="top center", marker={"size": 10}, name=name)  # fmt: skip
     where = "at the <mask> after" if nt.prediction == "fill-mask" else "after"
-    f.update_layout(title=f"Logits {where} {nt.prompt_text!r}", xaxis_title="token id", yaxis_title="logit")
+    f.update_layout(title=plotly_text.escape(f"Logits {where} {nt.prompt_text!r}"), xaxis_title="token id",
+                    yaxis_title="logit")  # fmt: skip
     return f
 
 
@@ -684,10 +688,11 @@ def softmax_figure(nt: NextToken, n: int = 200) -> go.Figure:
 
 def intervention_figure(ft: ForcedToken) -> go.Figure:
     """The 20 largest logits after the intervention, before and after it, at the prediction column."""
-    x = list(ft.shown_strings)
+    x = [plotly_text.escape(t) for t in ft.shown_strings]  # tokens are text, not plotly markup
     before, after = ft.logits_before[ft.column, ft.shown_ids], ft.logits_after[ft.column, ft.shown_ids]
     f = go.Figure([go.Bar(x=x, y=before.numpy(), name="before"), go.Bar(x=x, y=after.numpy(), name="after")])
-    f.update_layout(title=f"Logits before/after lifting {ft.target.string!r} via {HOOK}", barmode="group")
+    f.update_layout(title=plotly_text.escape(f"Logits before/after lifting {ft.target.string!r} via {HOOK}"),
+                    barmode="group")  # fmt: skip
     return f
 
 

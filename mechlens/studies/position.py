@@ -57,7 +57,7 @@ from mechlens.errors import DataError, MechlensError
 from mechlens.forward import iter_cached
 from mechlens.loading import provenance_of
 from mechlens.ops import next_token_loss
-from mechlens.options import Options, fail, option
+from mechlens.options import MASKED_SPECIALS, Options, fail, option
 from mechlens.stats.degenerate import check_regression, repeated_rows, require_finite, zero_variance
 from mechlens.stats.regression import LogisticConfig, logistic, ols
 from mechlens.stats.streaming import Moments, NormalEquations, Reservoir
@@ -89,6 +89,9 @@ class Config(Options):
         "with more texts is sampled",
         ge=1,
     )
+
+    def not_applied(self, kind: str | None) -> dict[str, str]:
+        return {"bos": MASKED_SPECIALS} if kind == "masked" else {}
 
     def check_model(self, model) -> None:
         n_ctx = model.cfg.n_ctx

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mechlens import encode
+from mechlens import encode, plotly_text
 from mechlens.errors import ConfigError
 from mechlens.studies import lens
 
@@ -411,10 +411,12 @@ def test_heatmap_scale_says_which_cells(roberta_pair):
     plain = lens.run(m, lens.Config())
     spec = lens.run(m, lens.Config(heatmap_specials=True))
     hp, hs = plain.figures["heatmap"], spec.figures["heatmap"]
-    assert "text tokens only" in hp.layout.title.text and "<s>/</s>" in hs.layout.title.text
+    assert "text tokens only" in hp.layout.title.text and "<s>/</s>" in plotly_text.plain(hs.layout.title.text)
+    assert "<s>" not in hs.layout.title.text  # escaped: plotly would draw it as strike-through
     n_text = len(plain.metrics["text_tokens"])
     assert len(hp.data[0].x) == n_text and len(hs.data[0].x) == n_text + 2
-    assert hs.data[0].x[0] == "[<s>]" and hs.data[0].x[-1] == "[</s>]" and hs.data[0].x[1] == hp.data[0].x[0]
+    assert hs.data[0].x[0] == "[&lt;s&gt;]" and hs.data[0].x[-1] == "[&lt;/s&gt;]"  # plotly shows [<s>], [</s>]
+    assert hs.data[0].x[1] == hp.data[0].x[0]
     z = spec.parts.sliding.max_logprob.astype(np.float64)
     np.testing.assert_allclose(hs.data[0].z, (z - z.min()) / (z.max() - z.min()), atol=1e-12)
     assert spec.metrics["heatmap_specials"] and not plain.metrics["heatmap_specials"]
@@ -434,6 +436,6 @@ def test_masked_and_causal_target_logprob_flagged_incomparable(tiny_runs):
     assert lens.incomparable({"a": provs["tiny-gpt2"], "b": provs["tiny-gpt2"]}) == {}
     frame = comparison_frame("lens", {name: samples_of(r) for name, r in runs.items()}, provs, n_resamples=200)
     tl = frame[frame["quantity"] == "target_logprob"]
-    assert tl["note"].str.contains("next token").all() and (tl["reference"] == "").all()  # no difference rows
+    assert tl["note"].str.contains("next token").all() and tl["reference"].isna().all()  # no difference rows
     ent = frame[(frame["quantity"] == "entropy") & (frame["model"] == "tiny-gpt2")]
     assert (ent["relative_depth"].to_numpy() == np.arange(len(ent)) / (len(ent) - 1)).all()

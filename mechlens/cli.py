@@ -213,8 +213,13 @@ def cmd_run(args: argparse.Namespace) -> None:
     configs = {s: make_config(STUDIES[s], overrides) for s in studies}
     if args.data is not None and not any(hasattr(c, "data") for c in configs.values()):
         raise ConfigError(f"--data does not apply to study {args.study!r}: it reads no data source", flag="--data")
-    for source in {cfg.data for cfg in configs.values() if getattr(cfg, "data", None)}:
+    for source in {
+        cfg.data for cfg in configs.values() if getattr(cfg, "data", None) and not hasattr(cfg, "check_data")
+    }:
         distributed.on_main(check_source, source)  # each source once, even when every study reads it
+    for cfg in configs.values():  # a study whose data is not texts (e.g. prompt pairs) checks it itself
+        if getattr(cfg, "data", None) and hasattr(cfg, "check_data"):
+            distributed.on_main(cfg.check_data)
     from mechlens.loading import check_device
 
     check_device(args.device)

@@ -594,7 +594,8 @@ def bench_interventions(quick: bool) -> list[dict]:
     runs = exact.n_rows // len(pairs)  # patched runs (each: one edit applied to every pair)
     ratio = exact.seconds / (runs * t_fwd)
     detail = (f"tiny-gpt2, {len(pairs)} pairs of {dev.tokens.shape[1]} tokens: {runs} patched runs in "
-              f"{exact.n_forwards} forwards, {exact.seconds:.2f} s; one unpatched forward {t_fwd * 1e3:.1f} ms")  # fmt: skip
+              f"{exact.n_forwards} forwards, {exact.seconds:.2f} s; one unpatched forward "
+              f"{t_fwd * 1e3:.1f} ms")  # fmt: skip
     return [
         {"item": "8", "what": "interventions: exact patching grid time / (patched runs x one forward)", "value": ratio,
          "unit": "x", "target": "<= 1.5", "ok": ratio <= 1.5, "detail": detail},

@@ -12,9 +12,7 @@ LESSON = (
         "the foil. The metric is `LD = logit[target] - logit[foil]` at the answer column (the last token; for a "
         "masked LM the `<mask>` standing in the target's place). Both prompts of a pair must tokenize to the same "
         "length. `--data pairs.jsonl` reads your own pairs (columns clean, corrupt, target, foil).",
-        """from mechlens.studies import interventions
-
-config = interventions.Config(n_pairs=16, segment_length=6, seed=0)
+        """config = interventions.Config(n_pairs=8, segment_length=6, seed=0)
 model = load_model("tiny-gpt2")  # or "gpt2" online
 pairs = interventions.load_pairs(model, config)
 tok = model.tokenizer
@@ -60,10 +58,9 @@ for method, row in zip(abl.methods, abl.logprob_drop_mean.numpy().round(2).tolis
         "answer from the first segment's tokens to the last position, and for the heads that move it.",
         """den = interventions.activation_patching(model, pairs, clean, corrupt, "denoise")
 print(den.n_rows, "patched rows in", den.n_forwards, "forwards,", round(den.seconds, 2), "s")
-interventions.figures.patching_heatmap(
-    interventions.InterventionsResult(len(pairs), pairs.source, 0.0, 0.0, None, None, abl, den, den,
-                                      interventions.attribution_patching(model, pairs, clean, den), {})
-).show()""",
+print("fraction restored, hook_resid_pre [layer][position]:")
+for layer, row in enumerate(den.restored["resid_pre"]):
+    print(layer, [None if v is None else round(v, 2) for v in row])""",
     ),
     Step(
         "Attribution patching, with its error",

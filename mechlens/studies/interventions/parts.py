@@ -374,12 +374,22 @@ def direct_logit_attribution(model, pairs: PromptPairs) -> DirectLogitAttributio
     note = "" if heads else "no per-head hook points (attn.hook_z)"
     if heads:
         z = torch.stack([at[z_hook(layer)] for layer in range(n_layers)], 1)  # [pair, layer, head, d_head]
-        w_o = model.W_O.detach().float().cpu()  # [layer, head, d_head, d_model]
-        outs = torch.einsum("plhe,lhed->plhd", z.float(), w_o)
-        b_o = model.b_O.detach().float().cpu()  # [layer, d_model]
         attn = torch.stack([at[f"blocks.{layer}.hook_attn_out"] for layer in range(n_layers)], 1)
-        err = (outs.sum(2) + b_o - attn).abs().max() / attn.abs().max().clamp(min=1e-12)
-        if err <= 1e-4:  # fp32 sums of d_head products: ~1e-6 relative; anything larger is a different map
+        try:
+            w_o = model.W_O.detach().float().cpu()  # [layer, head, d_head, d_model]
+            outs = torch.einsum("plhe,lhed->plhd", z.float(), w_o)
+        except (AttributeError, RuntimeError) as e:  # no stacked W_O of the expected shape
+            outs, note = None, f"no per-head output map W_O ({str(e).splitlines()[0][:80]})"
+        try:
+            b_o = model.b_O.detach().float().cpu()  # [layer, d_model]
+        except AttributeError:  # a bias-free output projection
+            b_o = torch.zeros(n_layers, model.cfg.d_model)
+        err = torch.tensor(float("inf"))
+        if outs is not None:
+            err = (outs.sum(2) + b_o - attn).abs().max() / attn.abs().max().clamp(min=1e-12)
+        if outs is None:
+            pass
+        elif err <= 1e-4:  # fp32 sums of d_head products: ~1e-6 relative; anything larger is a different map
             flat = outs.reshape(len(pairs), -1, outs.shape[-1])
             head = torch.einsum("pkd,pd->pk", frozen(flat) - zero, dw).reshape(outs.shape[:3])
             head_bias = torch.einsum("pkd,pd->pk", frozen(b_o.expand(len(pairs), -1, -1)) - zero, dw)

@@ -72,7 +72,10 @@ def token_pool(model, source: str = "reviews", limit: int = 2000) -> list[int]:
     tok = model.tokenizer
     ids = sorted({i for t in load_texts(source) for i in tok(t, add_special_tokens=False)["input_ids"]})
     special = set(getattr(tok, "all_special_ids", None) or [])
-    words = [i for i in ids if i not in special and (s := tok.decode([i])).startswith(" ") and s[1:].isalpha()]
+    decoded = {i: tok.decode([i]) for i in ids if i not in special}
+    words = [i for i, s in decoded.items() if s.startswith(" ") and s[1:].isalpha()]
+    if len(words) < 50:  # a tokenizer without space-prefixed words (WordPiece): whole alphabetic tokens
+        words = [i for i, s in decoded.items() if s.strip().isalpha() and not s.startswith("##")]
     return words[:limit]
 
 

@@ -525,6 +525,9 @@ def test_interventions_dla_sum_identity_or_refusal(loaded):
     if case.kind == "masked" or arch.logit_map(m).softcap is not None:
         assert refusal is not None and "\n" not in refusal, case.name
         return
+    if case.name == "olmo":  # its non-parametric final LayerNorm bridge cannot be called on its own
+        assert refusal is not None and "frozen scale" in refusal and "\n" not in refusal
+        return
     assert refusal is None, (case.name, refusal)
     d = direct_logit_attribution(m, _pairs(m))
     scale = float(d.contribution.abs().sum(1).max() + d.logit_diff.abs().max())

@@ -315,6 +315,14 @@ def dla_refusal(model) -> str | None:
                 "linear in the residual stream")  # fmt: skip
     if "ln_final.hook_scale" not in model.hook_dict:
         return "direct logit attribution refused: the final norm exposes no ln_final.hook_scale to freeze"
+    ro = arch.readout(model)
+    probe = torch.zeros(1, 1, model.cfg.d_model, dtype=ro.weight.dtype, device=ro.weight.device)
+    try:
+        with torch.no_grad(), model.hooks(fwd_hooks=[("ln_final.hook_scale", lambda t, hook: torch.ones_like(t))]):
+            ro.pre(probe)
+    except AttributeError as e:  # e.g. OLMo's non-parametric LayerNorm bridge
+        why = str(e).splitlines()[0][:100]
+        return f"direct logit attribution refused: the final norm cannot be applied with a frozen scale ({why})"
     return None
 
 

@@ -11,7 +11,7 @@
 6. mechlens' causal lens vs TransformerLens' tools.analysis.logit_lens (time and peak memory)
 7. corpus scale: peak memory of magnitudes and the corpus lens over 20,000 vs 2,000 lines of a local file,
    and torchrun with 2 processes vs 1 (largest difference of any statistic, wall-time ratio)
-8. interventions: the exact patching grid's time per patched run over one unpatched forward of the same
+9. interventions: the exact patching grid's time per patched run over one unpatched forward of the same
    pairs (batched rows: close to 1 means the grid costs ~ patched runs x one forward), and attribution
    patching's speed-up over exact patching on the same grid
 (5. the GPU lens throughput runs only where a CUDA device is present: benchmarks/gpu_lens.py)
@@ -597,9 +597,9 @@ def bench_interventions(quick: bool) -> list[dict]:
               f"{exact.n_forwards} forwards, {exact.seconds:.2f} s; one unpatched forward "
               f"{t_fwd * 1e3:.1f} ms")  # fmt: skip
     return [
-        {"item": "8", "what": "interventions: exact patching grid time / (patched runs x one forward)", "value": ratio,
+        {"item": "9", "what": "interventions: exact patching grid time / (patched runs x one forward)", "value": ratio,
          "unit": "x", "target": "<= 1.5", "ok": ratio <= 1.5, "detail": detail},
-        {"item": "8", "what": "interventions: attribution patching speed-up over exact patching (same grid)",
+        {"item": "9", "what": "interventions: attribution patching speed-up over exact patching (same grid)",
          "value": att.speedup, "unit": "x", "target": "> 1", "ok": att.speedup > 1,
          "detail": f"correlation {att.correlation:.3f}, max abs error {att.max_abs_error:.3g} (logits)"},
     ]  # fmt: skip
@@ -638,7 +638,7 @@ def write_results(rows: list[dict], seconds: float, quick: bool) -> str:
 
 
 BENCHES = {"1": bench_hook_overhead, "2": bench_analysis, "3": bench_lens_memory, "4": bench_streaming,
-           "6": bench_vs_transformer_lens, "7": bench_corpus, "8": bench_interventions}  # fmt: skip
+           "6": bench_vs_transformer_lens, "7": bench_corpus, "9": bench_interventions}  # fmt: skip
 
 
 def main(argv=None) -> None:

@@ -12,6 +12,9 @@
 7. corpus scale: peak memory of every study that streams a corpus (STREAMING: magnitudes, the corpus lens with
    and without a tuned lens) over 20,000 vs 2,000 lines of a local file, and torchrun with 2 processes vs 1
    (largest difference of any statistic, wall-time ratio)
+9. interventions: the exact patching grid's time per patched run over one unpatched forward of the same
+   pairs (batched rows: close to 1 means the grid costs ~ patched runs x one forward), and attribution
+   patching's speed-up over exact patching on the same grid
 (5. the GPU lens throughput runs only where a CUDA device is present: benchmarks/gpu_lens.py)
 
 Peak memory is process RSS measured in a fresh child process: the kernel's peak counter is reset
@@ -607,6 +610,37 @@ def corpus_ranks(small: int) -> list[dict]:
     return rows
 
 
+def bench_interventions(quick: bool) -> list[dict]:
+    from mechlens import load_model
+    from mechlens.studies import interventions as iv
+
+    model = load_model("tiny-gpt2")
+    cfg = iv.Config(n_pairs=4 if quick else 16, segment_length=6)
+    pairs = iv.load_pairs(model, cfg)
+    names = iv.all_hooks(model)
+    clean, corrupt = iv.activations(model, pairs.clean, names), iv.activations(model, pairs.corrupt, names)
+    dev = pairs.corrupt
+
+    def forward():  # one unpatched forward of the pairs, as the patched ones run it (stopped at the last block)
+        iv.parts.run_edits(model, dev, pairs.answer, [iv.parts.Edit(None)], {})
+
+    t_fwd = median_time(forward)
+    exact = iv.activation_patching(model, pairs, clean, corrupt, "denoise", cfg.rows_per_forward)
+    att = iv.attribution_patching(model, pairs, clean, exact)
+    runs = exact.n_rows // len(pairs)  # patched runs (each: one edit applied to every pair)
+    ratio = exact.seconds / (runs * t_fwd)
+    detail = (f"tiny-gpt2, {len(pairs)} pairs of {dev.tokens.shape[1]} tokens: {runs} patched runs in "
+              f"{exact.n_forwards} forwards, {exact.seconds:.2f} s; one unpatched forward "
+              f"{t_fwd * 1e3:.1f} ms")  # fmt: skip
+    return [
+        {"item": "9", "what": "interventions: exact patching grid time / (patched runs x one forward)", "value": ratio,
+         "unit": "x", "target": "<= 1.5", "ok": ratio <= 1.5, "detail": detail},
+        {"item": "9", "what": "interventions: attribution patching speed-up over exact patching (same grid)",
+         "value": att.speedup, "unit": "x", "target": "> 1", "ok": att.speedup > 1,
+         "detail": f"correlation {att.correlation:.3f}, max abs error {att.max_abs_error:.3g} (logits)"},
+    ]  # fmt: skip
+
+
 # -- report -------------------------------------------------------------------------------------------
 
 
@@ -640,7 +674,7 @@ def write_results(rows: list[dict], seconds: float, quick: bool) -> str:
 
 
 BENCHES = {"1": bench_hook_overhead, "2": bench_analysis, "3": bench_lens_memory, "4": bench_streaming,
-           "6": bench_vs_transformer_lens, "7": bench_corpus}  # fmt: skip
+           "6": bench_vs_transformer_lens, "7": bench_corpus, "9": bench_interventions}  # fmt: skip
 
 
 def main(argv=None) -> None:

@@ -235,8 +235,13 @@ def cmd_run(args: argparse.Namespace) -> None:
     given = {k for k, v in overrides.items() if v is not None and k not in COMMON}
     unused_options(configs, given, {s: dict.fromkeys(args.model or STUDIES[s].default_models) for s in studies})
     args.given_options = given
-    for source in {cfg.data for cfg in configs.values() if getattr(cfg, "data", None)}:
+    for source in {
+        cfg.data for cfg in configs.values() if getattr(cfg, "data", None) and not hasattr(cfg, "check_data")
+    }:
         distributed.on_main(check_source, source)  # each source once, even when every study reads it
+    for cfg in configs.values():  # a study whose data is not texts (e.g. prompt pairs) checks it itself
+        if getattr(cfg, "data", None) and hasattr(cfg, "check_data"):
+            distributed.on_main(cfg.check_data)
     from mechlens.loading import check_device
     from mechlens.preflight import check_model_paths, check_tuned_paths
 

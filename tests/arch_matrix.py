@@ -200,7 +200,8 @@ LOAD_PATHS: dict[str, LoadPath] = {
                              position_embedding_type="nope"), 6965100,
                  loaded_as="GraniteMoeHybridForCausalLM",
                  refused_studies=(("magnitudes", _MAMBA.format("attention output", "hook_attn_out")),
-                                  ("distances", _MAMBA.format("attention output", "hook_attn_out")))),
+                                  ("distances", _MAMBA.format("attention output", "hook_attn_out")),
+                                  ("interventions", _MAMBA.format("attention output", "hook_attn_out")))),
     ]
 }  # fmt: skip
 

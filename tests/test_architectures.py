@@ -24,7 +24,7 @@ import re
 
 import pytest
 import torch
-from arch_matrix import CASES, LOAD_PATHS, TEXTS, L, build, build_load_path, hf_logits_from, hf_run
+from arch_matrix import CASES, LOAD_PATHS, TEXTS, L, build, build_load_path, hf_logits_from, hf_run, module
 
 from mechlens import UnsupportedArchitectureError, arch, encode, load_model, provenance_of, run_cached
 from mechlens.studies import lens
@@ -230,7 +230,7 @@ COFFEE = " ".join(["I like oat milk in my coffee every morning."] * 6)
 
 
 def _study_config(case, name):
-    from mechlens.studies import distances, logits, magnitudes, position
+    from mechlens.studies import distances, interventions, logits, magnitudes, position
 
     return {
         "lens": lens.Config(text="the cat sat on the warm windowsill .", position=2)
@@ -240,6 +240,7 @@ def _study_config(case, name):
         "distances": distances.Config(n_targets=4, n_synthetic=20, mi_bins=(4,), n_context=4),
         "position": position.Config(seqlen=4, n_train=8, n_test=4, max_iter=100),
         "logits": logits.Config(n_samples=10, n_new_tokens=1),
+        "interventions": interventions.Config(n_pairs=2, segment_length=2),
     }[name]
 
 
@@ -486,3 +487,155 @@ def test_a_bridge_that_cannot_run_or_read_out_is_refused_in_one_line(monkeypatch
         mp.setattr(arch, "readout_hook_names", lambda model: ["blocks.0.hook_resid_pre", "blocks.9.hook_resid_post"])
         with pytest.raises(UnsupportedArchitectureError, match=r"no residual-stream hook point blocks\.9"):
             validate.check_readout(m)
+
+
+# -- study 6 (interventions) against Hugging Face --------------------------------------------------------
+
+# HF module whose *input* is the heads' concatenated z (attn.hook_z flattened), per family checked
+Z_INPUT = {"gpt2": "attn.c_proj", "llama": "self_attn.o_proj", "gpt-neox": "attention.dense",
+           "bert": "attention.output.dense"}  # fmt: skip
+
+
+def _pairs(m, n: int = 3, k: int = 3):
+    """Seeded pairs of token ids inside every family's vocabulary (BERT's is 128 words)."""
+    from mechlens.studies.interventions import RawPair, parts
+
+    special = set(m.tokenizer.all_special_ids)
+    pool = [i for i in range(5, min(m.cfg.d_vocab, 2000)) if i not in special]
+    g = torch.Generator().manual_seed(0)
+    tail = (arch.mask_id(m),) if arch.kind_of(m) == "masked" else ()
+    raw = []
+    for _ in range(n):
+        d = [pool[i] for i in torch.randperm(len(pool), generator=g)[: 2 * k].tolist()]
+        s, s2 = d[:k], d[k:]
+        raw.append(RawPair(tuple(s + s[:-1]) + tail, tuple(s2 + s[:-1]) + tail, s[-1], s2[-1]))
+    return parts.encode_pairs(m, raw, "test")
+
+
+def test_interventions_dla_sum_identity_or_refusal(loaded):
+    """Where the readout is linear in the residual stream (every causal family without a logit soft-cap)
+    the direct contributions + readout bias add up to the model's own logit difference, and the hooks
+    leave nothing unaccounted; elsewhere the part is refused in one line. Tolerance: ~2L+2 fp32 terms of
+    dot products of length 64 whose size is that of the logits (|LD| and the terms up to ~60 here):
+    1e-5 x (sum |terms| + |LD|) + 1e-5."""
+    from mechlens.studies.interventions import direct_logit_attribution, dla_refusal
+
+    case, m = loaded.case, loaded.model
+    refusal = dla_refusal(m)
+    if case.kind == "masked" or arch.logit_map(m).softcap is not None:
+        assert refusal is not None and "\n" not in refusal, case.name
+        return
+    if case.name == "olmo":  # its non-parametric final LayerNorm bridge cannot be called on its own
+        assert refusal is not None and "frozen scale" in refusal and "\n" not in refusal
+        return
+    assert refusal is None, (case.name, refusal)
+    d = direct_logit_attribution(m, _pairs(m))
+    scale = float(d.contribution.abs().sum(1).max() + d.logit_diff.abs().max())
+    assert d.identity_error <= 1e-5 * scale + 1e-5, (case.name, d.identity_error, scale)
+    assert d.remainder_max <= 1e-5 * scale + 1e-5, (case.name, d.remainder_max)
+    if d.head is not None:  # heads + b_O add up to the attention output's contribution
+        total = d.head.sum(-1) + d.head_bias
+        torch.testing.assert_close(total, d.contribution[:, 1::2], rtol=0, atol=1e-5 * scale + 1e-5)
+
+
+@pytest.mark.parametrize("name", list(Z_INPUT))
+def test_interventions_patching_and_ablation_equal_hf_forward_hooks(name, tmp_path):
+    """Exact patching (denoising: every cell of the resid_pre / attn_out / mlp_out grids and every head)
+    and zero/mean ablation redone on the HF model with plain register_forward_hook /
+    register_forward_pre_hook on the modules of tests/arch_matrix.py. Tolerance: the same fp32 model on
+    both sides, rows batched differently (another GEMM blocking order: ~1e-6 of the logits, as for
+    padding): LD within 1e-4 + 1e-5 x max|logit|; log-prob drops and KL within 2x that."""
+    from mechlens.studies.interventions import ablation, activation_patching, activations, all_hooks
+
+    case = CASES[name]
+    hf, tok = build(case, str(tmp_path))
+    m = load_model(copy.deepcopy(hf), tokenizer=tok)
+    pp = _pairs(m)
+    names = all_hooks(m)
+    clean, corrupt = activations(m, pp.clean, names), activations(m, pp.corrupt, names)
+    den = activation_patching(m, pp, clean, corrupt, "denoise")
+    r = torch.arange(len(pp))
+    blocks = module(hf, case.blocks)
+
+    def hf_logits(tokens, hooks=()):
+        handles = [h() for h in hooks]
+        try:
+            with torch.no_grad():
+                return hf(input_ids=tokens, attention_mask=pp.clean.attention_mask).logits[r, pp.answer]
+        finally:
+            for h in handles:
+                h.remove()
+
+    def ld(z):
+        return z[r, pp.target] - z[r, pp.foil]
+
+    def record(mod, pre=False):
+        out = {}
+        if pre:
+            h = mod.register_forward_pre_hook(lambda _m, args: out.__setitem__("x", args[0].detach().clone()))
+        else:
+            h = mod.register_forward_hook(lambda _m, _i, o: out.__setitem__("x", (o[0] if isinstance(o, tuple) else o)
+                                                                          .detach().clone()))  # fmt: skip
+        with torch.no_grad():
+            hf(input_ids=pp.clean.tokens, attention_mask=pp.clean.attention_mask)
+        h.remove()
+        return out["x"]
+
+    def replace_output(mod, value, col=None):
+        def hook(_m, _i, o):
+            x = o[0] if isinstance(o, tuple) else o
+            x = x.clone()
+            x[:, slice(None) if col is None else col] = value if col is None else value[:, col]
+            return (x, *o[1:]) if isinstance(o, tuple) else x
+
+        return lambda: mod.register_forward_hook(hook)
+
+    def replace_input(mod, value, col=None, cols_of=None):
+        def hook(_m, args):
+            x = args[0].clone()
+            sl = slice(None) if col is None else col
+            if cols_of is None:
+                x[:, sl] = value[:, sl]
+            else:
+                x[:, sl, cols_of] = value[:, sl, cols_of]
+            return (x, *args[1:])
+
+        return lambda: mod.register_forward_pre_hook(hook)
+
+    z0 = hf_logits(pp.corrupt.tokens)
+    scale = float(z0.abs().max())
+    tol = 1e-4 + 1e-5 * scale
+    base = ld(z0)
+    width = pp.clean.tokens.shape[1]
+    for layer, block in enumerate(blocks):
+        resid = record(block, pre=True) if layer else None
+        attn, mlp = record(module(block, case.attn)), record(module(block, case.mlp))
+        for col in range(width):
+            cells = [("attn_out", replace_output(module(block, case.attn), attn, col)),
+                     ("mlp_out", replace_output(module(block, case.mlp), mlp, col))]  # fmt: skip
+            if layer:
+                cells.append(("resid_pre", replace_input(block, resid, col)))
+            for grid, h in cells:
+                want = ld(hf_logits(pp.corrupt.tokens, [h])) - base
+                got = den.dld[grid][layer, col]
+                assert (got - want).abs().max() <= tol, (name, grid, layer, col, got, want)
+        z_mod = module(block, Z_INPUT[name])
+        zin = record(z_mod, pre=True)
+        d_head = zin.shape[-1] // m.cfg.n_heads
+        for head in range(m.cfg.n_heads):
+            h = replace_input(z_mod, zin, None, slice(head * d_head, (head + 1) * d_head))
+            want = ld(hf_logits(pp.corrupt.tokens, [h])) - base
+            assert (den.head_dld[layer, head] - want).abs().max() <= tol, (name, layer, head)
+    abl = ablation(m, pp, clean)
+    ref = hf_logits(pp.clean.tokens).log_softmax(-1)
+    text = pp.clean.text_mask
+    for layer, block in enumerate(blocks):
+        for j, which in enumerate((case.attn, case.mlp)):
+            mod = module(block, which)
+            act = record(mod)
+            for i, value in ((0, torch.zeros_like(act)), (1, act[text].mean(0).expand_as(act))):
+                lp = hf_logits(pp.clean.tokens, [replace_output(mod, value)]).log_softmax(-1)
+                drop = ref[r, pp.target] - lp[r, pp.target]
+                kl = (ref.exp() * (ref - lp)).sum(-1)
+                assert (abl.logprob_drop[i, 2 * layer + j] - drop).abs().max() <= 2 * tol, (name, which, i)
+                assert (abl.kl[i, 2 * layer + j] - kl).abs().max() <= 2 * tol, (name, which, i)

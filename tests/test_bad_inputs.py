@@ -39,6 +39,12 @@ def scratch_template(tmp_path_factory) -> pathlib.Path:
     (d / "notes.txt").write_text("my notes\n")
     (d / "bad.jsonl").write_text('{"text": "fine"}\nnot json\n')
     (d / "rows.csv").write_text("title,body\na,b\n")
+    # prompt pairs (study interventions): unequal lengths in pair #1, a two-token target, a missing column
+    good = {"clean": "The cat sat on the mat", "corrupt": "The dog sat on the mat", "target": " and", "foil": " or"}
+    pairs = [good, {**good, "corrupt": "The big dog sat on the mat"}]
+    (d / "unequal_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    (d / "two_token_target.jsonl").write_text(json.dumps({**good, "target": " and then"}) + "\n")
+    (d / "no_foil.csv").write_text("clean,corrupt,target\nThe cat,The dog, sat\n")
     (d / "precious").mkdir()
     (d / "precious" / "thesis.txt").write_text("three years of work\n")
     hf, tok = make_gpt2()
@@ -135,6 +141,12 @@ CASES = [
     ("run position --data hellaswag", "needs the Hugging Face hub"),
     ("run position --n-train 400 --n-test 400", "lower --n-train/--n-test"),
     ("run distances --target ' piano'", "choose another --target"),
+    ("run interventions --data unequal_pairs.jsonl", "pair #1 (clean 'The cat sat on the mat'): clean and corrupt"),
+    ("run interventions --data two_token_target.jsonl", "pair #0 (clean 'The cat sat on the mat'): target"),
+    ("run interventions --data no_foil.csv", "has no column 'foil'"),
+    ("run interventions --data no-such-pairs.jsonl", "no such file"),
+    ("run interventions --n-pairs 0", "--n-pairs"),
+    ("run interventions --segment-length 1", "--segment-length"),
     # output directories mechlens must not write
     ("run logits --out notes.txt", "is an existing file"),
     ("run logits --out precious", "non-empty directory that mechlens did not write"),

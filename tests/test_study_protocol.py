@@ -97,11 +97,12 @@ def test_run_all_runs_every_study_in_its_masked_form_and_skips_what_does_not_app
     the dummy, declared causal-only, is skipped and the run says so."""
     out = tmp_path / "mlm"
     argv = ["run", "all", "--model", "tiny-mlm", "--n-texts", "8", "--n-synthetic", "200", "--mi-bins", "4",
-            "--n-train", "20", "--n-test", "20", "--n-samples", "20", "--n-new-tokens", "2",
+            "--n-train", "20", "--n-test", "20", "--n-samples", "20", "--n-new-tokens", "2", "--n-pairs", "2",
+            "--segment-length", "2",
             "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     doc = json.loads((out / "results.json").read_text())
-    assert list(doc) == ["position", "logits", "lens", "magnitudes", "distances", "_notes", "_run"]
+    assert list(doc) == ["position", "logits", "lens", "magnitudes", "distances", "interventions", "_notes", "_run"]
     assert doc["_notes"] == [
         "dummy: skipped for tiny-mlm (it applies to causal LMs only)",
         "lens on tiny-mlm: --n-texts not applied: it sets the corpus lens, which runs only with --data SOURCE "

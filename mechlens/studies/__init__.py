@@ -104,6 +104,13 @@ STUDIES: dict[str, StudyInfo] = {
             ("tiny-gpt2",),
             hooks=("blocks.{layer}.hook_attn_out", "blocks.{layer}.hook_mlp_out"),
         ),
+        _study(
+            "interventions",
+            "6. Interventions: attribution, ablation and patching",
+            BOTH,
+            ("tiny-gpt2",),
+            hooks=("blocks.{layer}.hook_resid_pre", "blocks.{layer}.hook_attn_out", "blocks.{layer}.hook_mlp_out"),
+        ),
     )
 }
 

@@ -307,8 +307,9 @@ def pair_measures(acts: np.ndarray, seed: int = 0, n_jobs: int = 1) -> dict[str,
 
 def kendall(measure: np.ndarray, pos_dist: np.ndarray, name: str | None = None) -> tuple[float, float]:
     """Kendall tau-b (and p) of two square matrices over their upper triangles. A constant triangle (no
-    untied pair) leaves tau undefined: scipy's NaN when ``name`` is None (the layer sweep reports it as
-    None), else :class:`NonFiniteError` naming ``name`` (the headline part, :func:`pairwise_measures`)."""
+    untied pair) leaves tau undefined: scipy's NaN when ``name`` is None (:func:`pairwise_measures` and the
+    layer sweep report it as None: one degenerate measure does not stop the others), else
+    :class:`NonFiniteError` naming ``name``."""
     a, b = upper(measure), upper(pos_dist)
     res = scipy.stats.kendalltau(a, b)
     if name is not None and not (np.isfinite(res.statistic) and np.isfinite(res.pvalue)):
@@ -348,8 +349,9 @@ def pairwise_measures(outputs: TargetOutputs, layer: int, *, seed: int = 0, n_jo
     pos = outputs.positions
     pos_dist = np.abs(pos[:, None] - pos[None, :]).astype(np.float64)
     dist = {k: pair_measures(a[layer], seed, n_jobs) for k, a in outputs.outputs.items()}
-    taus = {k: {m: Tau(*kendall(v, pos_dist, f"{m} of the {k} outputs")) for m, v in d.items()}
-            for k, d in dist.items()}  # fmt: skip
+    # a constant measure (e.g. a histogram MI saturated at every pair) leaves its tau undefined: marked NaN ->
+    # None in results.json, as PairwiseMeasures says, while the other measures still answer
+    taus = {k: {m: Tau(*kendall(v, pos_dist)) for m, v in d.items()} for k, d in dist.items()}
     return PairwiseMeasures(
         layer=layer, positions=pos, position_distance=pos_dist, distance_matrices=dist, kendall_tau=taus
     )

@@ -111,6 +111,7 @@ print("\n".join(interventions.headline(result.metrics)))
 print(interventions.samples(result).head())
 result.figures["patching"].show()
 result.figures["attribution_vs_exact"].show()
+result.provenance
 
 write_outputs({"interventions": [result]}, out)
 print("report: runs/interventions/report.html")

@@ -70,6 +70,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -277,13 +278,18 @@ def read_kv_cache_keyword() -> None:
 
     This wraps that one method: when neither ``past_key_values`` nor ``layer_past`` is given and ``cache``
     is, the cache is passed on as ``past_key_values``; every other call goes through unchanged, so it is a
-    no-op on transformers <= 5.23 and for the families that name the cache ``layer_past``. Idempotent (a
+    no-op on transformers <= 5.23 and for the families that name the cache ``layer_past``; transformers' own
+    FutureWarning about ``past_key_values`` (which TransformerLens' generate still passes) is filtered. Idempotent (a
     second call finds the wrapper and returns). :func:`mechlens.load_model` calls it before the bridge
     boots. Retire it when a TransformerLens release reads ``cache`` itself: ``tools/generate_check.py``
     (run by ``tools/deps.py canary`` without this fix) then reports 0 broken checks on transformers >= 5.24.
     """
     from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
+    # TransformerLens 4.3's generate still calls the HF model with past_key_values=, which transformers >= 5.24
+    # answers with a FutureWarning on every cached generate (the load-time check included): the same keyword
+    # change, not the user's code, so it is not shown
+    warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
     original = AttentionBridge._update_kv_cache
     if getattr(original, _READS_CACHE_KEYWORD, False):
         return

@@ -21,6 +21,7 @@ from mechlens.tokens import encode
 
 # results.json's schema before the parts refactor (issue #13): every key must stay, with its nesting
 METRIC_KEYS = {
+    "degenerate",  # issue 28: notes on repeated / train-equal-test texts (empty when there are none)
     "loss_mean_by_position", "loss_std_by_position", "loss_mean_by_position_test",
     "ols.params", "ols.bse", "ols.tvalues", "ols.pvalues", "ols.r2", "ols.r2_adj", "ols.nobs", "ols.summary",
     "sklearn_linear.intercept", "sklearn_linear.slope", "linear_predictions",

@@ -80,6 +80,7 @@ print("correlation", round(att.correlation, 3), "| max abs error", round(att.max
 print("\\n".join(interventions.headline(result.metrics)))
 print(interventions.samples(result).head())
 result.figures["patching"].show()
-result.figures["attribution_vs_exact"].show()""",
+result.figures["attribution_vs_exact"].show()
+result.provenance""",
     ),
 )

@@ -17,7 +17,7 @@ import torch
 from mechlens import arch, hub
 from mechlens.errors import MechlensError, ModelNotAvailableError, NonFiniteError, UnsupportedArchitectureError
 from mechlens.provenance import Provenance
-from mechlens.tokenizer import check_tokenizer
+from mechlens.tokenizer import TOKENIZER_FILES, check_tokenizer
 from mechlens.tokens import tokenizer_signature
 from mechlens.zoo import EMBEDDED
 
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 WEIGHTS = ("raw", "processed")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model")
 _PROVENANCE_ATTR = "_mechlens_provenance"
 
 
@@ -335,7 +334,7 @@ def _load_dir(path: pathlib.Path, tokenizer, load_kw: dict):
         ) from None
     cls = _model_class(archs[0], config.get("model_type"))
     if tokenizer is None:
-        if not any((path / f).exists() for f in _TOKENIZER_FILES):
+        if not any((path / f).exists() for f in TOKENIZER_FILES):
             raise ModelNotAvailableError(
                 f"{path} holds a model but no tokenizer: save it there with tokenizer.save_pretrained(dir), or, "
                 f"for GPT-2's BPE, 'mechlens add-tokenizer gpt2-bpe {path}' (roberta-bpe for a RoBERTa-style "

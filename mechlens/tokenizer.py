@@ -24,6 +24,9 @@ from transformers import GPT2TokenizerFast, PreTrainedTokenizerBase, RobertaToke
 
 from mechlens.errors import MechlensError
 
+# the files a save_pretrained directory holds its tokenizer in (any one of them means: a tokenizer is there)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model")
+
 GPT2_VOCAB_SIZE = 50257
 MLM_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
 MLM_ID_OFFSET = len(MLM_SPECIALS)
@@ -137,14 +140,12 @@ def save_tokenizer(name: str, model_dir: str | pathlib.Path) -> pathlib.Path:
     Checked first: ``config.json`` is there, no tokenizer is there yet (nothing is overwritten), and the
     tokenizer's ids fit the model's vocabulary. ``model_max_length`` is the model's context (RoBERTa's
     positions start after the padding index: ``max_position_embeddings - 2``). Returns the file written."""
-    from mechlens.loading import _TOKENIZER_FILES
-
     tok = offline_tokenizer(name, for_files=True)
     path = pathlib.Path(model_dir).expanduser()
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise TokenizerError(f"{path} has no config.json: save the model there first with model.save_pretrained(dir)")
-    present = [f for f in _TOKENIZER_FILES if (path / f).exists()]
+    present = [f for f in TOKENIZER_FILES if (path / f).exists()]
     if present:
         raise TokenizerError(f"{path} already holds a tokenizer ({', '.join(present)}): nothing was written; "
                              "remove those files to replace it")  # fmt: skip

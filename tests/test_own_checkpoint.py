@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from mechlens.cli import main
-from mechlens.loading import _TOKENIZER_FILES, load_model
+from mechlens.loading import load_model
+from mechlens.tokenizer import TOKENIZER_FILES
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +26,7 @@ def test_add_tokenizer_gives_a_bare_checkpoint_the_embedded_models_tokenizer(tmp
 
     bare = tmp_path / "ckpt"
     assert main(["export", name, str(bare)]) == 0
-    for f in [*_TOKENIZER_FILES, "special_tokens_map.json", "merges.txt"]:
+    for f in [*TOKENIZER_FILES, "special_tokens_map.json", "merges.txt"]:
         (bare / f).unlink(missing_ok=True)
     with_arg = load_model(bare, tokenizer=tokenizer)  # in Python, no files written
     assert main(["add-tokenizer", tokenizer, str(bare)]) == 0

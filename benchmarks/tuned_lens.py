@@ -43,7 +43,7 @@ def train_job(n_layers: int, steps: int, chunk_mb: int = 256):
         return bridge_of(_gpt2(n_layers)), load_texts("contexts")
 
     def work(state):
-        from mechlens import tuned_lens as tl
+        from mechlens.lens import training as tl
 
         model, texts = state
         kw = dict(batch_size=16, heldout=0, max_tokens=32, evaluate=False, max_chunk_bytes=chunk_mb * 2**20)
@@ -57,17 +57,17 @@ def train_job(n_layers: int, steps: int, chunk_mb: int = 256):
 
 def eval_job(n_layers: int, tuned: bool, n_texts: int = 32):
     def setup():
-        from mechlens import tuned_lens as tl
         from mechlens.data import load_texts
+        from mechlens.lens import tuned as tlens
 
         model = bridge_of(_gpt2(n_layers))
-        return model, load_texts("contexts")[:n_texts], tl.identity_lens(model) if tuned else None
+        return model, load_texts("contexts")[:n_texts], tlens.identity_lens(model) if tuned else None
 
     def work(state):
-        from mechlens.studies import lens
+        from mechlens.lens.corpus import corpus_lens
 
         model, texts, t = state
-        c = lens.corpus_lens(model, texts, max_tokens=32, batch_size=16, tuned=t, n_samples=1)
+        c = corpus_lens(model, texts, max_tokens=32, batch_size=16, tuned=t, n_samples=1)
         return {"positions": c.n_predictions}
 
     return setup, work

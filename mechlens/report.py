@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import json
-import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -195,14 +194,14 @@ def sections_of(
     return sections, findings
 
 
-def write_report(
+def report_of(
     results,
-    path: pathlib.Path,
     notes: Sequence[str] = (),
     context: Mapping[str, Any] | None = None,
     comparison=None,
-) -> None:
+) -> str:
+    """The report of a run (study -> its :class:`~mechlens.result.StudyResult` list), as HTML."""
     entries = {study: {r.model: r.to_json() for r in rs} for study, rs in results.items()}
     figures = {study: {r.model: r.figures for r in rs} for study, rs in results.items()}
     sections, findings = sections_of(entries, comparison, figures)
-    pathlib.Path(path).write_text(render(sections, notes, context=context, findings=findings), encoding="utf-8")
+    return render(sections, notes, context=context, findings=findings)

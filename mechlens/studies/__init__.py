@@ -11,7 +11,7 @@ The study protocol (what a study module exposes; nothing outside it and this reg
   taking a model and a :class:`~mechlens.tokens.TokenBatch` or tensors and returning a frozen
   dataclass with jaxtyping-annotated fields;
 * ``run(model, cfg, inputs) -> StudyResult``: composes the parts; ``result.parts`` is the typed result
-  and ``result.metrics`` (``results.json``) is derived from it (:func:`~mechlens.studies.result.metrics_of`);
+  and ``result.metrics`` (``results.json``) is derived from it (:func:`~mechlens.result.metrics_of`);
 * ``figures(...)``, ``headline(metrics) -> list[str]`` (the findings in words; the first line is the
   terminal summary) and ``compare(entries) -> dict[str, Figure]`` for several models;
 * ``samples(result) -> pandas.DataFrame``: per-unit statistics (one row per text, token or occurrence

@@ -47,10 +47,10 @@ from mechlens.forward import run_cached
 from mechlens.loading import provenance_of
 from mechlens.ops import stack_layers, vector_norm
 from mechlens.options import Options, check_layer, option
+from mechlens.result import StudyResult, format_values, metrics_of, not_in_metrics, sample_table
 from mechlens.stats.distance import minkowski, pairwise_minkowski
 from mechlens.stats.information import mi_histogram, mi_knn, pairwise_mi
 from mechlens.studies import Step
-from mechlens.studies.result import StudyResult, format_values, metrics_of, not_in_metrics
 from mechlens.tokens import Texts, TokenBatch, encode, single_token_id, target_positions, word_index
 
 MEASURES = ("MI", "L1", "L2")
@@ -502,18 +502,9 @@ def samples(result: StudyResult) -> pd.DataFrame:
                 for i, v in enumerate(row):
                     if np.isfinite(v):
                         rows.append((quantity, li, float(depth[li]), i, float(v)))
-    frame = pd.DataFrame(rows, columns=["quantity", "layer", "relative_depth", "sample", "value"])
-    return pd.DataFrame(
-        {
-            "quantity": frame["quantity"].astype(object),
-            "layer": frame["layer"].astype("Int64"),
-            "relative_depth": frame["relative_depth"].astype(np.float64),
-            "position": pd.array([pd.NA] * len(frame), dtype="Int64"),
-            "word": pd.array([pd.NA] * len(frame), dtype="Int64"),
-            "unit": "occurrence",
-            "sample": frame["sample"].astype(np.int64),
-            "value": frame["value"].astype(np.float64),
-        }
+    quantity, layer, depth, sample, value = (list(c) for c in zip(*rows, strict=True)) if rows else ([],) * 5
+    return sample_table(
+        np.array(quantity, dtype=object), value, unit="occurrence", sample=sample, layer=layer, relative_depth=depth
     )
 
 

@@ -43,24 +43,34 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import einops
 import numpy as np
 import plotly.graph_objects as go
 import torch
 from jaxtyping import Bool, Float, Int
 
-from mechlens import arch, progress, tuned_lens
+from mechlens import arch
 from mechlens.axes import readout_depth
-from mechlens.errors import DataError, MechlensError
-from mechlens.forward import run_cached
+from mechlens.errors import MechlensError
+from mechlens.lens import tuned as tuned_lens
+from mechlens.lens.corpus import CorpusLens, corpus_lens
+from mechlens.lens.readings import (
+    QUANTITIES as CORPUS_QUANTITIES,
+)
+from mechlens.lens.readings import (
+    TunedComparison,
+    card_summary,
+    compare_lenses,
+    first_depth_below,
+    lens_stats,
+)
+from mechlens.lens.tuned import TunedLens
 from mechlens.loading import provenance_of
-from mechlens.ops import LensStats, lens_reduce, stack_layers
+from mechlens.ops import LensStats
 from mechlens.options import Options, check_layer, fail, option
+from mechlens.result import StudyResult, format_values, metrics_of, not_in_metrics, sample_table
 from mechlens.stats import regression
 from mechlens.studies import Step
-from mechlens.studies.result import StudyResult, format_values, metrics_of, not_in_metrics
 from mechlens.tokens import TokenBatch, encode, word_index
-from mechlens.tuned_lens import TunedLens
 
 NAME = "lens"
 
@@ -124,40 +134,6 @@ class Config(Options):
             fail("top_k", f"must be <= {model.cfg.d_vocab} (the vocabulary size), got {self.top_k}")
 
 
-# -- the vocabulary readout ----------------------------------------------------------------------
-
-
-def lens_stats(
-    model,
-    batch: TokenBatch,
-    targets: torch.Tensor | None,
-    *,
-    rows: torch.Tensor | None = None,
-    k: int = 5,
-    entropy: bool = True,
-    kl_to_final: bool = False,
-    batch_size: int | None = None,
-    max_chunk_bytes: int = 128 * 2**20,
-) -> LensStats:
-    """Every readout point of ``batch`` through the model's head, reduced per (layer, position):
-    one forward caching only the ``n_layers + 1`` residual-stream hook points."""
-    names = arch.readout_hook_names(model)
-    _, acts = run_cached(model, batch, names, batch_size=batch_size, progress="lens forward")
-    resid = stack_layers(acts, names)  # [layer, batch, pos, d_model]
-    rows = batch.attention_mask.bool() if rows is None else rows
-    return lens_reduce(
-        resid,
-        arch.readout(model),
-        targets=targets,
-        rows=rows,
-        k=k,
-        entropy=entropy,
-        kl_to_final=kl_to_final,
-        max_chunk_bytes=max_chunk_bytes,
-        progress=not progress.QUIET,
-    )
-
-
 # -- the tuned lens beside the logit lens ----------------------------------------------------------
 
 
@@ -178,7 +154,7 @@ def tuned_lens_for(model, spec: str | None) -> TunedLens | None:
     """The tuned lens ``--tuned`` names for ``model`` (:func:`tuned_source`): ``None`` for ``'none'``; for
     ``'auto'`` the shipped lens of an embedded model when its fingerprint matches (an embedded model loaded
     with other weights, e.g. ``weights="processed"``, gets none), none for any other model; otherwise
-    :func:`mechlens.tuned_lens.load_tuned_lens` (a lens of another model is refused)."""
+    :func:`mechlens.lens.tuned.load_tuned_lens` (a lens of another model is refused)."""
     from mechlens.zoo import EMBEDDED
 
     spec = tuned_source(model, spec)
@@ -193,111 +169,6 @@ def tuned_lens_for(model, spec: str | None) -> TunedLens | None:
         except tuned_lens.TunedLensError:
             return None
     return tuned_lens.load_tuned_lens(spec, model)
-
-
-def pair_stats(
-    model,
-    batch: TokenBatch,
-    targets: torch.Tensor,
-    tuned: TunedLens | None,
-    *,
-    rows: torch.Tensor | None = None,
-    k: int = 1,
-    batch_size: int | None = None,
-    max_chunk_bytes: int = 128 * 2**20,
-) -> tuple[LensStats, LensStats | None]:
-    """The logit lens and (with ``tuned``) the tuned lens of ``batch`` from one forward: every readout point
-    through the model's head, once as cached and once translated (:meth:`TunedLens.translate`), each reduced
-    over the vocabulary by :func:`mechlens.ops.lens_reduce` (entropy and KL to the final readout included;
-    the tuned lens' last point is the identity, so both lenses share the final readout)."""
-    names = arch.readout_hook_names(model)
-    _, acts = run_cached(model, batch, names, batch_size=batch_size)
-    resid = stack_layers(acts, names)
-    rows = batch.attention_mask.bool() if rows is None else rows
-    kw = dict(targets=targets, rows=rows, k=k, entropy=True, kl_to_final=True, max_chunk_bytes=max_chunk_bytes)
-    logit = lens_reduce(resid, arch.readout(model), **kw)
-    if tuned is None:
-        return logit, None
-    with torch.no_grad():
-        translated = tuned.translate(resid)
-    del resid
-    return logit, lens_reduce(translated, arch.readout(model), **kw)
-
-
-@dataclasses.dataclass(frozen=True)
-class LensReadings:
-    """One lens at the study's cells (``[readout point, cell]``): the target's log-prob and 0-based rank,
-    the entropy and KL(final readout || this readout) in nats, and whether the top-1 equals the final
-    readout's; by-layer means over the cells beside them (``rank_mean_by_layer``: the mean rank)."""
-
-    target_logprob_by_layer: Float[np.ndarray, " layer"]
-    rank_mean_by_layer: Float[np.ndarray, " layer"]
-    entropy_by_layer: Float[np.ndarray, " layer"]
-    kl_to_final_by_layer: Float[np.ndarray, " layer"]
-    top1_agreement_by_layer: Float[np.ndarray, " layer"]
-    target_logprob: Float[np.ndarray, "layer cell"] = not_in_metrics()
-    rank: Int[np.ndarray, "layer cell"] = not_in_metrics()
-    entropy: Float[np.ndarray, "layer cell"] = not_in_metrics()
-    kl_to_final: Float[np.ndarray, "layer cell"] = not_in_metrics()
-    top1_agrees_final: Bool[np.ndarray, "layer cell"] = not_in_metrics()
-
-    def per_cell(self) -> dict[str, np.ndarray]:
-        """``CORPUS_QUANTITIES`` -> ``[layer, cell]`` float64 arrays."""
-        return dict(zip(CORPUS_QUANTITIES, (self.target_logprob, self.rank, self.entropy, self.kl_to_final,
-                                            self.top1_agrees_final), strict=True))  # fmt: skip
-
-
-def _readings(st: LensStats, rows: torch.Tensor, cols: torch.Tensor) -> LensReadings:
-    idx = (slice(None), rows, cols)
-    pred = st.predicted[idx]
-    v = {"target_logprob": st.target_logprob[idx].numpy(), "rank": st.target_rank[idx].numpy(),
-         "entropy": st.entropy[idx].numpy(), "kl_to_final": st.kl_to_final[idx].numpy(),
-         "top1_agrees_final": (pred == pred[-1:]).numpy()}  # fmt: skip
-    mean = {q: np.asarray(a, dtype=np.float64).mean(1) for q, a in v.items()}
-    return LensReadings(
-        target_logprob_by_layer=mean["target_logprob"], rank_mean_by_layer=mean["rank"],
-        entropy_by_layer=mean["entropy"], kl_to_final_by_layer=mean["kl_to_final"],
-        top1_agreement_by_layer=mean["top1_agrees_final"], **v,
-    )  # fmt: skip
-
-
-@dataclasses.dataclass(frozen=True)
-class TunedComparison:
-    """The tuned lens beside the logit lens at the same cells (causal: every next-token position of the text;
-    masked: every text position masked in turn), from one forward: ``logit`` and ``tuned``
-    :class:`LensReadings`. ``source`` is the ``--tuned`` value, ``card`` the lens' training summary, ``note``
-    whether the text was among its training data (a single text cannot be guaranteed held out)."""
-
-    source: str
-    card: dict[str, Any]
-    note: str
-    logit: LensReadings
-    tuned: LensReadings
-
-
-def _card_summary(lens: TunedLens) -> dict[str, Any]:
-    c = lens.card
-    return {"model": c.model, "fingerprint": c.fingerprint, "data": c.data, "heldout": c.heldout, "steps": c.steps,
-            "n_train_texts": c.n_train_texts, "trained_points": c.trained_points,
-            "heldout_kl_logit": c.heldout_kl_logit, "heldout_kl_tuned": c.heldout_kl_tuned}  # fmt: skip
-
-
-def compare_lenses(model, batch: TokenBatch, targets: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                   lens: TunedLens, *, source: str, note: str, batch_size: int | None = None,
-                   max_chunk_bytes: int = 128 * 2**20) -> TunedComparison:  # fmt: skip
-    """Both lenses at the cells ``(rows[i], cols[i])`` of ``batch`` whose targets are ``targets`` there."""
-    sel = torch.zeros_like(batch.tokens, dtype=torch.bool)
-    sel[rows, cols] = True
-    tgt = torch.where(sel, targets, torch.full_like(targets, -1))
-    a, b = pair_stats(model, batch, tgt, lens, rows=sel, batch_size=batch_size, max_chunk_bytes=max_chunk_bytes)
-    return TunedComparison(source=source, card=_card_summary(lens), note=note, logit=_readings(a, rows, cols),
-                           tuned=_readings(b, rows, cols))  # fmt: skip
-
-
-def first_depth_below(kl_by_layer, threshold: float = 1.0) -> int | None:
-    """The first readout point whose mean KL to the final readout is below ``threshold`` nats (None: none)."""
-    below = np.nonzero(np.asarray(kl_by_layer, dtype=np.float64) < threshold)[0]
-    return int(below[0]) if len(below) else None
 
 
 def next_token_targets(batch: TokenBatch) -> torch.Tensor:
@@ -526,7 +397,7 @@ class SqrtLayerFit:
 
 
 def _line(values: np.ndarray) -> LineFit:
-    f = regression.sqrt_layer_fit(values)
+    f = regression.sqrt_line(values)
     return LineFit(f["intercept"], f["slope"], np.asarray(f["fitted"]))
 
 
@@ -698,139 +569,7 @@ def causal_lens(
     )
 
 
-# -- the corpus lens (streamed, data-parallel) ------------------------------------------------------
-
-CORPUS_QUANTITIES = ("target_logprob", "rank", "entropy", "kl_to_final", "top1_agrees_final")
-
-
-@dataclasses.dataclass(frozen=True)
-class CorpusLens:
-    """The lens over a corpus, as tuned-lens reports it: at each readout point, the mean over every lensed
-    position of every text (causal LMs: every next-token position; masked LMs: a seeded ``mask_prob`` of
-    each text's tokens, masked) of the target's log-prob, its 0-based rank, the entropy, the KL(final
-    readout || this readout) (nats) and the top-1 agreement with the final readout, with the population std
-    of each. Accumulated in float64 sums per batch (memory constant in the number of texts) and, under
-    ``torchrun``, summed over the ranks. ``per_text`` holds, for a seeded reservoir of at most
-    ``n_samples`` texts (:class:`mechlens.stats.streaming.Reservoir`: the same texts whatever the
-    sharding), each text's mean of each quantity per readout point; comparisons bootstrap over them.
-    ``tuned``: the same statistics of the tuned lens on the same positions (same reservoir texts), when
-    one was given."""
-
-    n_texts: int
-    n_predictions: int
-    target_logprob_by_layer: Float[np.ndarray, " layer"]
-    rank_mean_by_layer: Float[np.ndarray, " layer"]
-    entropy_by_layer: Float[np.ndarray, " layer"]
-    kl_to_final_by_layer: Float[np.ndarray, " layer"]
-    top1_agreement_by_layer: Float[np.ndarray, " layer"]
-    std_by_layer: dict[str, Float[np.ndarray, " layer"]]
-    n_samples: int
-    sample_text_index: Int[np.ndarray, " sample"] = not_in_metrics()
-    per_text: Float[np.ndarray, "sample quantity layer"] = not_in_metrics()
-    tuned: CorpusLens | None  # the tuned lens at the same positions, or None
-
-
-def _corpus_stream(model, bar, moments, reservoir, cfg, tuned) -> int:
-    """This rank's share of the corpus lens: each batch encoded (:func:`mechlens.tuned_lens.lens_inputs`),
-    read out at every lensed position by both lenses, summed into ``moments``, and its per-text means
-    offered to ``reservoir``. Returns the number of texts read."""
-    n_texts = 0
-    for chunk in bar:
-        inputs = tuned_lens.lens_inputs(model, [t for _, t in chunk], [i for i, _ in chunk], bos=cfg["bos"],
-                                        max_tokens=cfg["max_tokens"], mask_prob=cfg["mask_prob"],
-                                        seed=cfg["seed"])  # fmt: skip
-        targets = inputs.targets
-        with progress.quiet():
-            pair = pair_stats(model, inputs.batch, targets, tuned, rows=inputs.rows, batch_size=cfg["batch_size"],
-                              max_chunk_bytes=cfg["max_chunk_bytes"])  # fmt: skip
-        values = torch.cat(
-            [torch.stack([st.target_logprob.double(), st.target_rank.double(), st.entropy.double(),
-                          st.kl_to_final.double(), (st.predicted == st.predicted[-1:]).double()])
-             for st in pair if st is not None]
-        )  # [lens x quantity, layer, batch, pos]  # fmt: skip
-        valid = (targets >= 0).to(values.device)  # [batch, pos]
-        flat = einops.rearrange(values, "q layer batch pos -> (batch pos) q layer")
-        moments.update(flat, valid.reshape(-1, 1, 1))
-        v = torch.where(valid[None, None], values, torch.zeros((), dtype=values.dtype, device=values.device))
-        n = valid.sum(-1).clamp(min=1).double()  # [batch]
-        per_text = einops.rearrange(v.sum(-1) / n, "q layer batch -> batch q layer")
-        has = valid.any(-1).cpu()
-        reservoir.update(inputs.index[has], per_text.cpu()[has])
-        n_texts += len(chunk)
-        if hasattr(bar, "update"):  # a tqdm bar counts one per batch itself: count the batch's tokens (tok/s)
-            bar.update(int(inputs.batch.attention_mask.sum()) - 1)
-    return n_texts
-
-
-def corpus_lens(
-    model,
-    texts,
-    *,
-    bos: bool = True,
-    max_tokens: int = 128,
-    batch_size: int = 64,
-    max_chunk_bytes: int = 128 * 2**20,
-    n_samples: int = 10_000,
-    seed: int = 0,
-    tuned: TunedLens | None = None,
-    mask_prob: float = 0.15,
-) -> CorpusLens:
-    """The corpus lens of ``model`` over ``texts``: an iterable of ``(global index, text)`` pairs (e.g.
-    :func:`mechlens.data.iter_indexed`, this rank's shard under ``torchrun``) or of strings. Texts are
-    tokenised one batch at a time (the first ``max_tokens`` tokens, BOS per ``bos``; a masked LM gets a
-    seeded ``mask_prob`` of its tokens masked, :func:`mechlens.tuned_lens.lens_inputs`); each batch's
-    readout points go through the model's head at every lensed position (one forward caching the
-    ``n_layers + 1`` residual-stream hook points, reduced over the vocabulary in tiles), and the
-    statistics are summed. With ``tuned``, the tuned lens is read at the same positions from the same
-    forward. The sums (and the reservoir) are merged over the ranks of a process group."""
-    from mechlens import distributed
-    from mechlens.data import batched
-    from mechlens.stats.streaming import Moments, Reservoir
-
-    n_points = model.cfg.n_layers + 1
-    n_q = len(CORPUS_QUANTITIES) * (1 if tuned is None else 2)
-    moments = Moments((n_q, n_points))
-    reservoir = Reservoir(n_samples, seed)
-    n_texts = 0
-    indexed = ((i, t) if isinstance(t, str) else t for i, t in enumerate(texts))
-    bar = progress.bar(batched(indexed, batch_size), "corpus lens", unit="tok", show=distributed.is_main())
-    cfg = dict(bos=bos, max_tokens=max_tokens, mask_prob=mask_prob, seed=seed, batch_size=batch_size,
-               max_chunk_bytes=max_chunk_bytes)  # fmt: skip
-    error = None
-    try:
-        n_texts = _corpus_stream(model, bar, moments, reservoir, cfg, tuned)
-    except Exception as e:  # every rank must reach the merge, or learn why another did not
-        error = e
-    distributed.raise_on_every_rank(error)
-    distributed.merge(moments)
-    distributed.merge(reservoir)
-    n_texts = int(sum(distributed.all_gather_object(n_texts)))
-    count = moments.count[0, 0].item()
-    if count == 0:
-        raise DataError("the corpus has no position to read (texts of one token and no BOS): use longer texts")
-    mean, std = moments.mean, moments.std
-    rows = reservoir.rows if reservoir.rows is not None else np.zeros((0, n_q, n_points))
-    rows = rows.reshape(-1, n_q, n_points).astype(np.float64)
-    index = reservoir.index.astype(np.int64)
-
-    def one(lo: int, sub: CorpusLens | None) -> CorpusLens:
-        q = len(CORPUS_QUANTITIES)
-        return CorpusLens(
-            n_texts=n_texts,
-            n_predictions=int(count),
-            target_logprob_by_layer=mean[lo + 0],
-            rank_mean_by_layer=mean[lo + 1],
-            entropy_by_layer=mean[lo + 2],
-            kl_to_final_by_layer=mean[lo + 3],
-            top1_agreement_by_layer=mean[lo + 4],
-            std_by_layer={name: std[lo + i] for i, name in enumerate(CORPUS_QUANTITIES)},
-            n_samples=len(index),
-            sample_text_index=index,
-            per_text=rows[:, lo : lo + q],
-            tuned=sub,
-        )
-
-    return one(0, None if tuned is None else one(len(CORPUS_QUANTITIES), None))
+# -- the corpus lens (streamed, data-parallel): mechlens.lens.corpus ---------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -850,19 +589,13 @@ class CorpusLensResult(CorpusLens):
 
 
 def _run_corpus(model, cfg: Config, texts=None) -> CorpusLensResult:
-    from mechlens import distributed
-    from mechlens.data import iter_indexed
+    from mechlens.data import shard
 
-    rank, world_size = distributed.world()
     lens = tuned_lens_for(model, cfg.tuned)
     n_texts, note = cfg.n_texts, None
     if lens is not None:
         n_texts, note = tuned_lens.check_for(lens, cfg.data if texts is None else None, cfg.n_texts)
-    if texts is None:
-        stream = iter_indexed(cfg.data, n_texts, rank=rank, world_size=world_size)
-    else:  # texts given in Python: this rank's share, keyed by global index
-        stream = ((i, t) for i, t in enumerate(texts[:n_texts] if n_texts else texts)
-                  if i % world_size == rank)  # fmt: skip
+    stream = shard(cfg.data if texts is None else texts, n_texts)  # this rank's share, keyed by global index
     c = corpus_lens(model, stream, bos=cfg.bos, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
                     max_chunk_bytes=cfg.max_chunk_bytes, n_samples=cfg.reservoir, seed=cfg.seed, tuned=lens,
                     mask_prob=cfg.mask_prob)  # fmt: skip
@@ -876,7 +609,7 @@ def _run_corpus(model, cfg: Config, texts=None) -> CorpusLensResult:
         lensed=f"masked positions (mask_prob {cfg.mask_prob}, seed {cfg.seed})" if masked else "next-token positions",
         tuned_source=None if lens is None else tuned_source(model, cfg.tuned),
         tuned_note=note,
-        tuned_card=None if lens is None else _card_summary(lens),
+        tuned_card=None if lens is None else card_summary(lens),
     )
 
 
@@ -1248,10 +981,10 @@ def lens_units(r) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str] | None
 def lens_intervals(units: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean over units per readout point and its 95% percentile bootstrap interval (2,000 resamples, seed 0:
     :mod:`mechlens.comparison`'s settings); with fewer than 2 units the interval is the mean itself."""
-    from mechlens.comparison import _intervals
+    from mechlens.stats.bootstrap import mean_intervals
 
     mean = units.mean(0)
-    ci = _intervals([units[:, j] for j in range(units.shape[1])], 0.95, 2000, "percentile", seed)
+    ci = mean_intervals([units[:, j] for j in range(units.shape[1])], 0.95, 2000, "percentile", seed)
     lo = np.array([m if c[0] is None else c[0] for m, c in zip(mean, ci, strict=True)])
     hi = np.array([m if c[1] is None else c[1] for m, c in zip(mean, ci, strict=True)])
     return mean, lo, hi
@@ -1485,17 +1218,13 @@ def samples(result: StudyResult):
         layer = np.tile(np.arange(n_points), n_s)
         return pd.concat(
             [
-                pd.DataFrame(
-                    {
-                        "quantity": lens_prefix + q,
-                        "layer": pd.array(layer, dtype="Int64"),
-                        "relative_depth": readout_depth(n_points)[layer].astype(np.float64),
-                        "position": pd.array([pd.NA] * len(layer), dtype="Int64"),
-                        "word": pd.array([pd.NA] * len(layer), dtype="Int64"),
-                        "unit": "text",
-                        "sample": np.repeat(c.sample_text_index, n_points).astype(np.int64),
-                        "value": src.per_text[:, qi, :].reshape(-1),
-                    }
+                sample_table(
+                    lens_prefix + q,
+                    src.per_text[:, qi, :].reshape(-1),
+                    unit="text",
+                    sample=np.repeat(c.sample_text_index, n_points),
+                    layer=layer,
+                    relative_depth=readout_depth(n_points)[layer],
                 )
                 for lens_prefix, src in (("", c), ("tuned_", c.tuned))
                 if src is not None
@@ -1521,20 +1250,16 @@ def samples(result: StudyResult):
     depth = readout_depth(n_points)
     layer = np.repeat(np.arange(n_points), n_pos)
     sample = np.tile(np.arange(n_pos), n_points)
-    word = pd.array(np.where(r.word >= 0, r.word, 0), dtype="Int64")
-    word[r.word < 0] = pd.NA
+    word = np.asarray(r.word, dtype=np.int64)[sample]  # negative: the token begins no word
     frames = [
-        pd.DataFrame(
-            {
-                "quantity": q,
-                "layer": pd.array(layer, dtype="Int64"),
-                "relative_depth": depth[layer].astype(np.float64),
-                "position": pd.array([pd.NA] * len(layer), dtype="Int64"),
-                "word": word[sample],
-                "unit": "token",
-                "sample": sample.astype(np.int64),
-                "value": np.asarray(v, dtype=np.float64).reshape(-1),
-            }
+        sample_table(
+            q,
+            np.asarray(v, dtype=np.float64).reshape(-1),
+            unit="token",
+            sample=sample,
+            layer=layer,
+            relative_depth=depth[layer],
+            word=word,
         )
         for q, v in quantities.items()
     ]

@@ -39,8 +39,8 @@ from mechlens import arch
 from mechlens.errors import MechlensError
 from mechlens.loading import provenance_of
 from mechlens.options import Options, fail, option
+from mechlens.result import StudyResult, metrics_of, not_in_metrics, sample_table
 from mechlens.studies import Step
-from mechlens.studies.result import StudyResult, metrics_of, not_in_metrics
 from mechlens.tokens import TokenBatch, encode, single_token_id, word_index
 
 if TYPE_CHECKING:
@@ -569,8 +569,6 @@ def run(model, cfg: Config | None = None, prompt: str | Sequence[int] | None = N
 
 # -- per-unit samples for cross-model comparison -------------------------------------------------
 
-SAMPLE_COLUMNS = ["quantity", "layer", "relative_depth", "position", "word", "unit", "sample", "value"]
-
 
 def samples(result: StudyResult) -> pd.DataFrame:
     """Per-token statistics of one run for :mod:`mechlens.comparison` (unit ``"token"``: the prompt's
@@ -600,22 +598,12 @@ def samples(result: StudyResult) -> pd.DataFrame:
     n = len(pos)
 
     def frame(quantity: str, position: list, word: list) -> pd.DataFrame:
-        return pd.DataFrame(
-            {
-                "quantity": pd.Series([quantity] * n, dtype=object),
-                "layer": pd.array([None] * n, dtype="Int64"),
-                "relative_depth": np.full(n, np.nan),
-                "position": pd.array(position, dtype="Int64"),
-                "word": pd.array(word, dtype="Int64"),
-                "unit": pd.Series(["token"] * n, dtype=object),
-                "sample": np.asarray(pos, dtype=np.int64),
-                "value": np.asarray(val, dtype=np.float64),
-            },
-            columns=SAMPLE_COLUMNS,
-        )
+        return sample_table(quantity, val, unit="token", sample=pos, position=position, word=word)
 
-    out = pd.concat([frame("next_token_logprob", pos, word), frame("next_token_logprob_pooled", [None] * n,
-                                                                    [None] * n)], ignore_index=True)  # fmt: skip
+    out = pd.concat(
+        [frame("next_token_logprob", pos, word), frame("next_token_logprob_pooled", [None] * n, [None] * n)],
+        ignore_index=True,
+    )
     if not np.isfinite(out["value"].to_numpy()).all():
         raise MechlensError("logits.samples: a log-prob is not finite")
     return out

@@ -55,16 +55,16 @@ from torch import Tensor
 
 from mechlens import arch, distributed, progress
 from mechlens.axes import block_depth
-from mechlens.data import batched, iter_indexed, iter_texts
+from mechlens.data import batched, iter_texts, shard
 from mechlens.errors import DataError
 from mechlens.forward import iter_cached
 from mechlens.loading import provenance_of
 from mechlens.ops import stack_layers, vector_norm
 from mechlens.options import Options, fail, option
+from mechlens.result import StudyResult, format_values, metrics_of, none_where, not_in_metrics, sample_table
 from mechlens.stats.regression import lstsq_line
 from mechlens.stats.streaming import Moments, Reservoir, priorities
 from mechlens.studies import Step
-from mechlens.studies.result import StudyResult, format_values, metrics_of, none_where, not_in_metrics
 from mechlens.tokens import Texts, TokenBatch, encode, word_index
 
 PERCENTILES = (5.0, 25.0, 50.0, 75.0, 95.0)
@@ -504,8 +504,7 @@ def attn_out_norms(
     chunks = batched(pairs, batch_size or 16)
     bar = progress.bar(chunks, "study 4: attention-output norms", show=progress_bar and distributed.is_main(),
                        unit="tok")  # fmt: skip
-    error = None
-    try:  # this rank's stream
+    with distributed.share_then_merge():  # this rank's stream
         for chunk in bar:
             index = torch.tensor([int(i) for i, _ in chunk], dtype=torch.long)
             inputs = [t for _, t in chunk]
@@ -517,9 +516,6 @@ def attn_out_norms(
                 stats.update(batch, vector_norm(stack_layers(acts, names)), index, valid, words)
             if hasattr(bar, "update"):  # a tqdm bar counts one per batch itself: count the batch's tokens
                 bar.update(int(batch.attention_mask.sum()) - 1)
-    except Exception as e:  # every rank must reach the merge, or learn why another did not
-        error = e
-    distributed.raise_on_every_rank(error)
     return stats.merge_ranks().result(names, model.cfg.d_model, percentiles)
 
 
@@ -528,11 +524,7 @@ def corpus(cfg: Config, texts: Iterable | None = None) -> Iterator[tuple[int, An
     ``cfg.n_texts`` texts of ``cfg.data`` streamed (:func:`mechlens.data.iter_indexed`), or of ``texts``
     given in Python (strings, or token ids without special tokens; index = place in the list, rank ``r``
     of ``w`` keeping the indices ``i % w == r``)."""
-    rank, world_size = distributed.world()
-    if texts is None:
-        return iter_indexed(cfg.data, cfg.n_texts, rank=rank, world_size=world_size)
-    first = itertools.islice(enumerate(texts), cfg.n_texts)
-    return ((i, t) for i, t in first if i % world_size == rank)
+    return shard(cfg.data if texts is None else texts, cfg.n_texts)
 
 
 def encode_inputs(model, cfg: Config, texts: Texts | None = None) -> tuple[list, TokenBatch]:
@@ -750,15 +742,9 @@ def samples(result: StudyResult) -> pd.DataFrame:
             word[sl] = np.repeat(word_of, n_layers)
         start = sl.stop
 
-    def ints(x: np.ndarray) -> pd.arrays.IntegerArray:  # -1: missing
-        return pd.arrays.IntegerArray(x, x < 0)
-
-    return pd.DataFrame(
-        {"quantity": pd.Series(quantity, dtype=object, copy=False), "layer": ints(layer), "relative_depth": depth,
-         "position": ints(position), "word": ints(word), "unit": pd.Series(unit_col, dtype=object, copy=False),
-         "sample": sample, "value": value},
-        copy=False,
-    )  # fmt: skip
+    return sample_table(
+        quantity, value, unit=unit_col, sample=sample, layer=layer, relative_depth=depth, position=position, word=word
+    )
 
 
 def incomparable(provenances: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:

@@ -52,16 +52,16 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mechlens import arch, distributed, progress
-from mechlens.data import iter_indexed, iter_texts, load_texts, split_train_test
+from mechlens.data import iter_texts, load_texts, shard, split_train_test
 from mechlens.errors import DataError, MechlensError
 from mechlens.forward import iter_cached
 from mechlens.loading import provenance_of
 from mechlens.ops import next_token_loss
 from mechlens.options import Options, fail, option
+from mechlens.result import StudyResult, metrics_of, not_in_metrics, sample_table
 from mechlens.stats.regression import LogisticConfig, logistic, ols
 from mechlens.stats.streaming import Moments, NormalEquations, Reservoir
 from mechlens.studies import Step
-from mechlens.studies.result import StudyResult, metrics_of, not_in_metrics
 from mechlens.tokens import Texts, TokenBatch, encode, word_index
 
 SOLVERS = ("lbfgs", "newton-cg", "newton-cholesky", "sag", "saga")  # sklearn's multinomial solvers
@@ -611,11 +611,10 @@ def stream_losses(model, texts: Iterable[tuple[int, Any]], cfg: Config, n_train:
     equations = NormalEquations(1)
     reservoirs = {s: Reservoir(cfg.reservoir, cfg.seed) for s in SPLITS}
     positions = np.arange(n_pos, dtype=np.float64)
-    error = None
     total = _local_batches(n_train, n_test, cfg.batch_size)
     batches = progress.bar(_split_batches(texts, n_train, cfg.batch_size), "study 1: losses", unit="batch",
                            show=distributed.is_main(), total=total)  # fmt: skip
-    try:
+    with distributed.share_then_merge(*moments.values(), equations, *reservoirs.values()):
         for split, chunk in batches:
             batch = _encode_chunk(model, chunk, cfg)
             with progress.quiet():  # one bar: the stream's
@@ -629,11 +628,6 @@ def stream_losses(model, texts: Iterable[tuple[int, Any]], cfg: Config, n_train:
                 equations.update(loss.reshape(-1), np.tile(positions, len(chunk)))
             rows = np.concatenate([loss, word.astype(np.float64), batch.tokens.numpy().astype(np.float64)], 1)
             reservoirs[split].update([i for i, _ in chunk], rows)
-    except Exception as e:  # every rank must reach the merge, or learn why another did not
-        error = e
-    distributed.raise_on_every_rank(error)
-    for acc in (*moments.values(), equations, *reservoirs.values()):
-        distributed.merge(acc)
     return LossStream(
         layout=layout,
         n_train=int(moments["train"].count[0]),
@@ -658,7 +652,7 @@ class Line:
 @dataclasses.dataclass(frozen=True)
 class PositionResult:
     """The study's typed result (``StudyResult.parts``). Its fields before ``train`` are the metrics of
-    ``results.json`` under their own names (:func:`~mechlens.studies.result.metrics_of`); ``train`` and
+    ``results.json`` under their own names (:func:`~mechlens.result.metrics_of`); ``train`` and
     ``test`` (the loss matrices of the kept texts), ``confusion`` (the part), ``word`` (the word index of
     the token at each training position, -1 where none: see :func:`word_of`) and ``train_index`` /
     ``test_index`` (the kept texts' indices in their split) stay out of it.
@@ -751,11 +745,7 @@ def run(model, cfg: Config | None = None, texts: Texts | None = None) -> StudyRe
     if texts is not None and not isinstance(texts, Sequence):
         texts = list(texts)
     n_train, n_test = split_sizes(cfg, texts)
-    rank, world_size = distributed.world()
-    if texts is None:
-        stream = iter_indexed(cfg.data, n_train + n_test, rank=rank, world_size=world_size)
-    else:  # texts given in Python (strings or token ids): this rank's share, keyed by the index in the list
-        stream = ((i, texts[i]) for i in range(rank, n_train + n_test, world_size))
+    stream = shard(cfg.data if texts is None else texts, n_train + n_test)  # this rank's share
     torch.manual_seed(cfg.seed)
     losses = stream_losses(model, stream, cfg, n_train, n_test)
     split_train_test(range(losses.n_train + losses.n_test), n_train, n_test)  # a source shorter than the split
@@ -801,9 +791,6 @@ def run(model, cfg: Config | None = None, texts: Texts | None = None) -> StudyRe
 # -- per-unit samples for cross-model comparison ------------------------------------------------------------------
 
 
-SAMPLE_COLUMNS = ("quantity", "layer", "relative_depth", "position", "word", "unit", "sample", "value")
-
-
 def incomparable(provenances: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
     """Quantities of :func:`samples` that are not comparable between these models: ``loss`` when causal
     and masked LMs are compared (a next-token loss from the tokens before vs a pseudo-log-likelihood of
@@ -829,18 +816,13 @@ def samples(result: StudyResult) -> pd.DataFrame:
     loss = parts.train.loss.numpy().astype(np.float64)
     n, n_pos = loss.shape
     word = parts.word.reshape(-1)
-    return pd.DataFrame(
-        {
-            "quantity": pd.Series(["loss"] * (n * n_pos), dtype=object),
-            "layer": pd.array([None] * (n * n_pos), dtype="Int64"),
-            "relative_depth": np.full(n * n_pos, np.nan),
-            "position": pd.array(np.tile(np.arange(n_pos), n), dtype="Int64"),
-            "word": pd.arrays.IntegerArray(np.maximum(word, 0).astype(np.int64), word < 0),
-            "unit": pd.Series(["text"] * (n * n_pos), dtype=object),
-            "sample": np.repeat(np.asarray(parts.train_index, dtype=np.int64), n_pos),
-            "value": loss.reshape(-1),
-        },
-        columns=list(SAMPLE_COLUMNS),
+    return sample_table(
+        "loss",
+        loss.reshape(-1),
+        unit="text",
+        sample=np.repeat(np.asarray(parts.train_index, dtype=np.int64), n_pos),
+        position=np.tile(np.arange(n_pos), n),
+        word=word,
     )
 
 

@@ -98,20 +98,32 @@ def build_parser(study: str | None = None, train_lens: bool = False) -> argparse
         description="Run a study (or all) on one or more models; options may come before or after STUDY.",
     )
     r.add_argument("study", metavar="STUDY", help=f"one of {', '.join(STUDIES)} or 'all'")
-    r.add_argument("--model", action="append", default=None,
-                   help="model: an embedded name (tiny-gpt2, tiny-mlm), a save_pretrained directory or a hub name; "
-                        "repeat to compare models (default: the study's own)")  # fmt: skip
+    r.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="model: an embedded name (tiny-gpt2, tiny-mlm), a save_pretrained directory or a hub name; "
+        "repeat to compare models (default: the study's own)",
+    )
     r.add_argument("--data", default=None, help="text source (see 'mechlens list'; default: the study's built-in)")
-    r.add_argument("--out", default="runs/latest",
-                   help="output directory: a new one, or an earlier mechlens run, which is replaced "
-                        "(default: runs/latest)")  # fmt: skip
+    r.add_argument(
+        "--out",
+        default="runs/latest",
+        help="output directory: a new one, or an earlier mechlens run, which is replaced (default: runs/latest)",
+    )
     r.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     r.add_argument("--seed", type=int, default=0, help="random seed (default: 0; >= 0)")
-    r.add_argument("--weights", choices=("raw", "processed"), default="raw",
-                   help="raw: Hugging Face weights; processed: TransformerLens' folded and centred weights "
-                        "(default: raw)")  # fmt: skip
-    r.add_argument("--allow-different-tokenizers", action="store_true",
-                   help="compare models whose tokenizers differ (same texts, different token ids)")  # fmt: skip
+    r.add_argument(
+        "--weights",
+        choices=("raw", "processed"),
+        default="raw",
+        help="raw: Hugging Face weights; processed: TransformerLens' folded and centred weights (default: raw)",
+    )
+    r.add_argument(
+        "--allow-different-tokenizers",
+        action="store_true",
+        help="compare models whose tokenizers differ (same texts, different token ids)",
+    )
     r.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
     seen: set[str] = set()
     names = list(STUDIES) if study == "all" else [study] if study in STUDIES else []
@@ -140,9 +152,13 @@ def build_parser(study: str | None = None, train_lens: bool = False) -> argparse
     t.add_argument("--model", required=True, help="model: an embedded name, a save_pretrained directory or a hub name")
     t.add_argument("--out", required=True, help="output directory: a new one, or an earlier mechlens run (replaced)")
     t.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda (default: cpu)")
-    t.add_argument("--weights", choices=("raw", "processed"), default="raw",
-                   help="raw: Hugging Face weights; processed: TransformerLens' folded and centred weights "
-                        "(default: raw; a lens fits one of them only)")  # fmt: skip
+    t.add_argument(
+        "--weights",
+        choices=("raw", "processed"),
+        default="raw",
+        help="raw: Hugging Face weights; processed: TransformerLens' folded and centred weights "
+        "(default: raw; a lens fits one of them only)",
+    )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     if train_lens:
         from mechlens.lens.training import TrainConfig
@@ -316,8 +332,9 @@ def cmd_train_lens(args: argparse.Namespace) -> None:
     if cfg.data is None:
         from mechlens.errors import ConfigError
 
-        raise ConfigError("--data is required: the texts to train the tuned lens on (see 'mechlens list')",
-                          flag="--data")  # fmt: skip
+        raise ConfigError(
+            "--data is required: the texts to train the tuned lens on (see 'mechlens list')", flag="--data"
+        )
     distributed.on_main(check_source, cfg.data)
     check_device(args.device)
     args.device = distributed.local_device(args.device)
@@ -342,11 +359,15 @@ def _train_lens_checked(args, cfg, dest) -> None:
     with dest.writing() as tmp:
         lens.save(tmp)
     c = lens.card
-    print(f"trained {c.steps} steps on {c.n_train_texts} texts of {c.data} ({c.tokens_per_step:.0f} positions/step); "
-          f"final training KL by readout point {format_values(c.final_kl_by_layer)} nats")  # fmt: skip
+    print(
+        f"trained {c.steps} steps on {c.n_train_texts} texts of {c.data} ({c.tokens_per_step:.0f} positions/step); "
+        f"final training KL by readout point {format_values(c.final_kl_by_layer)} nats"
+    )
     if c.heldout_kl_tuned is not None:
-        print(f"held-out KL to final over the first {c.heldout} texts: logit lens {format_values(c.heldout_kl_logit)}, "
-              f"tuned lens {format_values(c.heldout_kl_tuned)} nats")  # fmt: skip
+        print(
+            f"held-out KL to final over the first {c.heldout} texts: logit lens {format_values(c.heldout_kl_logit)}, "
+            f"tuned lens {format_values(c.heldout_kl_tuned)} nats"
+        )
     print(f"wrote {args.out}/tuned_lens.safetensors and tuned_lens.json in {time.perf_counter() - t0:.1f} s")
 
 

@@ -45,8 +45,23 @@ import pandas as pd
 from mechlens.result import SAMPLE_COLUMNS  # noqa: F401  (the samples' columns, documented above)
 from mechlens.stats.bootstrap import mean_intervals
 
-COLUMNS = ["model", "reference", "study", "quantity", "layer", "relative_depth", "position", "position_axis",
-           "n", "value", "ci_low", "ci_high", "ci_method", "unit", "note"]  # fmt: skip
+COLUMNS = [
+    "model",
+    "reference",
+    "study",
+    "quantity",
+    "layer",
+    "relative_depth",
+    "position",
+    "position_axis",
+    "n",
+    "value",
+    "ci_low",
+    "ci_high",
+    "ci_method",
+    "unit",
+    "note",
+]
 METHODS = ("percentile", "BCa", "basic")
 
 
@@ -115,11 +130,23 @@ def comparison_frame(
         for key, g in s.groupby(["quantity", "layer", "position"], dropna=False, sort=True):
             q, layer, pos = key
             first = g.iloc[0]
-            rows.append({"model": m, "reference": "", "study": study, "quantity": q, "layer": layer,
-                         "relative_depth": first["relative_depth"], "position": pos,
-                         "position_axis": first["position_axis"], "n": len(g), "value": float(g["value"].mean()),
-                         "ci_method": f"{label}, over {first['unit']}s", "unit": first["unit"],
-                         "note": flagged.get(q, "") or (unpaired or "")})  # fmt: skip
+            rows.append(
+                {
+                    "model": m,
+                    "reference": "",
+                    "study": study,
+                    "quantity": q,
+                    "layer": layer,
+                    "relative_depth": first["relative_depth"],
+                    "position": pos,
+                    "position_axis": first["position_axis"],
+                    "n": len(g),
+                    "value": float(g["value"].mean()),
+                    "ci_method": f"{label}, over {first['unit']}s",
+                    "unit": first["unit"],
+                    "note": flagged.get(q, "") or (unpaired or ""),
+                }
+            )
             groups.append(g.sort_values("sample")["value"].to_numpy())
     ref = reference or models[0]
     if len(models) > 1 and ref not in aligned:
@@ -138,11 +165,23 @@ def comparison_frame(
                 continue
             first = g.iloc[0]
             diff = (g["value"] - g["value_ref"]).to_numpy()
-            rows.append({"model": m, "reference": ref, "study": study, "quantity": q, "layer": first["layer"],
-                         "relative_depth": first["relative_depth"], "position": key[2],
-                         "position_axis": first["position_axis"], "n": len(diff), "value": float(diff.mean()),
-                         "ci_method": f"paired {label}, over {first['unit']}s", "unit": first["unit"],
-                         "note": ""})  # fmt: skip
+            rows.append(
+                {
+                    "model": m,
+                    "reference": ref,
+                    "study": study,
+                    "quantity": q,
+                    "layer": first["layer"],
+                    "relative_depth": first["relative_depth"],
+                    "position": key[2],
+                    "position_axis": first["position_axis"],
+                    "n": len(diff),
+                    "value": float(diff.mean()),
+                    "ci_method": f"paired {label}, over {first['unit']}s",
+                    "unit": first["unit"],
+                    "note": "",
+                }
+            )
             groups.append(diff)
     cis = mean_intervals(groups, confidence, n_resamples, method, seed)
     for row, (lo, hi) in zip(rows, cis, strict=True):
@@ -214,17 +253,38 @@ def figures(frame: pd.DataFrame) -> dict[str, Any]:
             colour = f"hsla({(i * 137) % 360}, 60%, 45%, {{}})"
             xs = gm[x].astype(float).tolist() if x != "model" else [model]
             if gm["ci_low"].notna().any() and x != "model":
-                f.add_scatter(x=xs + xs[::-1], y=gm["ci_high"].tolist() + gm["ci_low"].tolist()[::-1], fill="toself",
-                              line={"width": 0}, fillcolor=colour.format(0.2), hoverinfo="skip", showlegend=False,
-                              name=f"{model} CI")  # fmt: skip
+                f.add_scatter(
+                    x=xs + xs[::-1],
+                    y=gm["ci_high"].tolist() + gm["ci_low"].tolist()[::-1],
+                    fill="toself",
+                    line={"width": 0},
+                    fillcolor=colour.format(0.2),
+                    hoverinfo="skip",
+                    showlegend=False,
+                    name=f"{model} CI",
+                )
             err = None
             if x == "model" and gm["ci_low"].notna().all():
-                err = {"type": "data", "symmetric": False, "array": (gm["ci_high"] - gm["value"]).tolist(),
-                       "arrayminus": (gm["value"] - gm["ci_low"]).tolist()}  # fmt: skip
-            f.add_scatter(x=xs, y=gm["value"].tolist(), mode="lines+markers", name=model, error_y=err,
-                          line={"color": colour.format(1)})  # fmt: skip
+                err = {
+                    "type": "data",
+                    "symmetric": False,
+                    "array": (gm["ci_high"] - gm["value"]).tolist(),
+                    "arrayminus": (gm["value"] - gm["ci_low"]).tolist(),
+                }
+            f.add_scatter(
+                x=xs,
+                y=gm["value"].tolist(),
+                mode="lines+markers",
+                name=model,
+                error_y=err,
+                line={"color": colour.format(1)},
+            )
         sub = "; ".join([*notes, f"bands: {unit}"])
-        f.update_layout(title=f"{q}, per model<br><sup>{sub}</sup>", xaxis_title=xtitle, yaxis_title=f"{q} (mean)",
-                        legend_title_text="model")  # fmt: skip
+        f.update_layout(
+            title=f"{q}, per model<br><sup>{sub}</sup>",
+            xaxis_title=xtitle,
+            yaxis_title=f"{q} (mean)",
+            legend_title_text="model",
+        )
         figs[f"comparison_{q}"] = f
     return figs

@@ -55,18 +55,41 @@ def _corpus_stream(model, bar, moments, reservoir, cfg, tuned) -> int:
     offered to ``reservoir``. Returns the number of texts read."""
     n_texts = 0
     for chunk in bar:
-        inputs = lens_inputs(model, [t for _, t in chunk], [i for i, _ in chunk], bos=cfg["bos"],
-                                        max_tokens=cfg["max_tokens"], mask_prob=cfg["mask_prob"],
-                                        seed=cfg["seed"])  # fmt: skip
+        inputs = lens_inputs(
+            model,
+            [t for _, t in chunk],
+            [i for i, _ in chunk],
+            bos=cfg["bos"],
+            max_tokens=cfg["max_tokens"],
+            mask_prob=cfg["mask_prob"],
+            seed=cfg["seed"],
+        )
         targets = inputs.targets
         with progress.quiet():
-            pair = pair_stats(model, inputs.batch, targets, tuned, rows=inputs.rows, batch_size=cfg["batch_size"],
-                              max_chunk_bytes=cfg["max_chunk_bytes"])  # fmt: skip
+            pair = pair_stats(
+                model,
+                inputs.batch,
+                targets,
+                tuned,
+                rows=inputs.rows,
+                batch_size=cfg["batch_size"],
+                max_chunk_bytes=cfg["max_chunk_bytes"],
+            )
         values = torch.cat(
-            [torch.stack([st.target_logprob.double(), st.target_rank.double(), st.entropy.double(),
-                          st.kl_to_final.double(), (st.predicted == st.predicted[-1:]).double()])
-             for st in pair if st is not None]
-        )  # [lens x quantity, layer, batch, pos]  # fmt: skip
+            [
+                torch.stack(
+                    [
+                        st.target_logprob.double(),
+                        st.target_rank.double(),
+                        st.entropy.double(),
+                        st.kl_to_final.double(),
+                        (st.predicted == st.predicted[-1:]).double(),
+                    ]
+                )
+                for st in pair
+                if st is not None
+            ]
+        )  # [lens x quantity, layer, batch, pos]
         valid = (targets >= 0).to(values.device)  # [batch, pos]
         flat = einops.rearrange(values, "q layer batch pos -> (batch pos) q layer")
         moments.update(flat, valid.reshape(-1, 1, 1))
@@ -113,8 +136,14 @@ def corpus_lens(
     n_texts = 0
     indexed = ((i, t) if isinstance(t, str) else t for i, t in enumerate(texts))
     bar = progress.bar(batched(indexed, batch_size), "corpus lens", unit="tok", show=distributed.is_main())
-    cfg = dict(bos=bos, max_tokens=max_tokens, mask_prob=mask_prob, seed=seed, batch_size=batch_size,
-               max_chunk_bytes=max_chunk_bytes)  # fmt: skip
+    cfg = dict(
+        bos=bos,
+        max_tokens=max_tokens,
+        mask_prob=mask_prob,
+        seed=seed,
+        batch_size=batch_size,
+        max_chunk_bytes=max_chunk_bytes,
+    )
     with distributed.share_then_merge(moments, reservoir):
         n_texts = _corpus_stream(model, bar, moments, reservoir, cfg, tuned)
     n_texts = int(sum(distributed.all_gather_object(n_texts)))

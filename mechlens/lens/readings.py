@@ -107,22 +107,34 @@ class LensReadings:
 
     def per_cell(self) -> dict[str, np.ndarray]:
         """``QUANTITIES`` -> ``[layer, cell]`` float64 arrays."""
-        return dict(zip(QUANTITIES, (self.target_logprob, self.rank, self.entropy, self.kl_to_final,
-                                            self.top1_agrees_final), strict=True))  # fmt: skip
+        return dict(
+            zip(
+                QUANTITIES,
+                (self.target_logprob, self.rank, self.entropy, self.kl_to_final, self.top1_agrees_final),
+                strict=True,
+            )
+        )
 
 
 def readings_at(st: LensStats, rows: torch.Tensor, cols: torch.Tensor) -> LensReadings:
     idx = (slice(None), rows, cols)
     pred = st.predicted[idx]
-    v = {"target_logprob": st.target_logprob[idx].numpy(), "rank": st.target_rank[idx].numpy(),
-         "entropy": st.entropy[idx].numpy(), "kl_to_final": st.kl_to_final[idx].numpy(),
-         "top1_agrees_final": (pred == pred[-1:]).numpy()}  # fmt: skip
+    v = {
+        "target_logprob": st.target_logprob[idx].numpy(),
+        "rank": st.target_rank[idx].numpy(),
+        "entropy": st.entropy[idx].numpy(),
+        "kl_to_final": st.kl_to_final[idx].numpy(),
+        "top1_agrees_final": (pred == pred[-1:]).numpy(),
+    }
     mean = {q: np.asarray(a, dtype=np.float64).mean(1) for q, a in v.items()}
     return LensReadings(
-        target_logprob_by_layer=mean["target_logprob"], rank_mean_by_layer=mean["rank"],
-        entropy_by_layer=mean["entropy"], kl_to_final_by_layer=mean["kl_to_final"],
-        top1_agreement_by_layer=mean["top1_agrees_final"], **v,
-    )  # fmt: skip
+        target_logprob_by_layer=mean["target_logprob"],
+        rank_mean_by_layer=mean["rank"],
+        entropy_by_layer=mean["entropy"],
+        kl_to_final_by_layer=mean["kl_to_final"],
+        top1_agreement_by_layer=mean["top1_agrees_final"],
+        **v,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,21 +153,44 @@ class TunedComparison:
 
 def card_summary(lens: TunedLens) -> dict[str, Any]:
     c = lens.card
-    return {"model": c.model, "fingerprint": c.fingerprint, "data": c.data, "heldout": c.heldout, "steps": c.steps,
-            "n_train_texts": c.n_train_texts, "trained_points": c.trained_points,
-            "heldout_kl_logit": c.heldout_kl_logit, "heldout_kl_tuned": c.heldout_kl_tuned}  # fmt: skip
+    return {
+        "model": c.model,
+        "fingerprint": c.fingerprint,
+        "data": c.data,
+        "heldout": c.heldout,
+        "steps": c.steps,
+        "n_train_texts": c.n_train_texts,
+        "trained_points": c.trained_points,
+        "heldout_kl_logit": c.heldout_kl_logit,
+        "heldout_kl_tuned": c.heldout_kl_tuned,
+    }
 
 
-def compare_lenses(model, batch: TokenBatch, targets: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                   lens: TunedLens, *, source: str, note: str, batch_size: int | None = None,
-                   max_chunk_bytes: int = 128 * 2**20) -> TunedComparison:  # fmt: skip
+def compare_lenses(
+    model,
+    batch: TokenBatch,
+    targets: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    lens: TunedLens,
+    *,
+    source: str,
+    note: str,
+    batch_size: int | None = None,
+    max_chunk_bytes: int = 128 * 2**20,
+) -> TunedComparison:
     """Both lenses at the cells ``(rows[i], cols[i])`` of ``batch`` whose targets are ``targets`` there."""
     sel = torch.zeros_like(batch.tokens, dtype=torch.bool)
     sel[rows, cols] = True
     tgt = torch.where(sel, targets, torch.full_like(targets, -1))
     a, b = pair_stats(model, batch, tgt, lens, rows=sel, batch_size=batch_size, max_chunk_bytes=max_chunk_bytes)
-    return TunedComparison(source=source, card=card_summary(lens), note=note, logit=readings_at(a, rows, cols),
-                           tuned=readings_at(b, rows, cols))  # fmt: skip
+    return TunedComparison(
+        source=source,
+        card=card_summary(lens),
+        note=note,
+        logit=readings_at(a, rows, cols),
+        tuned=readings_at(b, rows, cols),
+    )
 
 
 def first_depth_below(kl_by_layer, threshold: float = 1.0) -> int | None:

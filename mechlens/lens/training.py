@@ -67,26 +67,34 @@ class TrainConfig(Options):
     models: module docstring); the batch is sized for a CPU (the paper's 2^18 tokens per step is ~1,000x
     more than a 2-core CPU does in a second on a 50,257-token vocabulary)."""
 
-    data: str | None = option(None, "training texts: a built-in name, a local .txt/.jsonl/.csv/.parquet file or "
-                              "hf:REPO[:CONFIG]:SPLIT[:COLUMN], streamed", nonempty=True)  # fmt: skip
-    n_texts: int | None = option(None, "read only the first N texts of --data (held-out ones included; default: "
-                                 "all, cycled until --steps)", ge=1)  # fmt: skip
-    heldout: int = option(100, "the first N texts of --data are held out: never trained on, kept for evaluation",
-                          ge=0)  # fmt: skip
+    data: str | None = option(
+        None,
+        "training texts: a built-in name, a local .txt/.jsonl/.csv/.parquet file or "
+        "hf:REPO[:CONFIG]:SPLIT[:COLUMN], streamed",
+        nonempty=True,
+    )
+    n_texts: int | None = option(
+        None, "read only the first N texts of --data (held-out ones included; default: all, cycled until --steps)", ge=1
+    )
+    heldout: int = option(100, "the first N texts of --data are held out: never trained on, kept for evaluation", ge=0)
     steps: int = option(250, "optimiser steps (the paper's 250)", ge=1)
-    batch_size: int = option(16, "texts per step (all processes together; a multiple of the number of processes)",
-                             ge=1)  # fmt: skip
+    batch_size: int = option(16, "texts per step (all processes together; a multiple of the number of processes)", ge=1)
     max_tokens: int = option(128, "text tokens kept per text", ge=2)
-    lr: float = option(0.1, "peak learning-rate scale, decayed linearly to 0; the SGD step size is lr * (1 - "
-                       "momentum), as in the tuned-lens reference implementation (the paper's 1.0 diverged on "
-                       "the embedded models; see the module docstring)", gt=0)  # fmt: skip
+    lr: float = option(
+        0.1,
+        "peak learning-rate scale, decayed linearly to 0; the SGD step size is lr * (1 - "
+        "momentum), as in the tuned-lens reference implementation (the paper's 1.0 diverged on "
+        "the embedded models; see the module docstring)",
+        gt=0,
+    )
     momentum: float = option(0.9, "Nesterov momentum (the paper's 0.9)", ge=0, le=0.999)
     weight_decay: float = option(1e-3, "weight decay towards the identity translator (the paper's 1e-3)", ge=0)
     mask_prob: float = option(0.15, "masked LMs: fraction of each text's tokens masked (BERT's 0.15)", gt=0, le=1)
     bos: bool = option(True, "causal LMs: prepend BOS (as the lens study does by default)")
     seed: int = option(0, "random seed (masking choice of masked LMs)", ge=0)
-    max_chunk_bytes: int = option(256 * 2**20, "memory budget of one readout chunk [rows, d_vocab] in training "
-                                  "(>= 1 MiB)", ge=2**20)  # fmt: skip
+    max_chunk_bytes: int = option(
+        256 * 2**20, "memory budget of one readout chunk [rows, d_vocab] in training (>= 1 MiB)", ge=2**20
+    )
     evaluate: bool = option(True, "evaluate both lenses on the held-out texts at the end (recorded in the card)")
 
 
@@ -157,8 +165,9 @@ def rows_per_chunk(d_vocab: int, max_chunk_bytes: int, itemsize: int = 4) -> int
     return max(1, max_chunk_bytes // (6 * itemsize * d_vocab))
 
 
-def kl_rows(readout, h_final: Tensor, h: Tensor, weight: Tensor, bias: Tensor, max_chunk_bytes: int,
-            backward: bool = True) -> Tensor:  # fmt: skip
+def kl_rows(
+    readout, h_final: Tensor, h: Tensor, weight: Tensor, bias: Tensor, max_chunk_bytes: int, backward: bool = True
+) -> Tensor:
     """:func:`kl_sum` over all rows of ``h``, one chunk of :func:`rows_per_chunk` rows at a time (only that
     chunk's ``[rows, d_vocab]`` logits live); with ``backward`` each chunk's KL is backpropagated into
     ``weight``/``bias`` at once (gradients accumulate in ``.grad``). Returns the sum (float64, detached)."""
@@ -173,8 +182,9 @@ def kl_rows(readout, h_final: Tensor, h: Tensor, weight: Tensor, bias: Tensor, m
     return total
 
 
-def train_tuned_lens(model, data: str | Iterable[str] | None = None, cfg: TrainConfig | None = None, *,
-                     command: str = "") -> TunedLens:  # fmt: skip
+def train_tuned_lens(
+    model, data: str | Iterable[str] | None = None, cfg: TrainConfig | None = None, *, command: str = ""
+) -> TunedLens:
     """Train a tuned lens for ``model`` on ``data`` (a source as ``--data`` takes it, or a sequence of texts;
     default ``cfg.data``) with the recipe of ``cfg`` (see the module docstring). Data-parallel under
     ``torchrun``: every rank calls it and all return the same lens. One progress bar (rank 0) shows the
@@ -225,8 +235,15 @@ def train_tuned_lens(model, data: str | Iterable[str] | None = None, cfg: TrainC
             with distributed.share_then_merge():  # every rank reaches the all_reduce, or learns why another did not
                 chunk = windows.take()
                 if chunk:
-                    inputs = lens_inputs(model, [t for _, t in chunk], [i for i, _ in chunk], bos=cfg.bos,
-                                         max_tokens=cfg.max_tokens, mask_prob=cfg.mask_prob, seed=cfg.seed)  # fmt: skip
+                    inputs = lens_inputs(
+                        model,
+                        [t for _, t in chunk],
+                        [i for i, _ in chunk],
+                        bos=cfg.bos,
+                        max_tokens=cfg.max_tokens,
+                        mask_prob=cfg.mask_prob,
+                        seed=cfg.seed,
+                    )
                     with torch.no_grad():
                         resid = residuals(model, inputs)
                     rows = inputs.rows.to(resid.device)
@@ -285,13 +302,31 @@ def train_tuned_lens(model, data: str | Iterable[str] | None = None, cfg: TrainC
     tail = per_point_curve[-max(1, cfg.steps // 10) :]
     final = [sum(r[j] for r in tail) / len(tail) for j in range(len(trained))] + [0.0]
     card = TunedLensCard(
-        model=_label(model), fingerprint=fingerprint(model), kind=arch.kind_of(model), n_points=n_points, d_model=d,
-        data=label, heldout=cfg.heldout, n_train_texts=n_train_texts, epochs=windows.epoch + 1, steps=cfg.steps,
-        tokens_per_step=positions / cfg.steps, batch_size=cfg.batch_size, max_tokens=cfg.max_tokens, lr=cfg.lr,
-        momentum=cfg.momentum, weight_decay=cfg.weight_decay, mask_prob=cfg.mask_prob if masked else None,
-        bos=cfg.bos, seed=cfg.seed, world_size=world_size, trained_points=trained, final_kl_by_layer=final,
-        loss_curve=curve, command=command,
-    )  # fmt: skip
+        model=_label(model),
+        fingerprint=fingerprint(model),
+        kind=arch.kind_of(model),
+        n_points=n_points,
+        d_model=d,
+        data=label,
+        heldout=cfg.heldout,
+        n_train_texts=n_train_texts,
+        epochs=windows.epoch + 1,
+        steps=cfg.steps,
+        tokens_per_step=positions / cfg.steps,
+        batch_size=cfg.batch_size,
+        max_tokens=cfg.max_tokens,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        mask_prob=cfg.mask_prob if masked else None,
+        bos=cfg.bos,
+        seed=cfg.seed,
+        world_size=world_size,
+        trained_points=trained,
+        final_kl_by_layer=final,
+        loss_curve=curve,
+        command=command,
+    )
     lens = TunedLens(weight, b, card)
     if cfg.evaluate and cfg.heldout > 0:
         lens = with_heldout_evaluation(model, lens, data, cfg)
@@ -305,9 +340,15 @@ def with_heldout_evaluation(model, lens: TunedLens, data, cfg: TrainConfig) -> T
     from mechlens.lens.corpus import corpus_lens
 
     c = corpus_lens(
-        model, shard(data, cfg.heldout), bos=cfg.bos, max_tokens=cfg.max_tokens, tuned=lens, n_samples=1,
-        mask_prob=cfg.mask_prob, seed=cfg.seed,
-    )  # fmt: skip
+        model,
+        shard(data, cfg.heldout),
+        bos=cfg.bos,
+        max_tokens=cfg.max_tokens,
+        tuned=lens,
+        n_samples=1,
+        mask_prob=cfg.mask_prob,
+        seed=cfg.seed,
+    )
     card = dataclasses.replace(
         lens.card,
         heldout_kl_logit=[float(v) for v in c.kl_to_final_by_layer],

@@ -157,10 +157,31 @@ class TunedLens:
 def identity_lens(model, **card: Any) -> TunedLens:
     """The untrained tuned lens (identity translators, zero biases): it reads exactly what the logit lens reads."""
     n, d = model.cfg.n_layers + 1, model.cfg.d_model
-    base = dict(model=_label(model), fingerprint=fingerprint(model), kind=arch.kind_of(model), n_points=n,
-                d_model=d, data="", heldout=0, n_train_texts=0, epochs=0, steps=0, tokens_per_step=0.0,
-                batch_size=0, max_tokens=0, lr=0.0, momentum=0.0, weight_decay=0.0, mask_prob=None, bos=True,
-                seed=0, world_size=1, trained_points=[], final_kl_by_layer=[0.0] * n, loss_curve=[])  # fmt: skip
+    base = dict(
+        model=_label(model),
+        fingerprint=fingerprint(model),
+        kind=arch.kind_of(model),
+        n_points=n,
+        d_model=d,
+        data="",
+        heldout=0,
+        n_train_texts=0,
+        epochs=0,
+        steps=0,
+        tokens_per_step=0.0,
+        batch_size=0,
+        max_tokens=0,
+        lr=0.0,
+        momentum=0.0,
+        weight_decay=0.0,
+        mask_prob=None,
+        bos=True,
+        seed=0,
+        world_size=1,
+        trained_points=[],
+        final_kl_by_layer=[0.0] * n,
+        loss_curve=[],
+    )
     return TunedLens(torch.eye(d).expand(n, d, d).clone(), torch.zeros(n, d), TunedLensCard(**{**base, **card}))
 
 
@@ -255,8 +276,9 @@ def lens_inputs(
     """Encode ``texts`` (global indices ``index``) for the lens: causal LMs read every position that has a
     next token (target = that token); masked LMs read a seeded ``mask_prob`` of each text's tokens, each
     replaced by the mask token (target = the original token)."""
-    batch = encode(model, list(texts), bos=bos or arch.kind_of(model) == "masked", max_tokens=max_tokens,
-                   fix="lower --max-tokens")  # fmt: skip
+    batch = encode(
+        model, list(texts), bos=bos or arch.kind_of(model) == "masked", max_tokens=max_tokens, fix="lower --max-tokens"
+    )
     idx = torch.as_tensor(list(index), dtype=torch.long)
     if arch.kind_of(model) != "masked":
         t = torch.full_like(batch.tokens, -1)
@@ -286,8 +308,10 @@ def check_for(lens: TunedLens, cfg_data: str | None, n_texts: int | None) -> tup
     """The evaluation's ``--n-texts`` and a note on the split: on the lens' own training source only the
     held-out texts (the first ``heldout``) are read; another source is unseen by construction."""
     if cfg_data is None or cfg_data != lens.card.data:
-        return n_texts, f"evaluated on {cfg_data or 'the given texts'}, not the tuned lens' training data " \
-                        f"({lens.card.data})"  # fmt: skip
+        return (
+            n_texts,
+            f"evaluated on {cfg_data or 'the given texts'}, not the tuned lens' training data ({lens.card.data})",
+        )
     if lens.card.heldout == 0:
         raise ConfigError(
             f"--tuned: the tuned lens was trained on every text of {cfg_data} (no held-out texts): evaluate it "

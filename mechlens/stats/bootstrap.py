@@ -27,9 +27,17 @@ def mean_intervals(
         const = np.ptp(data, axis=-1) == 0  # every unit equal: the interval is the value itself
         batch = max(1, int(1.25e7 // data.size))
         with np.errstate(invalid="ignore", divide="ignore"):
-            res = bootstrap((data,), np.mean, axis=-1, vectorized=True, n_resamples=n_resamples, batch=batch,
-                            confidence_level=confidence, method=method,
-                            random_state=np.random.default_rng(seed))  # fmt: skip
+            res = bootstrap(
+                (data,),
+                np.mean,
+                axis=-1,
+                vectorized=True,
+                n_resamples=n_resamples,
+                batch=batch,
+                confidence_level=confidence,
+                method=method,
+                random_state=np.random.default_rng(seed),
+            )
         lo, hi = np.atleast_1d(res.confidence_interval.low), np.atleast_1d(res.confidence_interval.high)
         for j, i in enumerate(idx):
             if const[j]:

@@ -53,6 +53,7 @@ from mechlens.lens.tuned import (
     TunedLensCard,
     fingerprint,
     lens_inputs,
+    model_label,
     residuals,
 )
 from mechlens.options import Options, fail, option
@@ -302,7 +303,7 @@ def train_tuned_lens(
     tail = per_point_curve[-max(1, cfg.steps // 10) :]
     final = [sum(r[j] for r in tail) / len(tail) for j in range(len(trained))] + [0.0]
     card = TunedLensCard(
-        model=_label(model),
+        model=model_label(model),
         fingerprint=fingerprint(model),
         kind=arch.kind_of(model),
         n_points=n_points,

@@ -158,7 +158,7 @@ def identity_lens(model, **card: Any) -> TunedLens:
     """The untrained tuned lens (identity translators, zero biases): it reads exactly what the logit lens reads."""
     n, d = model.cfg.n_layers + 1, model.cfg.d_model
     base = dict(
-        model=_label(model),
+        model=model_label(model),
         fingerprint=fingerprint(model),
         kind=arch.kind_of(model),
         n_points=n,
@@ -185,7 +185,7 @@ def identity_lens(model, **card: Any) -> TunedLens:
     return TunedLens(torch.eye(d).expand(n, d, d).clone(), torch.zeros(n, d), TunedLensCard(**{**base, **card}))
 
 
-def _label(model) -> str:
+def model_label(model) -> str:
     return getattr(getattr(model, "_mechlens_provenance", None), "model", None) or model.cfg.model_name
 
 
@@ -224,7 +224,7 @@ def load_tuned_lens(directory: str | os.PathLike, model) -> TunedLens:
     if card.fingerprint != mine:
         raise TunedLensError(
             f"--tuned {shown} was trained on model {card.model!r} (fingerprint {card.fingerprint}), not on "
-            f"{_label(model)!r} (fingerprint {mine}): train one for this model with 'mechlens train-lens'"
+            f"{model_label(model)!r} (fingerprint {mine}): train one for this model with 'mechlens train-lens'"
         )
     n, dm = model.cfg.n_layers + 1, model.cfg.d_model
     if tuple(weight.shape) != (n, dm, dm) or tuple(bias.shape) != (n, dm):

@@ -31,6 +31,8 @@ if not __package__:  # run as a script (python training/tuned_lens.py): make the
 import numpy as np
 import torch
 
+from mechlens.lens.corpus import corpus_lens
+from mechlens.lens.readings import QUANTITIES
 from mechlens.lens.training import TrainConfig, train_tuned_lens
 from mechlens.loading import load_model
 from mechlens.studies import lens as lens_study
@@ -45,11 +47,11 @@ def evaluate(model, lens, source: str, n_texts: int, cfg: TrainConfig) -> dict:
     positions and the mean over texts of each text's mean with its 95% percentile bootstrap interval."""
     from mechlens.data import iter_indexed
 
-    c = lens_study.corpus_lens(model, iter_indexed(source, n_texts), bos=cfg.bos, max_tokens=cfg.max_tokens,
-                               tuned=lens, n_samples=n_texts, mask_prob=cfg.mask_prob, seed=cfg.seed)  # fmt: skip
+    c = corpus_lens(model, iter_indexed(source, n_texts), bos=cfg.bos, max_tokens=cfg.max_tokens,
+                    tuned=lens, n_samples=n_texts, mask_prob=cfg.mask_prob, seed=cfg.seed)  # fmt: skip
     out = {"source": source, "n_texts": c.n_texts, "n_positions": c.n_predictions}
     for name, part in (("logit", c), ("tuned", c.tuned)):
-        q = lens_study.CORPUS_QUANTITIES.index("kl_to_final")
+        q = QUANTITIES.index("kl_to_final")
         mean, lo, hi = lens_study.lens_intervals(part.per_text[:, q])
         out[name] = {
             "kl_to_final_by_layer": [float(v) for v in part.kl_to_final_by_layer],

@@ -502,7 +502,7 @@ def word_level_tuned_lens(model):
     """A tuned lens for :func:`word_level_gpt2` (identity translators plus seeded noise, written under
     benchmarks/.cache): the corpus lens reads it exactly as a trained one, and its memory does not depend on
     what the translators learned."""
-    from mechlens import tuned_lens
+    from mechlens.lens import tuned as tuned_lens
 
     lens = tuned_lens.identity_lens(model)
     g = torch.Generator().manual_seed(0)

@@ -43,7 +43,7 @@ def train_job(n_layers: int, steps: int, chunk_mb: int = 256):
         return bridge_of(_gpt2(n_layers)), load_texts("contexts")
 
     def work(state):
-        from mechlens import tuned_lens as tl
+        from mechlens.lens import training as tl
 
         model, texts = state
         kw = dict(batch_size=16, heldout=0, max_tokens=32, evaluate=False, max_chunk_bytes=chunk_mb * 2**20)
@@ -57,17 +57,17 @@ def train_job(n_layers: int, steps: int, chunk_mb: int = 256):
 
 def eval_job(n_layers: int, tuned: bool, n_texts: int = 32):
     def setup():
-        from mechlens import tuned_lens as tl
         from mechlens.data import load_texts
+        from mechlens.lens import tuned as tlens
 
         model = bridge_of(_gpt2(n_layers))
-        return model, load_texts("contexts")[:n_texts], tl.identity_lens(model) if tuned else None
+        return model, load_texts("contexts")[:n_texts], tlens.identity_lens(model) if tuned else None
 
     def work(state):
-        from mechlens.studies import lens
+        from mechlens.lens.corpus import corpus_lens
 
         model, texts, t = state
-        c = lens.corpus_lens(model, texts, max_tokens=32, batch_size=16, tuned=t, n_samples=1)
+        c = corpus_lens(model, texts, max_tokens=32, batch_size=16, tuned=t, n_samples=1)
         return {"positions": c.n_predictions}
 
     return setup, work
@@ -115,10 +115,11 @@ def reference_comparison(data: pathlib.Path, steps: int = 80, heldout: int = 200
     import json
     import subprocess
 
-    from mechlens import tuned_lens as tl
     from mechlens.data import iter_indexed
+    from mechlens.lens import training as tl
+    from mechlens.lens.corpus import corpus_lens
+    from mechlens.lens.tuned import WEIGHTS_FILE, lens_inputs
     from mechlens.loading import load_model
-    from mechlens.studies import lens as lens_study
     from mechlens.zoo.export import export_model
 
     py, why = reference_venv(root)
@@ -132,12 +133,12 @@ def reference_comparison(data: pathlib.Path, steps: int = 80, heldout: int = 200
     texts = [t for _, t in iter_indexed(str(data), heldout + 16 * steps)]
 
     def ids(chunk, start):
-        x = tl.lens_inputs(model, chunk, range(start, start + len(chunk)), bos=True, max_tokens=128)
+        x = lens_inputs(model, chunk, range(start, start + len(chunk)), bos=True, max_tokens=128)
         return [row[m.bool()].tolist() for row, m in zip(x.batch.tokens, x.batch.attention_mask, strict=True)]
 
     train = [ids(texts[heldout + 16 * s : heldout + 16 * (s + 1)], heldout + 16 * s) for s in range(steps)]
     spec = {"model_dir": str(model_dir), "train": train, "heldout": ids(texts[:heldout], 0),
-            "mechlens_lens": str(root / "mechlens" / tl.WEIGHTS_FILE), "eval_texts": eval_texts}  # fmt: skip
+            "mechlens_lens": str(root / "mechlens" / WEIGHTS_FILE), "eval_texts": eval_texts}  # fmt: skip
     cfg = tl.TrainConfig(steps=steps, heldout=heldout, batch_size=16, max_tokens=128, evaluate=False)
     wall, cpu = time.perf_counter(), time.process_time()
     lens = tl.train_tuned_lens(model, texts, cfg)
@@ -149,7 +150,7 @@ def reference_comparison(data: pathlib.Path, steps: int = 80, heldout: int = 200
     script = pathlib.Path(__file__).with_name("tuned_lens_reference.py")
     subprocess.run([str(py), "-P", str(script), str(root / "spec.json"), str(root / "reference.json")], check=True)
     ref = json.loads((root / "reference.json").read_text())
-    c = lens_study.corpus_lens(model, texts[:eval_texts], bos=True, max_tokens=128, tuned=lens, n_samples=1)
+    c = corpus_lens(model, texts[:eval_texts], bos=True, max_tokens=128, tuned=lens, n_samples=1)
     out = {
         "steps": steps, "positions": positions, "package_positions": ref["train_positions"],
         "mechlens_pos_per_s": positions / wall, "mechlens_pos_per_cpu_s": positions / cpu,

@@ -130,7 +130,7 @@ lens.rank_figure(causal.rank, causal.tokens[1:]).show()
 # al. 2023) learns one affine translator per readout point (`d_model x d_model` + bias, starting
 # at the identity, the last one kept the identity), trained to minimise KL(final || translated
 # readout) on streamed texts (`mechlens train-lens --model M --data SOURCE --out DIR`, or
-# `tuned_lens.train_tuned_lens`). The embedded models ship one (`tuned='auto'` reads it);
+# `mechlens.train_tuned_lens`). The embedded models ship one (`tuned='auto'` reads it);
 # `Config(tuned=DIR)` reads your own, `tuned='none'` none. Both lenses are read from the same
 # forward, at the same positions: compare where each one's KL to the final readout falls below 1
 # nat. A single text may be among the lens' training texts: for a held-out evaluation pass `data=`

@@ -25,18 +25,18 @@ _EXPORTS = {
     "word_index": "mechlens.tokens",
     # studies and comparisons across models
     "STUDIES": "mechlens.studies",
-    "compare": "mechlens.comparison",
+    "compare": "mechlens.runner",
     "comparison_frame": "mechlens.comparison",
     # forward passes
     "run_cached": "mechlens.forward",
     "iter_cached": "mechlens.forward",
     # the tuned lens
-    "TunedLens": "mechlens.tuned_lens",
-    "TunedLensCard": "mechlens.tuned_lens",
-    "TunedLensConfig": "mechlens.tuned_lens",
-    "train_tuned_lens": "mechlens.tuned_lens",
-    "load_tuned_lens": "mechlens.tuned_lens",
-    "identity_lens": "mechlens.tuned_lens",
+    "TunedLens": "mechlens.lens.tuned",
+    "TunedLensCard": "mechlens.lens.tuned",
+    "TunedLensConfig": "mechlens.lens.training",
+    "train_tuned_lens": "mechlens.lens.training",
+    "load_tuned_lens": "mechlens.lens.tuned",
+    "identity_lens": "mechlens.lens.tuned",
     # architecture quirks
     "readout": "mechlens.arch",
     "readout_hook_names": "mechlens.arch",
@@ -84,6 +84,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         UnsupportedArchitectureError,
     )
     from mechlens.forward import iter_cached, run_cached
+    from mechlens.lens.training import TunedLensConfig, train_tuned_lens
+    from mechlens.lens.tuned import TunedLens, TunedLensCard, identity_lens, load_tuned_lens
     from mechlens.loading import load_model, provenance_of
     from mechlens.ops import (
         LensStats,
@@ -101,13 +103,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from mechlens.studies import STUDIES
     from mechlens.tokenizer import TokenizerError
     from mechlens.tokens import TokenBatch, encode, single_token_id, target_positions, word_index
-    from mechlens.tuned_lens import (
-        TunedLens,
-        TunedLensCard,
-        TunedLensConfig,
-        identity_lens,
-        load_tuned_lens,
-        train_tuned_lens,
-    )
     from mechlens.zoo import EMBEDDED
     from mechlens.zoo.export import export_model

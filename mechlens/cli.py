@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import pathlib
 import shlex
 import sys
 import time
@@ -101,20 +99,32 @@ def build_parser(study: str | None = None, train_lens: bool = False) -> argparse
         description="Run a study (or all) on one or more models; options may come before or after STUDY.",
     )
     r.add_argument("study", metavar="STUDY", help=f"one of {', '.join(STUDIES)} or 'all'")
-    r.add_argument("--model", action="append", default=None,
-                   help="model: an embedded name (tiny-gpt2, tiny-mlm), a save_pretrained directory or a hub name; "
-                        "repeat to compare models (default: the study's own)")  # fmt: skip
+    r.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="model: an embedded name (tiny-gpt2, tiny-mlm), a save_pretrained directory or a hub name; "
+        "repeat to compare models (default: the study's own)",
+    )
     r.add_argument("--data", default=None, help="text source (see 'mechlens list'; default: the study's built-in)")
-    r.add_argument("--out", default="runs/latest",
-                   help="output directory: a new one, or an earlier mechlens run, which is replaced "
-                        "(default: runs/latest)")  # fmt: skip
+    r.add_argument(
+        "--out",
+        default="runs/latest",
+        help="output directory: a new one, or an earlier mechlens run, which is replaced (default: runs/latest)",
+    )
     r.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     r.add_argument("--seed", type=int, default=0, help="random seed (default: 0; >= 0)")
-    r.add_argument("--weights", choices=("raw", "processed"), default="raw",
-                   help="raw: Hugging Face weights; processed: TransformerLens' folded and centred weights "
-                        "(default: raw)")  # fmt: skip
-    r.add_argument("--allow-different-tokenizers", action="store_true",
-                   help="compare models whose tokenizers differ (same texts, different token ids)")  # fmt: skip
+    r.add_argument(
+        "--weights",
+        choices=("raw", "processed"),
+        default="raw",
+        help="raw: Hugging Face weights; processed: TransformerLens' folded and centred weights (default: raw)",
+    )
+    r.add_argument(
+        "--allow-different-tokenizers",
+        action="store_true",
+        help="compare models whose tokenizers differ (same texts, different token ids)",
+    )
     r.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
     seen: set[str] = set()
     names = list(STUDIES) if study == "all" else [study] if study in STUDIES else []
@@ -161,12 +171,16 @@ def build_parser(study: str | None = None, train_lens: bool = False) -> argparse
     t.add_argument("--model", required=True, help="model: an embedded name, a save_pretrained directory or a hub name")
     t.add_argument("--out", required=True, help="output directory: a new one, or an earlier mechlens run (replaced)")
     t.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda (default: cpu)")
-    t.add_argument("--weights", choices=("raw", "processed"), default="raw",
-                   help="raw: Hugging Face weights; processed: TransformerLens' folded and centred weights "
-                        "(default: raw; a lens fits one of them only)")  # fmt: skip
+    t.add_argument(
+        "--weights",
+        choices=("raw", "processed"),
+        default="raw",
+        help="raw: Hugging Face weights; processed: TransformerLens' folded and centred weights "
+        "(default: raw; a lens fits one of them only)",
+    )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     if train_lens:
-        from mechlens.tuned_lens import TrainConfig
+        from mechlens.lens.training import TrainConfig
 
         _add_config_flags(t, TrainConfig, set(), set())
     return p
@@ -227,7 +241,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         overrides.pop("data")
     overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items()}
 
-    from mechlens.runner import make_config
+    from mechlens.plan import make_config
 
     configs = {s: make_config(STUDIES[s], overrides) for s in studies}
     if args.data is not None and not any(hasattr(c, "data") for c in configs.values()):
@@ -249,7 +263,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     check_tuned_paths({cfg.tuned for cfg in configs.values() if isinstance(getattr(cfg, "tuned", None), str)})
     check_device(args.device)
     args.device = distributed.local_device(args.device)  # one GPU per rank under torchrun
-    _into_output(args.out, lambda dest: _run_checked(args, studies, configs, overrides, dest))
+    _into_output(args.out, lambda dest: _run_checked(args, studies, configs, dest))
 
 
 def unused_options(configs: dict, given: set[str], kinds: dict[str, dict[str, str | None]]) -> list[str]:
@@ -300,62 +314,51 @@ def _into_output(out, work) -> None:
         distributed.shutdown()
 
 
-def _run_checked(args, studies, configs, overrides, dest) -> None:
+def _run_checked(args, studies, configs, dest) -> None:
     import torch
     import transformers
 
     from mechlens.loading import load_model
-    from mechlens.runner import check_applicable, check_vocabularies, run_study, summary_rows, write_outputs
+    from mechlens.plan import plan
+    from mechlens.runner import run_plan, summary_rows, write_outputs
     from mechlens.studies import STUDIES
 
     transformers.utils.logging.disable_progress_bar()  # one bar per long step: mechlens' own
     transformers.utils.logging.set_verbosity_error()
     t0 = time.perf_counter()
     # 2. load every model, then check every study against every model before any forward pass
-    cache: dict[str, object] = {}
+    models: dict[str, object] = {}
     for study in studies:
         for spec in args.model or STUDIES[study].default_models:
-            if spec not in cache:
+            if spec not in models:
                 _log(f"loading {spec}")
-                cache[spec] = load_model(spec, device=args.device, weights=args.weights)
-    notes: list[str] = []
-    plan: dict[str, dict[str, object]] = {}
-    for study in studies:
-        info = STUDIES[study]
-        specs = args.model or list(info.default_models)
-        unmet = {spec: info.unmet(cache[spec]) for spec in specs}
-        models = {spec: cache[spec] for spec in specs if unmet[spec] is None}
-        if len(models) < len(specs):
-            skipped = [s for s in specs if s not in models]
-            if args.study != "all":
-                check_applicable(info, {s: cache[s] for s in skipped})
-            notes.append(f"{study}: skipped for " + "; ".join(f"{s} ({unmet[s]})" for s in skipped))
-            _log(notes[-1])
-            if not models:
-                continue
-        for m in models.values():
-            configs[study].check_model(m)
-        allow = args.allow_different_tokenizers or not args.model  # defaults (tiny-mlm + tiny-gpt2) are meant to differ
-        note = check_vocabularies(models, allow)
-        if note:
-            notes.append(f"{study}: {note}")
-        plan[study] = models
+                models[spec] = load_model(spec, device=args.device, weights=args.weights)
+    checked = plan(
+        studies,
+        configs,
+        lambda info: args.model or list(info.default_models),
+        models,
+        skip_unmet=args.study == "all",
+        # the default models (tiny-mlm + tiny-gpt2) are meant to differ
+        allow_different_tokenizers=lambda info: args.allow_different_tokenizers or not args.model,
+        log=_log,
+    )
     from mechlens import arch, distributed
 
-    kinds = {study: {spec: arch.kind_of(m) for spec, m in models.items()} for study, models in plan.items()}
-    for note in unused_options({s: configs[s] for s in plan}, args.given_options, kinds):
-        notes.append(note)
+    kinds = {
+        study: {spec: arch.kind_of(m) for spec, m in chosen.items()} for study, (_, chosen) in checked.runs.items()
+    }
+    for note in unused_options({s: configs[s] for s in checked.runs}, args.given_options, kinds):
+        checked.notes.append(note)
         if distributed.is_main():
             print(f"mechlens: note: {note}", file=sys.stderr)
     # 3. compute
     torch.manual_seed(args.seed)
-    results = {}
-    for study, models in plan.items():
-        _log(f"{study}: {', '.join(models)}")
-        results[study] = run_study(study, models, overrides)
+    results = run_plan(checked, log=_log)
     if dest is None:  # a rank other than 0: its statistics were merged into rank 0's, which writes
         return
-    write_outputs(results, dest, notes, context={"command": args.command_line})
+    # 4. write
+    write_outputs(results, dest, checked.notes, context={"command": args.command_line})
     rows = summary_rows(results)
     width = max((len(r[1]) for r in rows), default=0)
     for study, model, line in rows:
@@ -364,91 +367,22 @@ def _run_checked(args, studies, configs, overrides, dest) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from mechlens.errors import MechlensError
     from mechlens.outputs import prepare_output
+    from mechlens.runner import compare_runs, load_runs
 
     if len(args.dirs) < 2:
         from mechlens.errors import ConfigError
 
         raise ConfigError(f"compare needs two or more run directories, got {len(args.dirs)} ({args.dirs[0]}): "
                           "pass each directory written by 'mechlens run' to compare", flag="DIR")  # fmt: skip
-    runs = []
-    for d in args.dirs:
-        path = pathlib.Path(d) / "results.json"
-        if not path.is_file():
-            raise MechlensError(f"{d} has no results.json: pass directories written by 'mechlens run'")
-        try:
-            runs.append((d, json.loads(path.read_text())))
-        except (OSError, ValueError) as e:
-            raise MechlensError(f"{path} cannot be read ({e}): pass directories written by 'mechlens run'") from None
+    runs = load_runs(args.dirs)
     dest = prepare_output(args.out, inputs=args.dirs)
     try:
-        import pandas as pd
-
-        from mechlens.comparison import comparison_frame
-        from mechlens.report import render, sections_of
-        from mechlens.studies import STUDIES
-
-        merged: dict[str, dict[str, dict]] = {}
-        samples: dict[str, dict[str, pd.DataFrame]] = {}
-        for d, doc in runs:
-            for study, entries in doc.items():
-                if study.startswith("_") or study not in STUDIES:
-                    continue
-                for model, e in entries.items():
-                    label = f"{model} ({d})"
-                    merged.setdefault(study, {})[label] = e
-                    if e.get("samples_csv"):
-                        samples.setdefault(study, {})[label] = _read_samples(pathlib.Path(d) / e["samples_csv"])
-        frames = [
-            comparison_frame(
-                s,
-                per_model,
-                {m: merged[s][m]["provenance"] for m in per_model},
-                unpaired=_different_inputs({m: merged[s][m] for m in per_model}),
-            )
-            for s, per_model in samples.items()
-            if len(per_model) >= 2
-        ]
-        comparison = pd.concat(frames, ignore_index=True) if frames else None
-        sections, findings = sections_of(merged, comparison, label="comparison across runs")
-        with dest.writing() as tmp:
-            (tmp / "results.json").write_text(json.dumps(merged, indent=1))
-            if comparison is not None:
-                comparison.to_csv(tmp / "comparison.csv", index=False)
-            (tmp / "report.html").write_text(
-                render(sections, title="mechlens comparison", findings=findings), encoding="utf-8"
-            )
+        compare_runs(runs, dest)
     except BaseException:
         dest.abort()
         raise
     print(f"wrote {args.out}/report.html (and comparison.csv where runs share a study) comparing {len(args.dirs)} runs")
-
-
-def _different_inputs(entries: dict[str, dict]) -> str | None:
-    """Why saved runs' units are not the same inputs (their study options differ, e.g. --data or --bos),
-    or None: paired differences need the same texts, tokens or occurrences in every run."""
-    configs = {m: e.get("config", {}) for m, e in entries.items()}
-    for key in sorted({k for c in configs.values() for k in c}):
-        values = {m: c.get(key) for m, c in configs.items()}
-        if len({json.dumps(v, sort_keys=True, default=str) for v in values.values()}) > 1:
-            return (
-                f"runs read different inputs or options ({key}: "
-                + ", ".join(f"{m}: {v}" for m, v in values.items())
-                + "): no paired differences"
-            )
-    return None
-
-
-def _read_samples(path: pathlib.Path):
-    import pandas as pd
-
-    from mechlens.errors import MechlensError
-
-    try:
-        return pd.read_csv(path, dtype={"layer": "Int64", "position": "Int64", "word": "Int64"})
-    except (OSError, ValueError) as e:
-        raise MechlensError(f"{path} cannot be read ({e}): pass directories written by 'mechlens run'") from None
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -469,8 +403,8 @@ def cmd_add_tokenizer(args: argparse.Namespace) -> None:
 def cmd_train_lens(args: argparse.Namespace) -> None:
     from mechlens import distributed, progress
     from mechlens.data import check_source
+    from mechlens.lens.training import TrainConfig
     from mechlens.loading import check_device
-    from mechlens.tuned_lens import TrainConfig
 
     distributed.init_from_env(device=args.device)
     progress.QUIET = args.quiet or not distributed.is_main()
@@ -479,8 +413,9 @@ def cmd_train_lens(args: argparse.Namespace) -> None:
     if cfg.data is None:
         from mechlens.errors import ConfigError
 
-        raise ConfigError("--data is required: the texts to train the tuned lens on (see 'mechlens list')",
-                          flag="--data")  # fmt: skip
+        raise ConfigError(
+            "--data is required: the texts to train the tuned lens on (see 'mechlens list')", flag="--data"
+        )
     distributed.on_main(check_source, cfg.data)
     from mechlens.preflight import check_model_paths
 
@@ -493,9 +428,9 @@ def cmd_train_lens(args: argparse.Namespace) -> None:
 def _train_lens_checked(args, cfg, dest) -> None:
     import transformers
 
+    from mechlens.lens.training import train_tuned_lens
     from mechlens.loading import load_model
-    from mechlens.studies.result import format_values
-    from mechlens.tuned_lens import train_tuned_lens
+    from mechlens.result import format_values
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -508,11 +443,15 @@ def _train_lens_checked(args, cfg, dest) -> None:
     with dest.writing() as tmp:
         lens.save(tmp)
     c = lens.card
-    print(f"trained {c.steps} steps on {c.n_train_texts} texts of {c.data} ({c.tokens_per_step:.0f} positions/step); "
-          f"final training KL by readout point {format_values(c.final_kl_by_layer)} nats")  # fmt: skip
+    print(
+        f"trained {c.steps} steps on {c.n_train_texts} texts of {c.data} ({c.tokens_per_step:.0f} positions/step); "
+        f"final training KL by readout point {format_values(c.final_kl_by_layer)} nats"
+    )
     if c.heldout_kl_tuned is not None:
-        print(f"held-out KL to final over the first {c.heldout} texts: logit lens {format_values(c.heldout_kl_logit)}, "
-              f"tuned lens {format_values(c.heldout_kl_tuned)} nats")  # fmt: skip
+        print(
+            f"held-out KL to final over the first {c.heldout} texts: logit lens {format_values(c.heldout_kl_logit)}, "
+            f"tuned lens {format_values(c.heldout_kl_tuned)} nats"
+        )
     print(f"wrote {args.out}/tuned_lens.safetensors and tuned_lens.json in {time.perf_counter() - t0:.1f} s")
 
 

@@ -40,47 +40,33 @@ and in the figures, and get no difference rows.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-COLUMNS = ["model", "reference", "study", "quantity", "layer", "relative_depth", "position", "position_axis",
-           "n", "value", "ci_low", "ci_high", "ci_method", "unit", "note"]  # fmt: skip
-SAMPLE_COLUMNS = ["quantity", "layer", "relative_depth", "position", "word", "unit", "sample", "value"]
+from mechlens.result import SAMPLE_COLUMNS  # noqa: F401  (the samples' columns, documented above)
+from mechlens.stats.bootstrap import mean_intervals
+
+COLUMNS = [
+    "model",
+    "reference",
+    "study",
+    "quantity",
+    "layer",
+    "relative_depth",
+    "position",
+    "position_axis",
+    "n",
+    "value",
+    "ci_low",
+    "ci_high",
+    "ci_method",
+    "unit",
+    "note",
+]
 METHODS = ("percentile", "BCa", "basic")
-
-
-def _intervals(
-    groups: Sequence[np.ndarray], confidence: float, n_resamples: int, method: str, seed: int
-) -> list[tuple[float | None, float | None]]:
-    """Bootstrap CI of the mean of each group (groups of equal size are resampled in one vectorised call;
-    the batch size keeps the resampled array near 100 MB)."""
-    from scipy.stats import bootstrap
-
-    out: list[tuple[float | None, float | None]] = [(None, None)] * len(groups)
-    by_n: dict[int, list[int]] = {}
-    for i, g in enumerate(groups):
-        by_n.setdefault(len(g), []).append(i)
-    for n, idx in sorted(by_n.items()):
-        if n < 2:
-            continue
-        data = np.stack([groups[i] for i in idx]).astype(np.float64)
-        const = np.ptp(data, axis=-1) == 0  # every unit equal: the interval is the value itself
-        batch = max(1, int(1.25e7 // data.size))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            res = bootstrap((data,), np.mean, axis=-1, vectorized=True, n_resamples=n_resamples, batch=batch,
-                            confidence_level=confidence, method=method,
-                            random_state=np.random.default_rng(seed))  # fmt: skip
-        lo, hi = np.atleast_1d(res.confidence_interval.low), np.atleast_1d(res.confidence_interval.high)
-        for j, i in enumerate(idx):
-            if const[j]:
-                out[i] = (float(data[j, 0]), float(data[j, 0]))
-            elif math.isfinite(lo[j]) and math.isfinite(hi[j]):
-                out[i] = (float(lo[j]), float(hi[j]))
-    return out
 
 
 def _aligned(samples: pd.DataFrame, axis: str, pairing: bool = False) -> pd.DataFrame:
@@ -148,11 +134,23 @@ def comparison_frame(
         for key, g in s.groupby(["quantity", "layer", "position"], dropna=False, sort=True):
             q, layer, pos = key
             first = g.iloc[0]
-            rows.append({"model": m, "reference": "", "study": study, "quantity": q, "layer": layer,
-                         "relative_depth": first["relative_depth"], "position": pos,
-                         "position_axis": first["position_axis"], "n": len(g), "value": float(g["value"].mean()),
-                         "ci_method": f"{label}, over {first['unit']}s", "unit": first["unit"],
-                         "note": flagged.get(q, "") or (unpaired or "")})  # fmt: skip
+            rows.append(
+                {
+                    "model": m,
+                    "reference": "",
+                    "study": study,
+                    "quantity": q,
+                    "layer": layer,
+                    "relative_depth": first["relative_depth"],
+                    "position": pos,
+                    "position_axis": first["position_axis"],
+                    "n": len(g),
+                    "value": float(g["value"].mean()),
+                    "ci_method": f"{label}, over {first['unit']}s",
+                    "unit": first["unit"],
+                    "note": flagged.get(q, "") or (unpaired or ""),
+                }
+            )
             groups.append(g.sort_values("sample")["value"].to_numpy())
     ref = reference or models[0]
     if len(models) > 1 and ref not in aligned:
@@ -171,13 +169,25 @@ def comparison_frame(
                 continue
             first = g.iloc[0]
             diff = (g["value"] - g["value_ref"]).to_numpy()
-            rows.append({"model": m, "reference": ref, "study": study, "quantity": q, "layer": first["layer"],
-                         "relative_depth": first["relative_depth"], "position": key[2],
-                         "position_axis": first["position_axis"], "n": len(diff), "value": float(diff.mean()),
-                         "ci_method": f"paired {label}, over {first['unit']}s", "unit": first["unit"],
-                         "note": ""})  # fmt: skip
+            rows.append(
+                {
+                    "model": m,
+                    "reference": ref,
+                    "study": study,
+                    "quantity": q,
+                    "layer": first["layer"],
+                    "relative_depth": first["relative_depth"],
+                    "position": key[2],
+                    "position_axis": first["position_axis"],
+                    "n": len(diff),
+                    "value": float(diff.mean()),
+                    "ci_method": f"paired {label}, over {first['unit']}s",
+                    "unit": first["unit"],
+                    "note": "",
+                }
+            )
             groups.append(diff)
-    cis = _intervals(groups, confidence, n_resamples, method, seed)
+    cis = mean_intervals(groups, confidence, n_resamples, method, seed)
     for row, (lo, hi) in zip(rows, cis, strict=True):
         row["ci_low"], row["ci_high"] = lo, hi
         if lo is None and not row["note"]:
@@ -249,54 +259,38 @@ def figures(frame: pd.DataFrame) -> dict[str, Any]:
             colour = f"hsla({(i * 137) % 360}, 60%, 45%, {{}})"
             xs = gm[x].astype(float).tolist() if x != "model" else [model]
             if gm["ci_low"].notna().any() and x != "model":
-                f.add_scatter(x=xs + xs[::-1], y=gm["ci_high"].tolist() + gm["ci_low"].tolist()[::-1], fill="toself",
-                              line={"width": 0}, fillcolor=colour.format(0.2), hoverinfo="skip", showlegend=False,
-                              name=f"{model} CI")  # fmt: skip
+                f.add_scatter(
+                    x=xs + xs[::-1],
+                    y=gm["ci_high"].tolist() + gm["ci_low"].tolist()[::-1],
+                    fill="toself",
+                    line={"width": 0},
+                    fillcolor=colour.format(0.2),
+                    hoverinfo="skip",
+                    showlegend=False,
+                    name=f"{model} CI",
+                )
             err = None
             if x == "model" and gm["ci_low"].notna().all():
-                err = {"type": "data", "symmetric": False, "array": (gm["ci_high"] - gm["value"]).tolist(),
-                       "arrayminus": (gm["value"] - gm["ci_low"]).tolist()}  # fmt: skip
-            f.add_scatter(x=xs, y=gm["value"].tolist(), mode="lines+markers", name=model, error_y=err,
-                          line={"color": colour.format(1)})  # fmt: skip
+                err = {
+                    "type": "data",
+                    "symmetric": False,
+                    "array": (gm["ci_high"] - gm["value"]).tolist(),
+                    "arrayminus": (gm["value"] - gm["ci_low"]).tolist(),
+                }
+            f.add_scatter(
+                x=xs,
+                y=gm["value"].tolist(),
+                mode="lines+markers",
+                name=model,
+                error_y=err,
+                line={"color": colour.format(1)},
+            )
         sub = "; ".join([*notes, f"bands: {unit}"])
-        f.update_layout(title=f"{q}, per model<br><sup>{sub}</sup>", xaxis_title=xtitle, yaxis_title=f"{q} (mean)",
-                        legend_title_text="model")  # fmt: skip
+        f.update_layout(
+            title=f"{q}, per model<br><sup>{sub}</sup>",
+            xaxis_title=xtitle,
+            yaxis_title=f"{q} (mean)",
+            legend_title_text="model",
+        )
         figs[f"comparison_{q}"] = f
     return figs
-
-
-def compare(
-    study: str,
-    models: Mapping[str, Any],
-    inputs: Any = None,
-    cfg: Any = None,
-    **options: Any,
-) -> pd.DataFrame:
-    """Run ``study`` on every model (same inputs and config) and return the comparison table.
-
-    ``models``: name -> a model loaded with :func:`mechlens.load_model`; ``inputs``: the study's inputs
-    (texts or token ids; default: its config's data); ``cfg``: its ``Config`` (default: defaults);
-    ``options``: :func:`comparison_frame`'s (confidence, n_resamples, method, seed, reference). The
-    results are kept in ``frame.attrs["results"]`` (model -> StudyResult)."""
-    from mechlens.loading import provenance_of
-    from mechlens.runner import check_applicable, check_finite, samples_of
-    from mechlens.studies import get_study
-
-    info = get_study(study)
-    cfg = cfg or info.module.Config()
-    check_applicable(info, dict(models))
-    for model in models.values():
-        cfg.check_model(model)
-    results = {}
-    for name, model in models.items():
-        r = info.module.run(model, cfg) if inputs is None else info.module.run(model, cfg, inputs)
-        check_finite(r)
-        results[name] = r
-    frame = comparison_frame(
-        study,
-        {n: samples_of(r) for n, r in results.items()},
-        {n: provenance_of(m).to_dict() for n, m in models.items()},
-        **options,
-    )
-    frame.attrs["results"] = results
-    return frame

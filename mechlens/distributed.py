@@ -14,9 +14,10 @@ runs with and without ``torchrun``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -229,3 +230,18 @@ def raise_on_every_rank(error: BaseException | None) -> None:
             raise e
         if e is not None:
             raise RuntimeError(f"rank {rank} failed: {e}")
+
+
+@contextlib.contextmanager
+def share_then_merge(*accumulators: Any) -> Iterator[None]:
+    """This rank's local work (its share of the stream) in the ``with`` block, then the collective: an error
+    of any rank is raised on every rank (:func:`raise_on_every_rank`, so none waits in a collective), else
+    each accumulator is merged across the ranks (:func:`merge`)."""
+    error = None
+    try:
+        yield
+    except Exception as e:  # every rank must reach the merge, or learn why another did not
+        error = e
+    raise_on_every_rank(error)
+    for acc in accumulators:
+        merge(acc)

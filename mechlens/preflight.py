@@ -41,8 +41,8 @@ def check_model_paths(specs: Iterable[str]) -> None:
 
 def check_tuned_paths(specs: Iterable[str]) -> None:
     """A ``--tuned`` value that is a path must be a directory holding a tuned lens (as
-    :func:`mechlens.tuned_lens.load_tuned_lens`)."""
-    from mechlens.tuned_lens import CARD_FILE, WEIGHTS_FILE, TunedLensError
+    :func:`mechlens.lens.tuned.load_tuned_lens`)."""
+    from mechlens.lens.tuned import CARD_FILE, WEIGHTS_FILE, TunedLensError
     from mechlens.zoo import EMBEDDED
 
     for spec in specs:

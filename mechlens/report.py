@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import json
-import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -65,14 +64,29 @@ details{margin:.5em 0}.caption{font-size:13px;color:#555;margin:0 0 1.5em}.conv{
 
 
 def _prov_table(entries: Mapping[str, Mapping[str, Any]]) -> str:
-    keys = ["architecture", "kind", "n_params", "n_layers", "weights", "bos", "padding_side", "dtype", "device",
-            "seed", "transformer_lens", "transformers", "torch"]  # fmt: skip
+    keys = [
+        "architecture",
+        "kind",
+        "n_params",
+        "n_layers",
+        "weights",
+        "bos",
+        "padding_side",
+        "dtype",
+        "device",
+        "seed",
+        "transformer_lens",
+        "transformers",
+        "torch",
+    ]
     head = "".join(f"<th>{html.escape(k)}</th>" for k in ["model", *keys])
     rows = "".join(
-        "<tr>" + f"<td>{html.escape(m)}</td>"
-        + "".join(f"<td>{html.escape(str(e['provenance'].get(k)))}</td>" for k in keys) + "</tr>"
+        "<tr>"
+        + f"<td>{html.escape(m)}</td>"
+        + "".join(f"<td>{html.escape(str(e['provenance'].get(k)))}</td>" for k in keys)
+        + "</tr>"
         for m, e in entries.items()
-    )  # fmt: skip
+    )
     return f"<table><tr>{head}</tr>{rows}</table>"
 
 
@@ -127,8 +141,9 @@ def render(
     cross-model findings in words (:func:`mechlens.comparison.headline`)."""
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if context:
-        parts.append("<p>" + "<br>".join(f"<b>{html.escape(k)}</b>: {html.escape(str(v))}" for k, v in context.items())
-                     + "</p>")  # fmt: skip
+        parts.append(
+            "<p>" + "<br>".join(f"<b>{html.escape(k)}</b>: {html.escape(str(v))}" for k, v in context.items()) + "</p>"
+        )
     parts += [f'<p class="note">{html.escape(n)}</p>' for n in notes]
     toc = "".join(
         f'<li><a href="#{html.escape(study)}">{html.escape(heading)}</a></li>' for study, heading, *_ in sections
@@ -144,8 +159,9 @@ def render(
             parts.append(f"<p><b>{html.escape(model)}</b></p><ul>{items}</ul>")
         if findings and findings.get(study):
             items = "".join(f"<li>{html.escape(line)}</li>" for line in findings[study])
-            parts.append(f"<p><b>Across models</b> (paired bootstrap over the same inputs; comparison.csv)</p>"
-                         f"<ul>{items}</ul>")  # fmt: skip
+            parts.append(
+                f"<p><b>Across models</b> (paired bootstrap over the same inputs; comparison.csv)</p><ul>{items}</ul>"
+            )
         parts.append(_prov_table(entries))
         for owner, fs in figs.items():
             parts.append(f"<h3>{html.escape(owner)}</h3>")
@@ -153,11 +169,15 @@ def render(
                 parts.append(fig.to_html(full_html=False, include_plotlyjs=False))
                 parts.append(f'<p class="caption">{html.escape(caption(study, owner, name, fig))}</p>')
         for model, e in entries.items():
-            parts.append(f"<details><summary>{html.escape(study)} metrics: {html.escape(model)}</summary>"
-                         f"{metrics_table(e['metrics'])}</details>")  # fmt: skip
+            parts.append(
+                f"<details><summary>{html.escape(study)} metrics: {html.escape(model)}</summary>"
+                f"{metrics_table(e['metrics'])}</details>"
+            )
             if e.get("config"):
-                parts.append(f"<details><summary>{html.escape(study)} configuration: {html.escape(model)}</summary>"
-                             f"{metrics_table(e['config'])}</details>")  # fmt: skip
+                parts.append(
+                    f"<details><summary>{html.escape(study)} configuration: {html.escape(model)}</summary>"
+                    f"{metrics_table(e['config'])}</details>"
+                )
     js = plotly.offline.get_plotlyjs()
     return (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -193,14 +213,14 @@ def sections_of(
     return sections, findings
 
 
-def write_report(
+def report_of(
     results,
-    path: pathlib.Path,
     notes: Sequence[str] = (),
     context: Mapping[str, Any] | None = None,
     comparison=None,
-) -> None:
+) -> str:
+    """The report of a run (study -> its :class:`~mechlens.result.StudyResult` list), as HTML."""
     entries = {study: {r.model: r.to_json() for r in rs} for study, rs in results.items()}
     figures = {study: {r.model: r.figures for r in rs} for study, rs in results.items()}
     sections, findings = sections_of(entries, comparison, figures)
-    pathlib.Path(path).write_text(render(sections, notes, context=context, findings=findings), encoding="utf-8")
+    return render(sections, notes, context=context, findings=findings)

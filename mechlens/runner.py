@@ -1,166 +1,94 @@
-"""Run studies on one or more models and write their outputs atomically.
+"""Run studies on one or more models and write their outputs atomically: the orchestration.
 
-The command line (:mod:`mechlens.cli`), the experiment scripts and the notebooks all go through
-:func:`run_study` and :func:`write_outputs`; a study's logic lives in its module only.
+One path from a command to files: :func:`mechlens.plan.plan` checks everything before the first forward
+pass, :func:`run_plan` runs it, :func:`write_outputs` writes it (and :func:`compare_runs` combines earlier
+runs through the same writer, :func:`write`). The command line (:mod:`mechlens.cli`), the experiment
+scripts and the notebooks all go through here; a study's logic lives in its module only, and
+:mod:`mechlens.comparison` and :mod:`mechlens.report` are functions of results that this module calls.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
-import math
 import os
-from collections.abc import Sequence
+import pathlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mechlens.errors import MechlensError, NonFiniteError, NotApplicableError
+from mechlens.comparison import comparison_frame
+from mechlens.errors import MechlensError
 from mechlens.outputs import Destination, prepare_output
-from mechlens.studies import STUDIES, StudyInfo, get_study
-from mechlens.studies.result import StudyResult, to_jsonable
-
-Study = StudyInfo  # the registry entry (kept under its earlier name)
-
-
-def make_config(study: StudyInfo, overrides: dict[str, Any]):
-    """The study's dataclass config with ``overrides`` (unknown keys are ignored: shared options).
-    Building it checks every option (:class:`mechlens.options.Options`)."""
-    fields = {f.name for f in dataclasses.fields(study.module.Config)}
-    return study.module.Config(**{k: v for k, v in overrides.items() if k in fields and v is not None})
+from mechlens.plan import Plan, check_finite, check_models, make_config, samples_of
+from mechlens.report import render, report_of, sections_of
+from mechlens.result import StudyResult, to_jsonable
+from mechlens.studies import STUDIES, get_study
 
 
-def check_applicable(study: StudyInfo, models: dict[str, Any]) -> None:
-    """Refuse, before any forward pass, a model whose kind the study does not apply to, or which lacks a
-    hook point the study reads (:meth:`StudyInfo.unmet`)."""
-    from mechlens import arch
+def _execute(study: str, cfg, models: Mapping[str, Any], inputs: Any = None) -> dict[str, StudyResult]:
+    """Run one checked study on every model (same config and inputs) and check every result for NaN."""
+    from mechlens.distributed import world
 
+    module = STUDIES[study].module
+    results = {}
     for name, model in models.items():
-        kind = arch.kind_of(model)
-        if not study.applies_to(kind):
-            others = [s.name for s in STUDIES.values() if s.applies_to(kind)]
-            raise NotApplicableError(
-                f"study {study.name!r} does not apply to {name!r}, a {kind} LM (it needs a "
-                f"{' or '.join(sorted(study.kinds))} LM): studies for {kind} LMs are {', '.join(others)}"
-            )
-        missing = study.unmet(model)
-        if missing:
-            others = [s.name for s in STUDIES.values() if s.unmet(model) is None]
-            raise NotApplicableError(
-                f"study {study.name!r} cannot run on {name!r}: {missing}. It reads {', '.join(study.hooks)} at "
-                f"every layer; studies that run on this model: {', '.join(others)}"
-            )
+        r = module.run(model, cfg) if inputs is None else module.run(model, cfg, inputs)
+        check_finite(r)
+        r.provenance["world_size"] = world()[1]  # processes whose shards were merged into these statistics
+        results[name] = r
+    return results
 
 
-def first_nonfinite(x: Any, path: str = "") -> str | None:
-    """The path of the first NaN or infinity in a nested metrics structure, or ``None``.
-
-    ``None`` entries are allowed: a study writes ``None`` where a value is undefined by construction
-    (e.g. a position with no valid token); a NaN is always a computation gone wrong."""
-    import numpy as np
-    import torch
-
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    if isinstance(x, np.ndarray):
-        if x.dtype.kind in "fc" and not np.isfinite(x).all():
-            return f"{path}[{tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])}]"
-        return None
-    if isinstance(x, float | np.floating):
-        return None if math.isfinite(float(x)) else path
-    if isinstance(x, dict):
-        for k, v in x.items():
-            found = first_nonfinite(v, f"{path}.{k}" if path else str(k))
-            if found:
-                return found
-    elif isinstance(x, list | tuple):
-        for i, v in enumerate(x):
-            found = first_nonfinite(v, f"{path}[{i}]")
-            if found:
-                return found
-    return None
-
-
-def check_finite(result: StudyResult) -> None:
-    """NaN or infinity in a reported statistic is an error, never a result."""
-    where = first_nonfinite(result.metrics)
-    if where:
-        raise NonFiniteError(
-            f"{result.study} on {result.model!r}: the statistic {where} is NaN or infinite; check the model's "
-            "weights and dtype (e.g. --device cpu in float32)"
-        )
-
-
-def vocab_signature(model) -> tuple[int, tuple[int, ...]]:
-    tok = model.tokenizer
-    probe = tok("The coffee is hot, said Ana.", add_special_tokens=False)["input_ids"]
-    return len(tok), tuple(probe)
-
-
-def check_vocabularies(models: dict[str, Any], allow_different: bool) -> str | None:
-    """``None`` if all models share a tokenizer; otherwise a sentence for the report, or an error."""
-    sigs = {name: vocab_signature(m) for name, m in models.items()}
-    if len(set(sigs.values())) <= 1:
-        return None
-    desc = ", ".join(f"{n} ({s[0]} tokens)" for n, s in sigs.items())
-    if not allow_different:
-        raise MechlensError(
-            f"vocabulary mismatch between compared models: {desc}. Token ids differ, so results are only "
-            "comparable text-by-text: pass --allow-different-tokenizers to compare them on the same texts"
-        )
-    return f"The compared models use different tokenizers ({desc}): they see the same texts, not the same token ids."
+def run_plan(plan: Plan, log=lambda _: None) -> dict[str, list[StudyResult]]:
+    """Every study of a checked :class:`~mechlens.plan.Plan` on its models."""
+    results = {}
+    for study, (cfg, models) in plan.runs.items():
+        log(f"{study}: {', '.join(models)}")
+        results[study] = list(_execute(study, cfg, models).values())
+    return results
 
 
 def run_study(study: str, models: dict[str, Any], overrides: dict[str, Any] | None = None) -> list[StudyResult]:
     """Run one study with the same config on every model (same inputs): the config is checked, the
     study's applicability and the model-dependent options are checked for every model before any
     forward pass, and every result is checked for NaN."""
-    s = get_study(study)
-    cfg = make_config(s, overrides or {})
-    check_applicable(s, models)
-    for model in models.values():
-        cfg.check_model(model)
-    from mechlens.distributed import world
-
-    results = [s.module.run(model, cfg) for model in models.values()]
-    for r in results:
-        check_finite(r)
-        r.provenance["world_size"] = world()[1]  # processes whose shards were merged into these statistics
-    return results
+    info = get_study(study)
+    cfg = make_config(info, overrides or {})
+    check_models(info, models, cfg)
+    return list(_execute(info.name, cfg, models).values())
 
 
-def samples_of(result: StudyResult):
-    """The study's per-unit samples of ``result`` (``samples(result)``, :mod:`mechlens.comparison`), checked:
-    the documented columns, finite values; ``None`` for a study without samples."""
-    import numpy as np
+def compare(study: str, models: Mapping[str, Any], inputs: Any = None, cfg: Any = None, **options: Any):
+    """Run ``study`` on every model (same inputs and config) and return the comparison table.
 
-    from mechlens.comparison import SAMPLE_COLUMNS
+    ``models``: name -> a model loaded with :func:`mechlens.load_model`; ``inputs``: the study's inputs
+    (texts or token ids; default: its config's data); ``cfg``: its ``Config`` (default: defaults);
+    ``options``: :func:`~mechlens.comparison.comparison_frame`'s (confidence, n_resamples, method, seed,
+    reference). The results are kept in ``frame.attrs["results"]`` (model -> StudyResult)."""
+    from mechlens.loading import provenance_of
 
-    module = STUDIES[result.study].module
-    if not hasattr(module, "samples") or result.parts is None:
-        return None
-    frame = module.samples(result)
-    missing = [c for c in SAMPLE_COLUMNS if c not in frame.columns]
-    if missing:
-        raise MechlensError(f"{result.study}.samples() lacks the columns {missing} (a bug in the study)")
-    if not np.isfinite(frame["value"].to_numpy(np.float64)).all():
-        raise NonFiniteError(f"{result.study} on {result.model!r}: a per-unit sample is NaN or infinite")
+    info = get_study(study)
+    cfg = cfg or info.module.Config()
+    check_models(info, models, cfg)
+    results = _execute(info.name, cfg, models, inputs)
+    frame = comparison_frame(
+        study,
+        {n: samples_of(r) for n, r in results.items()},
+        {n: provenance_of(m).to_dict() for n, m in models.items()},
+        **options,
+    )
+    frame.attrs["results"] = results
     return frame
 
 
-def comparisons(results: dict[str, list[StudyResult]], samples: dict[tuple[str, str], Any] | None = None):
+def comparisons(results: dict[str, list[StudyResult]], samples: dict[tuple[str, str], Any]):
     """The comparison table (:func:`mechlens.comparison.comparison_frame`) of every study that ran on
     two or more models, concatenated; ``None`` when there is none."""
     import pandas as pd
 
-    from mechlens.comparison import comparison_frame
-
     frames = []
     for study, rs in results.items():
-        per_model = {r.model: (samples or {}).get((study, r.model)) for r in rs}
-        per_model = {
-            m: (f if f is not None else samples_of(r)) for (m, f), r in zip(per_model.items(), rs, strict=True)
-        }
-        per_model = {m: f for m, f in per_model.items() if f is not None}
+        per_model = {r.model: samples[(study, r.model)] for r in rs if samples.get((study, r.model)) is not None}
         if len(per_model) >= 2:
             frames.append(comparison_frame(study, per_model, {r.model: r.provenance for r in rs}))
     return pd.concat(frames, ignore_index=True) if frames else None
@@ -179,6 +107,20 @@ def _slug(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)[-60:]
 
 
+def write(dest: Destination, doc: Mapping[str, Any], report_html: str, files: Mapping[str, Any] = ()) -> None:
+    """The one writer of ``mechlens run`` and ``mechlens compare``: ``results.json`` (``doc``),
+    ``report.html`` and ``files`` (name -> a pandas DataFrame or a list of row dicts, written as CSV)
+    into ``dest``, atomically."""
+    with dest.writing() as tmp:
+        for name, content in dict(files).items():
+            if isinstance(content, list):
+                _csv(tmp / name, content)
+            else:
+                content.to_csv(tmp / name, index=False)
+        (tmp / "results.json").write_text(json.dumps(doc, indent=1, allow_nan=False))
+        (tmp / "report.html").write_text(report_html, encoding="utf-8")
+
+
 def write_outputs(
     results: dict[str, list[StudyResult]],
     out: str | os.PathLike | Destination,
@@ -192,28 +134,96 @@ def write_outputs(
     report's title."""
     import datetime
 
-    from mechlens.report import write_report
-
     dest = out if isinstance(out, Destination) else prepare_output(out)
     samples = {(study, r.model): samples_of(r) for study, rs in results.items() for r in rs}
     comparison = comparisons(results, samples)
-    with dest.writing() as tmp:
-        doc = {study: {r.model: r.to_json() for r in rs} for study, rs in results.items()}
-        for (study, model), frame in samples.items():
-            if frame is not None:
-                name = f"{study}__{_slug(model)}__samples.csv"
-                frame.to_csv(tmp / name, index=False)
-                doc[study][model]["samples_csv"] = name  # per-unit statistics: mechlens compare rebuilds from them
-        if comparison is not None:
-            comparison.to_csv(tmp / "comparison.csv", index=False)
-        doc["_notes"] = list(notes)
-        doc["_run"] = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), **(context or {})}
-        (tmp / "results.json").write_text(json.dumps(doc, indent=1, allow_nan=False))
-        for study, rs in results.items():
-            for r in rs:
-                for name, rows in r.tables.items():
-                    _csv(tmp / f"{study}__{_slug(r.model)}__{name}.csv", rows)
-        write_report(results, tmp / "report.html", notes, context=doc["_run"], comparison=comparison)
+    doc: dict[str, Any] = {study: {r.model: r.to_json() for r in rs} for study, rs in results.items()}
+    files: dict[str, Any] = {}
+    for (study, model), frame in samples.items():
+        if frame is not None:
+            name = f"{study}__{_slug(model)}__samples.csv"
+            files[name] = frame
+            doc[study][model]["samples_csv"] = name  # per-unit statistics: mechlens compare rebuilds from them
+    if comparison is not None:
+        files["comparison.csv"] = comparison
+    doc["_notes"] = list(notes)
+    doc["_run"] = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), **(context or {})}
+    for study, rs in results.items():
+        for r in rs:
+            for name, rows in r.tables.items():
+                files[f"{study}__{_slug(r.model)}__{name}.csv"] = rows
+    write(dest, doc, report_of(results, notes, context=doc["_run"], comparison=comparison), files)
+
+
+def load_runs(dirs: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Each directory's ``results.json`` (written by ``mechlens run``), read and checked."""
+    runs = []
+    for d in dirs:
+        path = pathlib.Path(d) / "results.json"
+        if not path.is_file():
+            raise MechlensError(f"{d} has no results.json: pass directories written by 'mechlens run'")
+        try:
+            runs.append((d, json.loads(path.read_text())))
+        except (OSError, ValueError) as e:
+            raise MechlensError(f"{path} cannot be read ({e}): pass directories written by 'mechlens run'") from None
+    return runs
+
+
+def compare_runs(runs: Sequence[tuple[str, Mapping[str, Any]]], dest: Destination) -> None:
+    """Combine earlier runs (:func:`load_runs`) into one comparison: their entries under ``model (dir)``,
+    the comparison table rebuilt from their saved per-unit samples (no paired differences where the runs'
+    inputs differ), and the report, written by :func:`write`."""
+    import pandas as pd
+
+    merged: dict[str, dict[str, dict]] = {}
+    samples: dict[str, dict[str, pd.DataFrame]] = {}
+    for d, doc in runs:
+        for study, entries in doc.items():
+            if study.startswith("_") or study not in STUDIES:
+                continue
+            for model, e in entries.items():
+                label = f"{model} ({d})"
+                merged.setdefault(study, {})[label] = e
+                if e.get("samples_csv"):
+                    samples.setdefault(study, {})[label] = _read_samples(pathlib.Path(d) / e["samples_csv"])
+    frames = [
+        comparison_frame(
+            s,
+            per_model,
+            {m: merged[s][m]["provenance"] for m in per_model},
+            unpaired=_different_inputs({m: merged[s][m] for m in per_model}),
+        )
+        for s, per_model in samples.items()
+        if len(per_model) >= 2
+    ]
+    comparison = pd.concat(frames, ignore_index=True) if frames else None
+    sections, findings = sections_of(merged, comparison, label="comparison across runs")
+    html = render(sections, title="mechlens comparison", findings=findings)
+    write(dest, merged, html, {} if comparison is None else {"comparison.csv": comparison})
+
+
+def _different_inputs(entries: dict[str, dict]) -> str | None:
+    """Why saved runs' units are not the same inputs (their study options differ, e.g. --data or --bos),
+    or None: paired differences need the same texts, tokens or occurrences in every run."""
+    configs = {m: e.get("config", {}) for m, e in entries.items()}
+    for key in sorted({k for c in configs.values() for k in c}):
+        values = {m: c.get(key) for m, c in configs.items()}
+        if len({json.dumps(v, sort_keys=True, default=str) for v in values.values()}) > 1:
+            return (
+                f"runs read different inputs or options ({key}: "
+                + ", ".join(f"{m}: {v}" for m, v in values.items())
+                + "): no paired differences"
+            )
+    return None
+
+
+def _read_samples(path: pathlib.Path):
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path, dtype={"layer": "Int64", "position": "Int64", "word": "Int64"})
+    except (OSError, ValueError) as e:
+        raise MechlensError(f"{path} cannot be read ({e}): pass directories written by 'mechlens run'") from None
 
 
 def summary_rows(results: dict[str, list[StudyResult]]) -> list[tuple[str, str, str]]:

@@ -339,6 +339,7 @@ def _table() -> None:  # pragma: no cover - the docs table generator
     import conftest  # noqa: F401  (sets HF_HUB_OFFLINE, thread count)
 
     from mechlens import LinearReadout, arch, encode, load_model, provenance_of, run_cached
+    from mechlens.lens.readings import lens_stats
     from mechlens.studies import lens
 
     rows = []
@@ -354,7 +355,7 @@ def _table() -> None:  # pragma: no cover - the docs table generator
         ref = hf_run(case, hf, batch.tokens, batch.attention_mask)
         v = batch.attention_mask.bool()
         targets = lens.next_token_targets(batch) if case.kind == "causal" else batch.tokens.masked_fill(~v, -1)
-        st = lens.lens_stats(m, batch, targets, k=1)
+        st = lens_stats(m, batch, targets, k=1)
         lp = ref.logits.double().log_softmax(-1)
         entropy = -(lp.exp() * lp).sum(-1)[v].mean().item()
         lens_diff = 0.0

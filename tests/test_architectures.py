@@ -27,6 +27,7 @@ import torch
 from arch_matrix import CASES, LOAD_PATHS, TEXTS, L, build, build_load_path, hf_logits_from, hf_run, module
 
 from mechlens import UnsupportedArchitectureError, arch, encode, load_model, provenance_of, run_cached
+from mechlens.lens.readings import lens_stats
 from mechlens.studies import lens
 
 # -- tolerances ----------------------------------------------------------------------------------
@@ -148,7 +149,7 @@ def test_lens_equals_hf_head_at_every_readout_point(loaded):
     # masked: the input token itself (nothing masked)
     causal = loaded.case.kind == "causal"
     targets = lens.next_token_targets(batch) if causal else batch.tokens.masked_fill(~valid, -1)
-    st = lens.lens_stats(m, batch, targets, k=3, kl_to_final=True)
+    st = lens_stats(m, batch, targets, k=3, kl_to_final=True)
     has = targets >= 0
     refs = [loaded.ref_logits(p) for p in range(L + 1)]
     lp_final = refs[L].double().log_softmax(-1)
@@ -403,7 +404,7 @@ def test_load_path_refuses_in_one_line_or_loads_validated(name, tmp_path):
     import transformers
 
     from mechlens.errors import NotApplicableError
-    from mechlens.runner import check_applicable
+    from mechlens.plan import check_applicable
     from mechlens.studies import STUDIES
 
     lp = LOAD_PATHS[name]

@@ -125,28 +125,28 @@ def test_short_context_models_load_and_refuse_by_flag(n_positions):
 
 
 def test_heldout_guard_compares_identity_and_the_card_records_the_fingerprint(tiny_gpt2_pair, tmp_path, monkeypatch):
-    from mechlens import tuned_lens
     from mechlens.data.identity import fingerprint
+    from mechlens.lens import training, tuned
 
     monkeypatch.chdir(tmp_path)
     texts = [f"Held-out or training text {i} about coffee, rain and the sea." for i in range(6)]
     (tmp_path / "fx").mkdir()
     (tmp_path / "fx" / "t.txt").write_text("\n".join(texts) + "\n")
-    cfg = tuned_lens.TrainConfig(data="fx/t.txt", heldout=2, steps=2, batch_size=2, max_tokens=8, evaluate=False)
-    lens = tuned_lens.train_tuned_lens(tiny_gpt2_pair.bridge, cfg=cfg)
+    cfg = training.TrainConfig(data="fx/t.txt", heldout=2, steps=2, batch_size=2, max_tokens=8, evaluate=False)
+    lens = training.train_tuned_lens(tiny_gpt2_pair.bridge, cfg=cfg)
     card = lens.card
     assert card.data_path == str((tmp_path / "fx" / "t.txt").resolve())
     assert card.data_fingerprint == fingerprint(texts[:3], 3) and card.data_fingerprint_texts == 3
     shutil.copy(tmp_path / "fx" / "t.txt", tmp_path / "copy.txt")
     (tmp_path / "other.txt").write_text("\n".join(texts[3:]) + "\n")
     for spelling in ("fx/t.txt", "fx/../fx/t.txt", str(tmp_path / "fx" / "t.txt"), "copy.txt"):
-        n, note = tuned_lens.check_for(lens, spelling, None)
+        n, note = tuned.check_for(lens, spelling, None)
         assert n == 2 and "held out from the tuned lens' training" in note, spelling
         with pytest.raises(ConfigError, match="--n-texts must be <= 2"):
-            tuned_lens.check_for(lens, spelling, 3)
-    n, note = tuned_lens.check_for(lens, "other.txt", None)
+            tuned.check_for(lens, spelling, 3)
+    n, note = tuned.check_for(lens, "other.txt", None)
     assert n is None and "not the tuned lens' training data" in note
-    n, note = tuned_lens.check_for(lens, texts, None)  # the same texts given in Python
+    n, note = tuned.check_for(lens, texts, None)  # the same texts given in Python
     assert n == 2
     saved = tmp_path / "saved"
     lens.save(saved)

@@ -23,7 +23,7 @@ MODULE = "mechlens_test_dummy_study"
 
 def _dummy_module() -> types.ModuleType:
     from mechlens import encode, provenance_of, run_cached
-    from mechlens.studies.result import StudyResult
+    from mechlens.result import StudyResult
 
     mod = types.ModuleType(MODULE)
 

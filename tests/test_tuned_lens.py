@@ -1,7 +1,7 @@
-"""The tuned lens (:mod:`mechlens.tuned_lens`): identity translators are the logit lens, training lowers
-held-out KL at every readout point, the last translator stays the identity, the training gradient is the
-true gradient, save/load round-trips and refuses a foreign model, and the lens study reads it beside the
-logit lens (single text, masked text, held-out corpus)."""
+"""The tuned lens (:mod:`mechlens.lens.tuned`, :mod:`mechlens.lens.training`): identity translators are the
+logit lens, training lowers held-out KL at every readout point, the last translator stays the identity, the
+training gradient is the true gradient, save/load round-trips and refuses a foreign model, and the lens study
+reads it beside the logit lens (single text, masked text, held-out corpus)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from mechlens import tuned_lens as tl
 from mechlens.cli import main
 from mechlens.data import load_texts
+from mechlens.lens import readings
+from mechlens.lens import training as tl
+from mechlens.lens import tuned as tlens
 from mechlens.ops import LinearReadout
 from mechlens.studies import lens
 
@@ -53,10 +55,10 @@ def test_identity_translators_reproduce_the_logit_lens_exactly(request, name):
     to the logit lens: x @ I + 0 is exact in floating point (each output is x_k plus exact zeros), and the
     same vocabulary reduction then runs on identical inputs. Tolerance: none (assert_array_equal)."""
     model = request.getfixturevalue(name).bridge
-    inputs = tl.lens_inputs(model, CONTEXTS[:5], range(5))
-    ident = tl.identity_lens(model)
+    inputs = tlens.lens_inputs(model, CONTEXTS[:5], range(5))
+    ident = tlens.identity_lens(model)
     assert ident.is_identity()
-    a, b = lens.pair_stats(model, inputs.batch, inputs.targets, ident, rows=inputs.rows, k=3)
+    a, b = readings.pair_stats(model, inputs.batch, inputs.targets, ident, rows=inputs.rows, k=3)
     for key, v in _fields(a).items():
         torch.testing.assert_close(getattr(b, key), v, rtol=0, atol=0, equal_nan=True, msg=key)
     assert torch.isfinite(a.kl_to_final[:, inputs.rows]).all()
@@ -154,13 +156,13 @@ def test_save_load_round_trip_and_foreign_model(trained, gpt2_pair, tiny_gpt2_pa
     """save() then load_tuned_lens() gives the same translators (float32 both ways: exact) and card; loading
     onto a different model is refused in one line naming both models' fingerprints."""
     trained.save(tmp_path / "lens")
-    back = tl.load_tuned_lens(tmp_path / "lens", gpt2_pair.bridge)
+    back = tlens.load_tuned_lens(tmp_path / "lens", gpt2_pair.bridge)
     assert torch.equal(back.weight, trained.weight) and torch.equal(back.bias, trained.bias)
     assert back.card == trained.card
-    doc = json.loads((tmp_path / "lens" / tl.CARD_FILE).read_text())
-    assert doc["fingerprint"] == tl.fingerprint(gpt2_pair.bridge) and doc["steps"] == 40
-    with pytest.raises(tl.TunedLensError, match="fingerprint") as e:
-        tl.load_tuned_lens(tmp_path / "lens", tiny_gpt2_pair.bridge)
+    doc = json.loads((tmp_path / "lens" / tlens.CARD_FILE).read_text())
+    assert doc["fingerprint"] == tlens.fingerprint(gpt2_pair.bridge) and doc["steps"] == 40
+    with pytest.raises(tlens.TunedLensError, match="fingerprint") as e:
+        tlens.load_tuned_lens(tmp_path / "lens", tiny_gpt2_pair.bridge)
     assert "\n" not in str(e.value)
 
 
@@ -181,7 +183,7 @@ def test_the_study_reads_both_lenses(trained, gpt2_pair, tmp_path):
     np.testing.assert_array_equal(t.tuned.kl_to_final[-1], 0.0)
     s = lens.samples(r)
     assert {"tuned_kl_to_final", "tuned_target_logprob", "kl_to_final"} <= set(s["quantity"])
-    assert {f"tuned_{q}" for q in lens.CORPUS_QUANTITIES} <= set(r.figures)
+    assert {f"tuned_{q}" for q in readings.QUANTITIES} <= set(r.figures)
     assert "tuned" in r.metrics and "tuned lens" in " ".join(lens.headline(r.metrics))
     assert "tuned_lens" in r.tables
     none = lens.run(model, lens.Config(tuned="none"))
@@ -217,8 +219,8 @@ def test_masked_lm_tuned_lens_and_corpus(roberta_pair):
     t = tl.train_tuned_lens(model, CONTEXTS, cfg)
     assert t.card.kind == "masked" and t.card.mask_prob == 0.15
     assert np.isfinite(t.card.heldout_kl_tuned).all() and t.card.heldout_kl_tuned[-1] == 0.0
-    inputs = tl.lens_inputs(model, CONTEXTS[:3], [0, 1, 2])
-    again = tl.lens_inputs(model, CONTEXTS[1:3], [1, 2])  # the choice depends on the text's index only
+    inputs = tlens.lens_inputs(model, CONTEXTS[:3], [0, 1, 2])
+    again = tlens.lens_inputs(model, CONTEXTS[1:3], [1, 2])  # the choice depends on the text's index only
     assert torch.equal(inputs.targets[1:, : again.targets.shape[1]], again.targets)
     assert (inputs.batch.tokens[inputs.rows] == model.tokenizer.mask_token_id).all()
 
@@ -231,7 +233,7 @@ def test_cli_train_lens_and_run_lens_tuned(tmp_path, capsys, monkeypatch):
     args = ["train-lens", "--model", "tiny-mlm", "--data", "contexts", "--steps", "3", "--heldout", "10",
             "--batch-size", "4", "--max-tokens", "16", "--quiet"]  # fmt: skip
     assert main([*args, "--out", "lens"]) == 0
-    assert (tmp_path / "lens" / tl.WEIGHTS_FILE).is_file()
+    assert (tmp_path / "lens" / tlens.WEIGHTS_FILE).is_file()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     capsys.readouterr()
@@ -262,12 +264,12 @@ def test_two_processes_train_the_same_lens_as_one(tmp_path):
     assert one.returncode == 0, one.stderr
     two = _mechlens([*args, "--out", str(tmp_path / "two")], nproc=2)
     assert two.returncode == 0, two.stderr
-    a, b = load_file(str(tmp_path / "one" / tl.WEIGHTS_FILE)), load_file(str(tmp_path / "two" / tl.WEIGHTS_FILE))
+    a, b = load_file(str(tmp_path / "one" / tlens.WEIGHTS_FILE)), load_file(str(tmp_path / "two" / tlens.WEIGHTS_FILE))
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     moved = float((a["weight"][0] - torch.eye(a["weight"].shape[-1])).abs().max())
     assert diff < 1e-6 and moved > 1e-4, (diff, moved)
-    ca = json.loads((tmp_path / "one" / tl.CARD_FILE).read_text())
-    cb = json.loads((tmp_path / "two" / tl.CARD_FILE).read_text())
+    ca = json.loads((tmp_path / "one" / tlens.CARD_FILE).read_text())
+    cb = json.loads((tmp_path / "two" / tlens.CARD_FILE).read_text())
     assert cb["world_size"] == 2 and ca["world_size"] == 1 and ca["n_train_texts"] == cb["n_train_texts"]
     np.testing.assert_allclose(ca["loss_curve"], cb["loss_curve"], rtol=1e-5)
 
@@ -320,7 +322,7 @@ def test_shipped_lenses_run_offline(tmp_path, monkeypatch):
     from mechlens.zoo import EMBEDDED
 
     for name in EMBEDDED:
-        card = json.loads((EMBEDDED[name].path / tl.CARD_FILE).read_text())
+        card = json.loads((EMBEDDED[name].path / tlens.CARD_FILE).read_text())
         assert card["command"].startswith("python -m training.tuned_lens") and card["steps"] == 250
         assert "training.tuned_lens" in (EMBEDDED[name].path / "MODEL_CARD.md").read_text()
 
@@ -372,13 +374,13 @@ def test_tuned_names_resolve_to_a_lens_or_an_embedded_model(tmp_path, monkeypatc
     shipped = EMBEDDED["tiny-gpt2"].path
     (tmp_path / "tiny-gpt2").mkdir()
     (tmp_path / "tiny-gpt2" / "config.json").write_text("{}")
-    assert tl.resolve_dir("tiny-gpt2") == shipped
-    assert tl.resolve_dir("elsewhere") == pathlib.Path("elsewhere")
-    for f in (tl.WEIGHTS_FILE, tl.CARD_FILE):
+    assert tlens.resolve_dir("tiny-gpt2") == shipped
+    assert tlens.resolve_dir("elsewhere") == pathlib.Path("elsewhere")
+    for f in (tlens.WEIGHTS_FILE, tlens.CARD_FILE):
         shutil.copy(shipped / f, tmp_path / "tiny-gpt2" / f)
-    with pytest.raises(tl.TunedLensError, match="ambiguous"):
-        tl.resolve_dir("tiny-gpt2")
-    assert tl.resolve_dir(f".{os.sep}tiny-gpt2") == pathlib.Path("tiny-gpt2")
+    with pytest.raises(tlens.TunedLensError, match="ambiguous"):
+        tlens.resolve_dir("tiny-gpt2")
+    assert tlens.resolve_dir(f".{os.sep}tiny-gpt2") == pathlib.Path("tiny-gpt2")
     assert main(["run", "lens", "--model", "tiny-gpt2", "--tuned", "tiny-gpt2", "--out", "run", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mechlens: error: --tuned tiny-gpt2 is ambiguous"), err

@@ -3,12 +3,12 @@
     python -m training.tuned_lens --data .cache/corpus                  # both models
     python -m training.tuned_lens --data .cache/corpus --models tiny-gpt2
 
-For each model: :func:`mechlens.tuned_lens.train_tuned_lens` on ``DATA/train.jsonl`` (the model's own
+For each model: :func:`mechlens.lens.training.train_tuned_lens` on ``DATA/train.jsonl`` (the model's own
 training documents as text, written by :mod:`training.corpus` in a seeded shuffled order) with the
 default recipe; the first ``--heldout`` texts of that file are held out from the lens' training. The
 lens is written beside the weights (``mechlens/zoo/weights/<name>/tuned_lens.safetensors`` and
 ``tuned_lens.json``; 7 x 128 x 128 + 7 x 128 floats). Then both lenses are evaluated with the corpus
-lens (:func:`mechlens.studies.lens.corpus_lens`) on (a) those held-out texts and (b) the model's own
+lens (:func:`mechlens.lens.corpus.corpus_lens`) on (a) those held-out texts and (b) the model's own
 held-out documents (``DATA/heldout.jsonl``, never seen by the model nor the lens), with 95% bootstrap
 intervals over texts; the numbers go to ``tuned_lens_eval.json`` and the model card's "Tuned lens"
 section (:func:`training.card.tuned_lens_section`).
@@ -31,9 +31,11 @@ if not __package__:  # run as a script (python training/tuned_lens.py): make the
 import numpy as np
 import torch
 
+from mechlens.lens.corpus import corpus_lens
+from mechlens.lens.readings import QUANTITIES
+from mechlens.lens.training import TrainConfig, train_tuned_lens
 from mechlens.loading import load_model
 from mechlens.studies import lens as lens_study
-from mechlens.tuned_lens import TrainConfig, train_tuned_lens
 from mechlens.zoo import EMBEDDED
 from training.card import write_tuned_lens_section
 
@@ -45,11 +47,11 @@ def evaluate(model, lens, source: str, n_texts: int, cfg: TrainConfig) -> dict:
     positions and the mean over texts of each text's mean with its 95% percentile bootstrap interval."""
     from mechlens.data import iter_indexed
 
-    c = lens_study.corpus_lens(model, iter_indexed(source, n_texts), bos=cfg.bos, max_tokens=cfg.max_tokens,
-                               tuned=lens, n_samples=n_texts, mask_prob=cfg.mask_prob, seed=cfg.seed)  # fmt: skip
+    c = corpus_lens(model, iter_indexed(source, n_texts), bos=cfg.bos, max_tokens=cfg.max_tokens,
+                    tuned=lens, n_samples=n_texts, mask_prob=cfg.mask_prob, seed=cfg.seed)  # fmt: skip
     out = {"source": source, "n_texts": c.n_texts, "n_positions": c.n_predictions}
     for name, part in (("logit", c), ("tuned", c.tuned)):
-        q = lens_study.CORPUS_QUANTITIES.index("kl_to_final")
+        q = QUANTITIES.index("kl_to_final")
         mean, lo, hi = lens_study.lens_intervals(part.per_text[:, q])
         out[name] = {
             "kl_to_final_by_layer": [float(v) for v in part.kl_to_final_by_layer],

@@ -2,7 +2,7 @@
 
     python -m training.tuned_lens_sweep --data .cache/corpus --steps 20 --lrs 0.3 1 3
 
-For each model and learning-rate scale: :func:`mechlens.tuned_lens.train_tuned_lens` with the default
+For each model and learning-rate scale: :func:`mechlens.lens.training.train_tuned_lens` with the default
 recipe otherwise (gradient norm clipped at 1.0, SGD with Nesterov momentum 0.9, linear decay) for
 ``--steps`` steps on ``DATA/train.jsonl`` after its first ``--heldout`` texts, then the held-out KL of the
 tuned lens per readout point on the first ``--eval-texts`` of those held-out texts (the corpus lens). The
@@ -23,9 +23,9 @@ if not __package__:
 import torch
 
 from mechlens.data import iter_indexed
+from mechlens.lens.corpus import corpus_lens
+from mechlens.lens.training import TrainConfig, train_tuned_lens
 from mechlens.loading import load_model
-from mechlens.studies import lens as lens_study
-from mechlens.tuned_lens import TrainConfig, train_tuned_lens
 
 
 def main(argv=None) -> None:
@@ -48,7 +48,7 @@ def main(argv=None) -> None:
                               max_grad_norm=args.max_grad_norm, evaluate=False)  # fmt: skip
             t0 = time.process_time()
             lens = train_tuned_lens(model, source, cfg)
-            c = lens_study.corpus_lens(model, iter_indexed(source, args.eval_texts), bos=cfg.bos,
+            c = corpus_lens(model, iter_indexed(source, args.eval_texts), bos=cfg.bos,
                                        max_tokens=cfg.max_tokens, tuned=lens, n_samples=1, mask_prob=cfg.mask_prob,
                                        seed=cfg.seed)  # fmt: skip
             row = {"model": name, "lr": lr, "steps": args.steps, "max_grad_norm": args.max_grad_norm,

@@ -11,6 +11,7 @@ from mechlens.data.sources import (
     iter_texts,
     load_texts,
     parse_hf,
+    shard,
     split_train_test,
 )
 
@@ -24,5 +25,6 @@ __all__ = [
     "iter_texts",
     "load_texts",
     "parse_hf",
+    "shard",
     "split_train_test",
 ]

@@ -280,6 +280,19 @@ def iter_indexed(
     return ((rank + k * world_size, t) for k, t in enumerate(texts))
 
 
+def shard(data: str | Iterable, n_texts: int | None = None) -> Iterator[tuple[int, object]]:
+    """This rank's share of the first ``n_texts`` items (all when ``None``) of ``data``, keyed by global
+    index: a source streamed (:func:`iter_indexed`), or items given in Python (texts or token ids; index =
+    place in the list, rank ``r`` of ``w`` keeping the indices ``i % w == r``). One process: all of them."""
+    from mechlens import distributed
+
+    rank, world_size = distributed.world()
+    if isinstance(data, str):
+        return iter_indexed(data, n_texts, rank=rank, world_size=world_size)
+    first = itertools.islice(enumerate(data), n_texts)
+    return ((i, t) for i, t in first if i % world_size == rank)
+
+
 def load_texts(source: str, n_texts: int | None = None) -> list[str]:
     """All texts of a source (or its first ``n_texts``) as a list: :func:`iter_texts` in one process.
     Offline use of a web source fails fast naming the built-in or local files."""

@@ -156,20 +156,29 @@ def iterate(ds, translate: Callable[[Exception], Exception | None], *, step: tup
     yield from texts
 
 
+@contextlib.contextmanager
+def translated(translate: Callable[[Exception], Exception | None]) -> Iterator[None]:
+    """datasets' output silenced and its errors translated: ``translate(e)`` gives the error to raise (a
+    :class:`DataError` naming the fix) or ``None`` (``e`` is raised as it is, a bug shows its traceback);
+    a :class:`DataError` passes through."""
+    try:
+        with quiet_datasets():
+            yield
+    except DataError:
+        raise
+    except Exception as e:
+        mine = translate(e)
+        if mine is None:
+            raise
+        raise mine from None
+
+
 def _texts(it, translate) -> Iterator[str]:
     while True:
-        try:
-            with quiet_datasets():
-                batch = next(it)
-        except StopIteration:
+        with translated(translate):
+            batch = next(it, None)
+        if batch is None:
             return
-        except DataError:
-            raise
-        except Exception as e:
-            mine = translate(e)
-            if mine is None:
-                raise
-            raise mine from None
         yield from batch[TEXT]
 
 
@@ -177,32 +186,16 @@ def load(builder: str, *args: Any, translate: Callable[[Exception], Exception | 
     """``load_dataset(builder, ..., split=..., streaming=True)`` with datasets' errors translated."""
     import datasets
 
-    try:
-        with quiet_datasets():
-            return datasets.load_dataset(builder, *args, streaming=True, **kwargs)
-    except DataError:
-        raise
-    except Exception as e:
-        mine = translate(e)
-        if mine is None:
-            raise
-        raise mine from None
+    with translated(translate):
+        return datasets.load_dataset(builder, *args, streaming=True, **kwargs)
 
 
 def peek_columns(ds, translate) -> list[str]:
     """Column names of a stream whose features are unknown until read: the keys of its first row."""
     if ds.column_names is not None:
         return list(ds.column_names)
-    try:
-        with quiet_datasets():
-            first = next(iter(ds), None)
-    except DataError:
-        raise
-    except Exception as e:
-        mine = translate(e)
-        if mine is None:
-            raise
-        raise mine from None
+    with translated(translate):
+        first = next(iter(ds), None)
     return [] if first is None else list(first)
 
 

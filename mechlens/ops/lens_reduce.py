@@ -312,8 +312,14 @@ def lens_reduce(
             max_chunk_bytes=max_chunk_bytes,
         )
         out_max[:, keep] = res["max"]
-        for name, out in (("entropy", ent), ("target_logprob", t_lp), ("target_rank", t_rank), ("kl_to_final", kl),
-                          ("topk_logprobs", topk_lp), ("topk_ids", topk_ids)):  # fmt: skip
+        for name, out in (
+            ("entropy", ent),
+            ("target_logprob", t_lp),
+            ("target_rank", t_rank),
+            ("kl_to_final", kl),
+            ("topk_logprobs", topk_lp),
+            ("topk_ids", topk_ids),
+        ):
             if out is not None:
                 out[:, keep] = res[name]
     elif len(keep):

@@ -25,8 +25,9 @@ def mi_knn(x: np.ndarray, y: np.ndarray, random_state: int = 0, n_neighbors: int
     from sklearn.feature_selection import mutual_info_regression
 
     x = np.asarray(x, np.float64).reshape(-1, 1)
-    return float(mutual_info_regression(x, np.asarray(y, np.float64), n_neighbors=n_neighbors,
-                                        random_state=random_state)[0])  # fmt: skip
+    return float(
+        mutual_info_regression(x, np.asarray(y, np.float64), n_neighbors=n_neighbors, random_state=random_state)[0]
+    )
 
 
 def _scaled_with_noise(v: np.ndarray, noise: np.ndarray) -> np.ndarray:

@@ -112,7 +112,7 @@ def lstsq_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(b0), float(b1)
 
 
-def sqrt_layer_fit(values: np.ndarray) -> dict[str, Any]:
+def sqrt_line(values: np.ndarray) -> dict[str, Any]:
     """``value ~ intercept + slope * sqrt(layer)`` over readout points 0..L (the laminar fit)."""
     layers = np.arange(len(values), dtype=np.float64)
     b0, b1 = lstsq_line(np.sqrt(layers), values)

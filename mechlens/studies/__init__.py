@@ -4,19 +4,34 @@ The registry holds what the command line needs without importing a study (so ``m
 ``mechlens list`` and an unknown study answer without loading torch): name, title, the model kinds
 the study applies to and its default models. ``info.module`` imports the study module.
 
-The study protocol (what a study module exposes; nothing outside it and this registry names a study):
+The study protocol (what a study exposes; nothing outside ``mechlens/studies/`` names a study, asserted by
+``tests/test_layers.py``). A study is a module ``mechlens/studies/<name>.py``, or a package of that name
+when it is too large to read in one sitting (``lens``: ``parts`` (the maths and its typed results),
+``figures`` (figures, findings, comparison figures), ``lesson``; its ``__init__`` composes ``run`` and
+re-exports the rest), plus one line in :data:`STUDIES` below. It exposes:
 
-* ``Config``: a :class:`mechlens.options.Options` dataclass (its fields are the command-line flags);
+* ``Config``: a :class:`mechlens.options.Options` dataclass (its fields are the command-line flags, their
+  documentation the ``--help``); ``Config.check_model(model)`` refuses model-dependent options before
+  any forward pass (:func:`mechlens.plan.plan` calls it for every model);
 * one public **part function** per part of the original notebook, named after what it computes,
   taking a model and a :class:`~mechlens.tokens.TokenBatch` or tensors and returning a frozen
   dataclass with jaxtyping-annotated fields;
-* ``run(model, cfg, inputs) -> StudyResult``: composes the parts; ``result.parts`` is the typed result
-  and ``result.metrics`` (``results.json``) is derived from it (:func:`~mechlens.studies.result.metrics_of`);
+* ``run(model, cfg, inputs=None) -> StudyResult`` (:mod:`mechlens.result`): composes the parts;
+  ``result.parts`` is the typed result and ``result.metrics`` (``results.json``) is derived from it
+  (:func:`~mechlens.result.metrics_of`); the orchestration (:mod:`mechlens.runner`) checks it for NaN
+  and records the world size;
 * ``figures(...)``, ``headline(metrics) -> list[str]`` (the findings in words; the first line is the
-  terminal summary) and ``compare(entries) -> dict[str, Figure]`` for several models;
-* ``samples(result) -> pandas.DataFrame``: per-unit statistics (one row per text, token or occurrence
-  and statistic) from which :mod:`mechlens.comparison` builds bootstrap intervals and ``comparison.csv``;
-* ``LESSON``: a tuple of :class:`Step`, the notebook and experiment script, part by part.
+  terminal summary) and ``compare(entries) -> dict[str, Figure]`` for several models' saved entries;
+* ``samples(result) -> pandas.DataFrame``: per-unit statistics with :data:`mechlens.result.SAMPLE_COLUMNS`,
+  built with :func:`mechlens.result.sample_table`, from which :mod:`mechlens.comparison` builds
+  bootstrap intervals and ``comparison.csv``; optionally ``incomparable(provenances) -> {quantity: why}``;
+* ``LESSON``: a tuple of :class:`Step`, the notebook and experiment script, part by part
+  (``notebooks/generate.py``).
+
+A data-parallel study (``data_parallel=True``) reads its share of the inputs with
+:func:`mechlens.data.shard` and merges its accumulators with :func:`mechlens.distributed.share_then_merge`.
+Library machinery a study merely uses (the lens readout, tuned lens, corpus streaming) lives below the
+studies (:mod:`mechlens.lens`); see ``docs/architecture.md``.
 """
 
 from __future__ import annotations

@@ -47,11 +47,11 @@ from mechlens.forward import run_cached
 from mechlens.loading import provenance_of
 from mechlens.ops import stack_layers, vector_norm
 from mechlens.options import Options, check_layer, option
+from mechlens.result import StudyResult, format_values, metrics_of, not_in_metrics, sample_table
 from mechlens.stats.degenerate import zero_variance
 from mechlens.stats.distance import minkowski, pairwise_minkowski
 from mechlens.stats.information import mi_histogram, mi_knn, pairwise_mi
 from mechlens.studies import Step
-from mechlens.studies.result import StudyResult, format_values, metrics_of, not_in_metrics
 from mechlens.tokens import Texts, TokenBatch, encode, single_token_id, target_positions, word_index
 
 MEASURES = ("MI", "L1", "L2")
@@ -60,15 +60,15 @@ KINDS = {"attn": "hook_attn_out", "mlp": "hook_mlp_out"}
 
 @dataclasses.dataclass
 class Config(Options):
-    data: str = option("coffee", "text source; its first text is the document studied (mechlens list)",
-                       nonempty=True)  # fmt: skip
+    data: str = option("coffee", "text source; its first text is the document studied (mechlens list)", nonempty=True)
     target: str = option(" coffee", "the token whose occurrences are compared (exactly one token)", nonempty=True)
     n_targets: int = option(10, "occurrences of the target used (kNN mutual information needs >= 4)", ge=4)
     layer: int | None = option(None, "block of parts 4-5 (default: the middle one)", ge=0)
     n_context: int = option(12, "part 7: tokens per context ending at each target", ge=1)
     bos: bool = option(True, "prepend BOS")
-    mi_bins: tuple[int, ...] = option((4, 6, 8, 10, 12, 16, 20, 24), "bin counts of the histogram MI (each >= 2)",
-                                      ge=2, nonempty=True)  # fmt: skip
+    mi_bins: tuple[int, ...] = option(
+        (4, 6, 8, 10, 12, 16, 20, 24), "bin counts of the histogram MI (each >= 2)", ge=2, nonempty=True
+    )
     n_synthetic: int = option(2000, "points of the synthetic MI example", ge=20)
     n_jobs: int = option(1, "parallel jobs for scikit-learn's kNN MI", ge=1)
     seed: int = option(0, "random seed", ge=0)
@@ -418,8 +418,9 @@ def interlayer_mi(model, contexts: TokenBatch, *, seed: int = 0, n_jobs: int = 1
     norms = {k: vector_norm(stack_layers(acts, v)[:, rows, last]).double().numpy() for k, v in names.items()}
     mi = {k: pairwise_mi(v, seed, n_jobs) for k, v in norms.items()}  # [layer, layer]
     gaps = np.abs(np.arange(n_layers)[:, None] - np.arange(n_layers)[None, :])
-    by_gap = {k: np.array([upper(v)[upper(gaps) == g].mean() for g in range(1, n_layers)], np.float64)
-              for k, v in mi.items()}  # fmt: skip
+    by_gap = {
+        k: np.array([upper(v)[upper(gaps) == g].mean() for g in range(1, n_layers)], np.float64) for k, v in mi.items()
+    }
     return InterlayerMI(
         context_norms=norms, interlayer_mi=mi, interlayer_mi_by_gap=by_gap, contexts=contexts, last=last.numpy()
     )
@@ -467,8 +468,9 @@ def run(model, cfg: Config | None = None, texts: Texts | None = None) -> StudyRe
         target_words=words,
     )
     prov = provenance_of(model).replace(bos=batch.bos_policy(), padding_side=batch.padding_side, seed=cfg.seed)
-    res = StudyResult("distances", prov.model, metrics_of(typed), prov.to_dict(), dataclasses.asdict(cfg),
-                      tables(typed), parts=typed)  # fmt: skip
+    res = StudyResult(
+        "distances", prov.model, metrics_of(typed), prov.to_dict(), dataclasses.asdict(cfg), tables(typed), parts=typed
+    )
     res.figures = figures(typed)
     return res
 
@@ -481,15 +483,24 @@ def tables(r: DistancesResult) -> dict[str, list[dict[str, Any]]]:
     return {
         "pairs": [
             {"kind": k, "i": i, "j": j, "position_distance": pos_dist[i, j], **{m: dist[k][m][i, j] for m in MEASURES}}
-            for k in KINDS for i in range(n) for j in range(i + 1, n)
+            for k in KINDS
+            for i in range(n)
+            for j in range(i + 1, n)
         ],
         "layer_sweep": [
-            {"kind": k, "layer": li, "measure": m, "tau": sweep.kendall_tau_by_layer[k][m][li],
-             "p": sweep.kendall_p_by_layer[k][m][li],
-             "mean_normalised": sweep.mean_normalised_distance_by_layer[k][m][li]}
-            for k in KINDS for m in MEASURES for li in range(n_layers)
+            {
+                "kind": k,
+                "layer": li,
+                "measure": m,
+                "tau": sweep.kendall_tau_by_layer[k][m][li],
+                "p": sweep.kendall_p_by_layer[k][m][li],
+                "mean_normalised": sweep.mean_normalised_distance_by_layer[k][m][li],
+            }
+            for k in KINDS
+            for m in MEASURES
+            for li in range(n_layers)
         ],
-    }  # fmt: skip
+    }
 
 
 def samples(result: StudyResult) -> pd.DataFrame:
@@ -511,25 +522,18 @@ def samples(result: StudyResult) -> pd.DataFrame:
     r: DistancesResult = result.parts
     rows = []
     for k in KINDS:
-        for quantity, values in ((f"tau_{k}", r.sweep.occurrence_tau[k]["L2"]),
-                                 (f"mean_normalised_l2_{k}", r.sweep.occurrence_normalised[k]["L2"])):  # fmt: skip
+        for quantity, values in (
+            (f"tau_{k}", r.sweep.occurrence_tau[k]["L2"]),
+            (f"mean_normalised_l2_{k}", r.sweep.occurrence_normalised[k]["L2"]),
+        ):
             depth = block_depth(len(values))
             for li, row in enumerate(values):
                 for i, v in enumerate(row):
                     if np.isfinite(v):
                         rows.append((quantity, li, float(depth[li]), i, float(v)))
-    frame = pd.DataFrame(rows, columns=["quantity", "layer", "relative_depth", "sample", "value"])
-    return pd.DataFrame(
-        {
-            "quantity": frame["quantity"].astype(object),
-            "layer": frame["layer"].astype("Int64"),
-            "relative_depth": frame["relative_depth"].astype(np.float64),
-            "position": pd.array([pd.NA] * len(frame), dtype="Int64"),
-            "word": pd.array([pd.NA] * len(frame), dtype="Int64"),
-            "unit": "occurrence",
-            "sample": frame["sample"].astype(np.int64),
-            "value": frame["value"].astype(np.float64),
-        }
+    quantity, layer, depth, sample, value = (list(c) for c in zip(*rows, strict=True)) if rows else ([],) * 5
+    return sample_table(
+        np.array(quantity, dtype=object), value, unit="occurrence", sample=sample, layer=layer, relative_depth=depth
     )
 
 
@@ -547,8 +551,11 @@ def incomparable(provenances: Mapping[str, Mapping[str, Any]]) -> dict[str, str]
 def mi_by_bins_figure(syn: SyntheticMI) -> go.Figure:
     """Part 2: histogram MI (bits) by bin count, with the kNN estimate converted to bits."""
     bins = list(syn.mi_histogram_bits_by_bins)
-    f = go.Figure(go.Scatter(x=bins, y=list(syn.mi_histogram_bits_by_bins.values()), mode="lines+markers",
-                             name="2-D histogram estimate"))  # fmt: skip
+    f = go.Figure(
+        go.Scatter(
+            x=bins, y=list(syn.mi_histogram_bits_by_bins.values()), mode="lines+markers", name="2-D histogram estimate"
+        )
+    )
     knn_bits, r = syn.mi_knn_nats / np.log(2), syn.pearson_r
     f.add_hline(y=knn_bits, line_dash="dash", annotation_text=f"kNN estimate {knn_bits:.3f} bits")
     title = f"Mutual information of y = x² + noise, in bits, by bin count (Pearson r {r:.3f})"
@@ -562,8 +569,15 @@ def pairs_figure(pw: PairwiseMeasures, normalised: bool = False) -> go.Figure:
         for c, mm in enumerate(MEASURES):
             y = upper(pw.distance_matrices[k][mm])
             y = y / max(y.max(), 1e-300) if normalised else y
-            f.add_scatter(x=upper(pw.position_distance), y=y, mode="markers", row=r + 1, col=c + 1, showlegend=False,
-                          name=f"{k} {mm}")  # fmt: skip
+            f.add_scatter(
+                x=upper(pw.position_distance),
+                y=y,
+                mode="markers",
+                row=r + 1,
+                col=c + 1,
+                showlegend=False,
+                name=f"{k} {mm}",
+            )
             f.update_xaxes(title_text="position distance (tokens)", row=r + 1, col=c + 1)
             unit = "MI (nats)" if mm == "MI" else f"{mm} distance"
             f.update_yaxes(title_text=f"{unit} / max" if normalised else unit, row=r + 1, col=c + 1)
@@ -577,8 +591,14 @@ def layer_sweep_figure(sweep: KendallByLayer) -> go.Figure:
     for k in KINDS:
         for mm in MEASURES:
             f.add_scatter(y=sweep.kendall_tau_by_layer[k][mm], name=f"{k} {mm}", mode="lines+markers", row=1, col=1)
-            f.add_scatter(y=sweep.mean_normalised_distance_by_layer[k][mm], name=f"{k} {mm}", mode="lines+markers",
-                          row=1, col=2, showlegend=False)  # fmt: skip
+            f.add_scatter(
+                y=sweep.mean_normalised_distance_by_layer[k][mm],
+                name=f"{k} {mm}",
+                mode="lines+markers",
+                row=1,
+                col=2,
+                showlegend=False,
+            )
     for c in (1, 2):
         f.update_xaxes(title_text="layer", row=1, col=c)
     f.update_yaxes(title_text="Kendall tau vs position distance", row=1, col=1)
@@ -593,8 +613,10 @@ def interlayer_figure(inter: InterlayerMI) -> go.Figure:
         f.add_heatmap(z=inter.interlayer_mi[k], row=1, col=c + 1, coloraxis="coloraxis", name=f"{k} MI")
         f.update_xaxes(title_text="layer", row=1, col=c + 1)
         f.update_yaxes(title_text="layer", row=1, col=c + 1)
-    return f.update_layout(title="MI (nats, kNN) between layers' output norms at the target",
-                           coloraxis={"colorscale": "Viridis", "colorbar": {"title": "nats"}})  # fmt: skip
+    return f.update_layout(
+        title="MI (nats, kNN) between layers' output norms at the target",
+        coloraxis={"colorscale": "Viridis", "colorbar": {"title": "nats"}},
+    )
 
 
 def figures(r: DistancesResult) -> dict[str, go.Figure]:
@@ -630,8 +652,11 @@ def compare(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, go.Figure]:
         for kind in ("attn", "mlp"):
             y = e["metrics"]["kendall_tau_by_layer"][kind]["L2"]
             f.add_scatter(x=block_depth(len(y)), y=y, name=f"{model} {kind}", mode="lines+markers")
-    f.update_layout(title="Kendall tau (L2 vs position distance) by relative depth",
-                    xaxis_title="relative depth (block l at (l+1)/L)", yaxis_title="tau")  # fmt: skip
+    f.update_layout(
+        title="Kendall tau (L2 vs position distance) by relative depth",
+        xaxis_title="relative depth (block l at (l+1)/L)",
+        yaxis_title="tau",
+    )
     return {"comparison": f}
 
 

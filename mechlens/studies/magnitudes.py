@@ -55,16 +55,16 @@ from torch import Tensor
 
 from mechlens import arch, distributed, progress
 from mechlens.axes import block_depth
-from mechlens.data import batched, iter_indexed, iter_texts
+from mechlens.data import batched, iter_texts, shard
 from mechlens.errors import DataError
 from mechlens.forward import iter_cached
 from mechlens.loading import provenance_of
 from mechlens.ops import stack_layers, vector_norm
 from mechlens.options import Options, fail, option
+from mechlens.result import StudyResult, format_values, metrics_of, none_where, not_in_metrics, sample_table
 from mechlens.stats.regression import lstsq_line
 from mechlens.stats.streaming import Moments, Reservoir, priorities
 from mechlens.studies import Step
-from mechlens.studies.result import StudyResult, format_values, metrics_of, none_where, not_in_metrics
 from mechlens.tokens import Texts, TokenBatch, encode, word_index
 
 PERCENTILES = (5.0, 25.0, 50.0, 75.0, 95.0)
@@ -73,11 +73,13 @@ BETA_NAMES = ("const", "t-2", "t-1")  # the previous-norm regression's coefficie
 
 @dataclasses.dataclass
 class Config(Options):
-    data: str = option("reviews", "text source: a built-in name, a local file or an online dataset (mechlens list)",
-                       nonempty=True)  # fmt: skip
+    data: str = option(
+        "reviews", "text source: a built-in name, a local file or an online dataset (mechlens list)", nonempty=True
+    )
     n_texts: int | None = option(64, "texts taken from the source (None in Python: all of them)", ge=1)
-    padding_side: str = option("right", "side on which batches are padded (statistics do not depend on it)",
-                               choices=("right", "left"))  # fmt: skip
+    padding_side: str = option(
+        "right", "side on which batches are padded (statistics do not depend on it)", choices=("right", "left")
+    )
     bos: bool = option(True, "prepend BOS")
     exclude_first: bool = option(True, "exclude position 0 (BOS: the attention sink) from every statistic")
     max_tokens: int | None = option(128, "text tokens kept per text (None in Python: all that fit the context)", ge=1)
@@ -85,11 +87,19 @@ class Config(Options):
     n_fit_positions: int = option(30, "positions used by the fit of log mean norm on position", ge=2)
     hist_bins: int = option(60, "bins of the log-norm histograms", ge=1)
     hist_range: tuple[float, float] = option((-4.0, 8.0), "LOW HIGH: log-norm range of the histograms")
-    token_reservoir: int = option(200_000, "size of the seeded sample of tokens the log-norm percentiles are "
-                                  "computed from (exact when the corpus has no more valid tokens)", ge=1)  # fmt: skip
-    reservoir: int = option(2_000, "size of the seeded sample of texts kept for per-text comparisons (each keeps "
-                            "its log-norms at every layer and position: ~7 KB per text on tiny-gpt2, ~37 KB on "
-                            "gpt2-large)", ge=1)  # fmt: skip
+    token_reservoir: int = option(
+        200_000,
+        "size of the seeded sample of tokens the log-norm percentiles are "
+        "computed from (exact when the corpus has no more valid tokens)",
+        ge=1,
+    )
+    reservoir: int = option(
+        2_000,
+        "size of the seeded sample of texts kept for per-text comparisons (each keeps "
+        "its log-norms at every layer and position: ~7 KB per text on tiny-gpt2, ~37 KB on "
+        "gpt2-large)",
+        ge=1,
+    )
     seed: int = option(0, "random seed (and the seed of the token and text samples)", ge=0)
 
     def check(self) -> None:
@@ -100,8 +110,11 @@ class Config(Options):
     def check_model(self, model) -> None:
         room = model.cfg.n_ctx - int(self.bos) - (1 if arch.kind_of(model) == "masked" else 0)
         if self.max_tokens is not None and self.max_tokens > room:
-            fail("max_tokens", f"must be <= {room} (the model's context is {model.cfg.n_ctx} tokens with its "
-                               f"special tokens), got {self.max_tokens}")  # fmt: skip
+            fail(
+                "max_tokens",
+                f"must be <= {room} (the model's context is {model.cfg.n_ctx} tokens with its "
+                f"special tokens), got {self.max_tokens}",
+            )
 
 
 def attn_out_names(model) -> list[str]:
@@ -359,8 +372,10 @@ class NormStatistics:
         batch = batch.to("cpu")
         norms, valid, index = norms.float().cpu(), valid.cpu(), index.cpu()
         if batch.max_position >= self.n_pos:
-            raise DataError(f"a sequence of {batch.max_position + 1} tokens exceeds the {self.n_pos} positions "
-                            "these statistics were sized for: lower --max-tokens")  # fmt: skip
+            raise DataError(
+                f"a sequence of {batch.max_position + 1} tokens exceeds the {self.n_pos} positions "
+                "these statistics were sized for: lower --max-tokens"
+            )
         logn32 = norms.clamp(min=1e-30).log()
         lognorm, mask = position_grid(logn32, batch, valid, self.n_pos)  # [batch, layer, pos], [batch, pos]
         norm, _ = position_grid(norms, batch, valid, self.n_pos)
@@ -391,8 +406,9 @@ class NormStatistics:
         """Sum the state over the ranks of the process group and merge their samples (a no-op in one
         process); every rank then holds the same statistics."""
         sums = [*self.norm.state().values(), *self.lognorm.state().values(), *self.text_lognorm.state().values()]
-        distributed.all_reduce_sum(*sums, self.hist, self.xtx, self.xty, self.counts, self.text_lengths,
-                                   self.seq_lengths)  # fmt: skip
+        distributed.all_reduce_sum(
+            *sums, self.hist, self.xtx, self.xty, self.counts, self.text_lengths, self.seq_lengths
+        )
         distributed.merge(self.tokens.flush())
         distributed.merge(self.texts.flush())
         return self
@@ -453,8 +469,12 @@ class NormStatistics:
 
 def _is_pair(item: Any) -> bool:
     """``(global index, text)``, as opposed to a text (a string, or token ids)."""
-    return (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], int | np.integer)
-            and not isinstance(item[1], int | np.integer))  # fmt: skip
+    return (
+        isinstance(item, tuple)
+        and len(item) == 2
+        and isinstance(item[0], int | np.integer)
+        and not isinstance(item[1], int | np.integer)
+    )
 
 
 def attn_out_norms(
@@ -490,8 +510,13 @@ def attn_out_norms(
     ``progress_bar``: one bar (rank 0 only) counting tokens."""
     names = attn_out_names(model)
     n_layers = len(names)
-    options = {"hist_bins": hist_bins, "hist_range": hist_range, "n_token_samples": n_token_samples,
-               "n_samples": n_samples, "seed": seed}  # fmt: skip
+    options = {
+        "hist_bins": hist_bins,
+        "hist_range": hist_range,
+        "n_token_samples": n_token_samples,
+        "n_samples": n_samples,
+        "seed": seed,
+    }
     if isinstance(texts, TokenBatch):
         stats = NormStatistics(n_layers, max(position_budget(model, max_tokens), texts.max_position + 1), **options)
         valid = texts.valid_mask(exclude_first=exclude_first)
@@ -502,24 +527,22 @@ def attn_out_norms(
     stats = NormStatistics(n_layers, position_budget(model, max_tokens), **options)
     pairs = (item if _is_pair(item) else (i, item) for i, item in enumerate(texts))
     chunks = batched(pairs, batch_size or 16)
-    bar = progress.bar(chunks, "study 4: attention-output norms", show=progress_bar and distributed.is_main(),
-                       unit="tok")  # fmt: skip
-    error = None
-    try:  # this rank's stream
+    bar = progress.bar(
+        chunks, "study 4: attention-output norms", show=progress_bar and distributed.is_main(), unit="tok"
+    )
+    with distributed.share_then_merge():  # this rank's stream
         for chunk in bar:
             index = torch.tensor([int(i) for i, _ in chunk], dtype=torch.long)
             inputs = [t for _, t in chunk]
-            batch = encode(model, inputs, bos=bos, padding_side=padding_side, max_tokens=max_tokens,
-                           fix="lower --max-tokens")  # fmt: skip
+            batch = encode(
+                model, inputs, bos=bos, padding_side=padding_side, max_tokens=max_tokens, fix="lower --max-tokens"
+            )
             words = word_by_position(model, inputs, batch, stats.n_pos)
             valid = batch.valid_mask(exclude_first)
             for _, _, acts in iter_cached(model, batch, names):  # one forward: the whole chunk
                 stats.update(batch, vector_norm(stack_layers(acts, names)), index, valid, words)
             if hasattr(bar, "update"):  # a tqdm bar counts one per batch itself: count the batch's tokens
                 bar.update(int(batch.attention_mask.sum()) - 1)
-    except Exception as e:  # every rank must reach the merge, or learn why another did not
-        error = e
-    distributed.raise_on_every_rank(error)
     return stats.merge_ranks().result(names, model.cfg.d_model, percentiles)
 
 
@@ -528,11 +551,7 @@ def corpus(cfg: Config, texts: Iterable | None = None) -> Iterator[tuple[int, An
     ``cfg.n_texts`` texts of ``cfg.data`` streamed (:func:`mechlens.data.iter_indexed`), or of ``texts``
     given in Python (strings, or token ids without special tokens; index = place in the list, rank ``r``
     of ``w`` keeping the indices ``i % w == r``)."""
-    rank, world_size = distributed.world()
-    if texts is None:
-        return iter_indexed(cfg.data, cfg.n_texts, rank=rank, world_size=world_size)
-    first = itertools.islice(enumerate(texts), cfg.n_texts)
-    return ((i, t) for i, t in first if i % world_size == rank)
+    return shard(cfg.data if texts is None else texts, cfg.n_texts)
 
 
 def encode_inputs(model, cfg: Config, texts: Texts | None = None) -> tuple[list, TokenBatch]:
@@ -540,8 +559,9 @@ def encode_inputs(model, cfg: Config, texts: Texts | None = None) -> tuple[list,
     them): ``texts`` (default: ``cfg.data``), the first ``cfg.n_texts`` of them, encoded with the config's
     BOS policy, padding side and ``max_tokens``."""
     texts = list(iter_texts(cfg.data, cfg.n_texts) if texts is None else itertools.islice(texts, cfg.n_texts))
-    batch = encode(model, texts, bos=cfg.bos, padding_side=cfg.padding_side, max_tokens=cfg.max_tokens,
-                   fix="lower --max-tokens")  # fmt: skip
+    batch = encode(
+        model, texts, bos=cfg.bos, padding_side=cfg.padding_side, max_tokens=cfg.max_tokens, fix="lower --max-tokens"
+    )
     return texts, batch
 
 
@@ -568,8 +588,10 @@ def previous_norm_fit(
     arrays). Float64 throughout; the order in which batches were added matters only at rounding level,
     ~1e-10 relative where the design is nearly collinear (e.g. a post-LN encoder's near-constant norms)."""
     if n_triplets < 3:
-        raise DataError(f"the previous-norm regression has 3 coefficients but only {n_triplets} tokens have two "
-                        "valid predecessors: use more or longer texts")  # fmt: skip
+        raise DataError(
+            f"the previous-norm regression has 3 coefficients but only {n_triplets} tokens have two "
+            "valid predecessors: use more or longer texts"
+        )
     a, b = torch.as_tensor(np.asarray(xtx, np.float64)), torch.as_tensor(np.asarray(xty, np.float64))
     try:
         betas = torch.linalg.solve(a, b.unsqueeze(-1)).squeeze(-1).numpy()  # [layer, 3]
@@ -600,11 +622,20 @@ def run(model, cfg: Config | None = None, texts: Texts | None = None) -> StudyRe
     cfg = cfg or Config()
     torch.manual_seed(cfg.seed)
     norms = attn_out_norms(
-        model, corpus(cfg, texts), bos=cfg.bos, padding_side=cfg.padding_side, max_tokens=cfg.max_tokens,
-        exclude_first=cfg.exclude_first, batch_size=cfg.batch_size, hist_bins=cfg.hist_bins,
-        hist_range=cfg.hist_range, n_token_samples=cfg.token_reservoir, n_samples=cfg.reservoir, seed=cfg.seed,
+        model,
+        corpus(cfg, texts),
+        bos=cfg.bos,
+        padding_side=cfg.padding_side,
+        max_tokens=cfg.max_tokens,
+        exclude_first=cfg.exclude_first,
+        batch_size=cfg.batch_size,
+        hist_bins=cfg.hist_bins,
+        hist_range=cfg.hist_range,
+        n_token_samples=cfg.token_reservoir,
+        n_samples=cfg.reservoir,
+        seed=cfg.seed,
         progress_bar=True,
-    )  # fmt: skip
+    )
     if norms.n_regression_triplets < 3:  # the previous-norm regression has 3 coefficients
         raise DataError(
             f"--data {cfg.data}: only {norms.n_regression_triplets} tokens have two valid predecessors, and the "
@@ -616,8 +647,9 @@ def run(model, cfg: Config | None = None, texts: Texts | None = None) -> StudyRe
     typed = compose(norms, fit, prev)
     bos = "prepend" if cfg.bos else "none"
     prov = provenance_of(model).replace(bos=bos, padding_side=cfg.padding_side, seed=cfg.seed)
-    res = StudyResult("magnitudes", prov.model, metrics_of(typed), prov.to_dict(), dataclasses.asdict(cfg),
-                      tables(typed), parts=typed)  # fmt: skip
+    res = StudyResult(
+        "magnitudes", prov.model, metrics_of(typed), prov.to_dict(), dataclasses.asdict(cfg), tables(typed), parts=typed
+    )
     res.figures = figures(typed)
     return res
 
@@ -674,14 +706,20 @@ def tables(r: MagnitudesResult) -> dict[str, list[dict[str, Any]]]:
             for p in range(mean_np.shape[1])
         ],
         "per_layer": [
-            {"layer": layer, "lognorm_mean": r.lognorm_mean_by_layer[layer],
-             "lognorm_std": r.lognorm_std_by_layer[layer],
-             "fit_intercept": fit.intercept[layer], "fit_slope": fit.slope[layer],
-             "beta_const": betas[layer][0], "beta_t2": betas[layer][1], "beta_t1": betas[layer][2],
-             **dict(zip(levels, pct[layer], strict=True))}
+            {
+                "layer": layer,
+                "lognorm_mean": r.lognorm_mean_by_layer[layer],
+                "lognorm_std": r.lognorm_std_by_layer[layer],
+                "fit_intercept": fit.intercept[layer],
+                "fit_slope": fit.slope[layer],
+                "beta_const": betas[layer][0],
+                "beta_t2": betas[layer][1],
+                "beta_t1": betas[layer][2],
+                **dict(zip(levels, pct[layer], strict=True)),
+            }
             for layer in range(len(mean_np))
         ],
-    }  # fmt: skip
+    }
 
 
 def _mean_over_layers(x: np.ndarray) -> np.ndarray:
@@ -725,12 +763,18 @@ def samples(result: StudyResult) -> pd.DataFrame:
         unit = "text"
         keep = np.nonzero(~np.isnan(norms.sample_text_lognorm[:, 0]))[0]
         means = norms.sample_text_lognorm[keep]
-        blocks = [("log_rms", means - shift, index[keep], None, None), ("log_norm", means, index[keep], None, None),
-                  ("log_rms_by_position", tok - shift, index[t], p, words[t, p])]  # fmt: skip
+        blocks = [
+            ("log_rms", means - shift, index[keep], None, None),
+            ("log_norm", means, index[keep], None, None),
+            ("log_rms_by_position", tok - shift, index[t], p, words[t, p]),
+        ]
     else:
         unit = "token"
-        blocks = [("log_rms", tok - shift, p, None, None), ("log_norm", tok, p, None, None),
-                  ("log_rms_by_position", tok - shift, p, p, words[t, p])]  # fmt: skip
+        blocks = [
+            ("log_rms", tok - shift, p, None, None),
+            ("log_norm", tok, p, None, None),
+            ("log_rms_by_position", tok - shift, p, p, words[t, p]),
+        ]
     # columns filled in place, block by block (rows per unit: one per layer): the frame is the only copy
     n = sum(len(values) for _, values, *_ in blocks) * n_layers
     quantity, unit_col = np.empty(n, dtype=object), np.empty(n, dtype=object)
@@ -750,15 +794,9 @@ def samples(result: StudyResult) -> pd.DataFrame:
             word[sl] = np.repeat(word_of, n_layers)
         start = sl.stop
 
-    def ints(x: np.ndarray) -> pd.arrays.IntegerArray:  # -1: missing
-        return pd.arrays.IntegerArray(x, x < 0)
-
-    return pd.DataFrame(
-        {"quantity": pd.Series(quantity, dtype=object, copy=False), "layer": ints(layer), "relative_depth": depth,
-         "position": ints(position), "word": ints(word), "unit": pd.Series(unit_col, dtype=object, copy=False),
-         "sample": sample, "value": value},
-        copy=False,
-    )  # fmt: skip
+    return sample_table(
+        quantity, value, unit=unit_col, sample=sample, layer=layer, relative_depth=depth, position=position, word=word
+    )
 
 
 def incomparable(provenances: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
@@ -790,8 +828,7 @@ def density_figure(norms: AttnOutNorms) -> go.Figure:
     f = go.Figure()
     for layer, row in enumerate(norms.lognorm_hist_counts.numpy()):
         row = row.astype(np.float64)
-        f.add_scatter(x=centres, y=row / max(row.sum(), 1) / (edges[1] - edges[0]), name=f"layer {layer}",
-                      mode="lines")  # fmt: skip
+        f.add_scatter(x=centres, y=row / max(row.sum(), 1) / (edges[1] - edges[0]), name=f"layer {layer}", mode="lines")
     return f.update_layout(title="Density of log attention-output norms by layer", xaxis_title="log norm")
 
 
@@ -804,13 +841,17 @@ def percentile_figure(norms: AttnOutNorms) -> go.Figure:
     for i in range(len(levels) // 2):
         lo, hi = levels[i], levels[-1 - i]
         f.add_scatter(x=x, y=pct[:, -1 - i], mode="lines", line={"width": 0}, showlegend=False, name=f"p{hi:g}")
-        f.add_scatter(x=x, y=pct[:, i], mode="lines", line={"width": 0}, fill="tonexty", name=f"p{lo:g}-p{hi:g}",
-                      opacity=0.3)  # fmt: skip
+        f.add_scatter(
+            x=x, y=pct[:, i], mode="lines", line={"width": 0}, fill="tonexty", name=f"p{lo:g}-p{hi:g}", opacity=0.3
+        )
     if len(levels) % 2:
         mid = len(levels) // 2
         f.add_scatter(x=x, y=pct[:, mid], mode="lines+markers", name=f"p{levels[mid]:g}")
-    return f.update_layout(title=f"Percentiles of log attention-output norms by layer<br><sup>over "
-                           f"{norms.percentile_basis}</sup>", xaxis_title="layer", yaxis_title="log norm")  # fmt: skip
+    return f.update_layout(
+        title=f"Percentiles of log attention-output norms by layer<br><sup>over {norms.percentile_basis}</sup>",
+        xaxis_title="layer",
+        yaxis_title="log norm",
+    )
 
 
 def heatmap_figure(norms: AttnOutNorms) -> go.Figure:
@@ -818,17 +859,22 @@ def heatmap_figure(norms: AttnOutNorms) -> go.Figure:
     z = norms.norm_mean_by_layer_position.numpy()
     lo, hi = np.nanpercentile(z, [2, 98])
     f = go.Figure(go.Heatmap(z=z, zmin=lo, zmax=hi, colorscale="Magma"))
-    return f.update_layout(title="Mean attention-output norm (colour limits: 2nd-98th percentile)",
-                           xaxis_title="position", yaxis_title="layer")  # fmt: skip
+    return f.update_layout(
+        title="Mean attention-output norm (colour limits: 2nd-98th percentile)",
+        xaxis_title="position",
+        yaxis_title="layer",
+    )
 
 
 def fits_figure(fit: PositionFit, prev: PreviousNormFit) -> go.Figure:
     """Parts 2-3: the slope of log mean norm on position, and the previous-token coefficients, by layer."""
     f = go.Figure([go.Bar(y=fit.slope, name="slope of log mean norm on position (left axis)")])
-    f.add_scatter(y=prev.betas[:, 2], name="coefficient of log-norm at t-1 (right axis)", mode="lines+markers",
-                  yaxis="y2")  # fmt: skip
-    f.add_scatter(y=prev.betas[:, 1], name="coefficient of log-norm at t-2 (right axis)", mode="lines+markers",
-                  yaxis="y2")  # fmt: skip
+    f.add_scatter(
+        y=prev.betas[:, 2], name="coefficient of log-norm at t-1 (right axis)", mode="lines+markers", yaxis="y2"
+    )
+    f.add_scatter(
+        y=prev.betas[:, 1], name="coefficient of log-norm at t-2 (right axis)", mode="lines+markers", yaxis="y2"
+    )
     return f.update_layout(
         title="Per-layer fits: position trend and previous-token regression",
         xaxis_title="layer",
@@ -842,8 +888,11 @@ def figures(r: MagnitudesResult) -> dict[str, go.Figure]:
     figs = {}
     cnt = r.norm_count_by_position.numpy()
     f = go.Figure(go.Bar(x=np.arange(len(cnt)), y=cnt))
-    f.update_layout(title="Valid tokens per position (every statistic's sample size; padding and excluded positions "
-                    "count 0)", xaxis_title="position", yaxis_title="valid tokens")  # fmt: skip
+    f.update_layout(
+        title="Valid tokens per position (every statistic's sample size; padding and excluded positions count 0)",
+        xaxis_title="position",
+        yaxis_title="valid tokens",
+    )
     figs["valid_tokens"] = f
     counts = r.seq_length_counts
     figs["seq_lengths"] = go.Figure(go.Bar(x=np.arange(len(counts)), y=counts)).update_layout(

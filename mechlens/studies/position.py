@@ -52,17 +52,17 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mechlens import arch, distributed, progress
-from mechlens.data import iter_indexed, iter_texts, load_texts, split_train_test
+from mechlens.data import iter_texts, load_texts, shard, split_train_test
 from mechlens.errors import DataError, MechlensError
 from mechlens.forward import iter_cached
 from mechlens.loading import provenance_of
 from mechlens.ops import next_token_loss
 from mechlens.options import MASKED_SPECIALS, Options, fail, option
+from mechlens.result import StudyResult, metrics_of, not_in_metrics, sample_table
 from mechlens.stats.degenerate import check_regression, repeated_rows, require_finite, zero_variance
 from mechlens.stats.regression import LogisticConfig, logistic, ols
 from mechlens.stats.streaming import Moments, NormalEquations, Reservoir
 from mechlens.studies import Step
-from mechlens.studies.result import StudyResult, metrics_of, not_in_metrics
 from mechlens.tokens import Texts, TokenBatch, encode, word_index
 
 SOLVERS = ("lbfgs", "newton-cg", "newton-cholesky", "sag", "saga")  # sklearn's multinomial solvers
@@ -70,8 +70,9 @@ SOLVERS = ("lbfgs", "newton-cg", "newton-cholesky", "sag", "saga")  # sklearn's 
 
 @dataclasses.dataclass
 class Config(Options):
-    data: str = option("contexts", "text source: a built-in name, a local file or an online dataset (mechlens list)",
-                       nonempty=True)  # fmt: skip
+    data: str = option(
+        "contexts", "text source: a built-in name, a local file or an online dataset (mechlens list)", nonempty=True
+    )
     seqlen: int = option(6, "text tokens per text; losses are predicted at positions 0..seqlen-2", ge=2)
     n_train: int | None = option(None, "training texts (default: min(500, half the texts))", ge=1)
     n_test: int | None = option(None, "fresh test texts (default: min(500, half the texts))", ge=1)
@@ -98,11 +99,13 @@ class Config(Options):
         masked = arch.kind_of(model) == "masked"
         special = 2 if masked else int(self.bos)  # <s> ... </s>, or BOS
         if self.seqlen + special > n_ctx:
-            fail("seqlen", f"must be <= {n_ctx - special} (the model's context is {n_ctx} tokens), "
-                           f"got {self.seqlen}")  # fmt: skip
+            fail("seqlen", f"must be <= {n_ctx - special} (the model's context is {n_ctx} tokens), got {self.seqlen}")
         if not masked and self.seqlen < 3:
-            fail("seqlen", f"must be >= 3 for a causal LM (losses at positions 0..seqlen-2: at least two "
-                           f"positions to tell apart), got {self.seqlen}")  # fmt: skip
+            fail(
+                "seqlen",
+                f"must be >= 3 for a causal LM (losses at positions 0..seqlen-2: at least two "
+                f"positions to tell apart), got {self.seqlen}",
+            )
 
     def logistic_config(self) -> LogisticConfig:
         return LogisticConfig(self.solver, self.C, self.tol, self.max_iter, self.seed)
@@ -154,8 +157,14 @@ def encode_texts(model, texts: Texts, cfg: Config) -> TokenBatch:
     """The first ``cfg.seqlen`` text tokens of each text (texts with fewer are refused, by name), with
     BOS iff ``cfg.bos`` for a causal LM, and ``<s> ... </s>`` for a masked LM."""
     masked = arch.kind_of(model) == "masked"
-    return encode(model, texts, bos=cfg.bos or masked, max_tokens=cfg.seqlen, min_tokens=cfg.seqlen,
-                  fix="lower --seqlen or use longer texts")  # fmt: skip
+    return encode(
+        model,
+        texts,
+        bos=cfg.bos or masked,
+        max_tokens=cfg.seqlen,
+        min_tokens=cfg.seqlen,
+        fix="lower --seqlen or use longer texts",
+    )
 
 
 # -- part 1: the loss matrix ---------------------------------------------------------------------------
@@ -206,8 +215,10 @@ def loss_matrix(model, batch: TokenBatch, batch_size: int = 64) -> LossMatrix:
     n_text = batch.text_mask.sum(1)
     if not bool((n_text == n_text[0]).all()):
         counts = sorted(set(n_text.tolist()))
-        raise DataError(f"loss_matrix needs the same number of text tokens in every row, got {counts}: encode "
-                        "with max_tokens = min_tokens (encode_texts)")  # fmt: skip
+        raise DataError(
+            f"loss_matrix needs the same number of text tokens in every row, got {counts}: encode "
+            "with max_tokens = min_tokens (encode_texts)"
+        )
     n = int(n_text[0])
     cols = torch.nonzero(batch.text_mask)[:, 1].reshape(len(batch), n)  # row-major: each row's text columns
     if arch.kind_of(model) == "masked":
@@ -367,10 +378,14 @@ def normal_equations_summary(fit: Mapping[str, Any], sample_rows: int) -> str:
     ]
     lines = ["OLS Regression Results".center(width), "=" * width]
     lines += [f"{a:<20}{b:>18}   {c:<21}{d:>16}" for a, b, c, d in rows]
-    lines += ["=" * width, f"{'':<10}{'coef':>10}{'std err':>11}{'t':>11}{'P>|t|':>11}{'[0.025':>12}{'0.975]':>12}",
-              "-" * width]  # fmt: skip
-    for name, b, se, tv, pv in zip(("const", "x1"), fit["params"], fit["bse"], fit["tvalues"], fit["pvalues"],
-                                   strict=True):  # fmt: skip
+    lines += [
+        "=" * width,
+        f"{'':<10}{'coef':>10}{'std err':>11}{'t':>11}{'P>|t|':>11}{'[0.025':>12}{'0.975]':>12}",
+        "-" * width,
+    ]
+    for name, b, se, tv, pv in zip(
+        ("const", "x1"), fit["params"], fit["bse"], fit["tvalues"], fit["pvalues"], strict=True
+    ):
         lines.append(f"{name:<10}{b:>10.4f}{se:>11.3f}{tv:>11.3f}{pv:>11.3f}{b - t * se:>12.3f}{b + t * se:>12.3f}")
     lines += [
         "=" * width,
@@ -476,8 +491,10 @@ def confusion(fit: LogisticFit) -> Confusion:
     from sklearn.metrics import confusion_matrix
 
     out = {}
-    for split, true, pred in (("train", fit.position_train, fit.predicted_train),
-                              ("test", fit.position_test, fit.predicted_test)):  # fmt: skip
+    for split, true, pred in (
+        ("train", fit.position_train, fit.predicted_train),
+        ("test", fit.position_test, fit.predicted_test),
+    ):
         cm = confusion_matrix(true, pred, labels=fit.classes)
         out[f"counts_{split}"] = cm.astype(np.int64)
         out[f"row_percent_{split}"] = 100.0 * cm / np.maximum(cm.sum(1, keepdims=True), 1)
@@ -570,8 +587,13 @@ class LossStream:
         lay, rows = self.layout, self._rows(split)
         n, n_pos = len(rows), lay.n_pos
         tokens = torch.from_numpy(rows[:, 2 * n_pos :].astype(np.int64))
-        batch = TokenBatch(tokens=tokens, attention_mask=torch.ones_like(tokens), text_mask=lay.text_mask(n),
-                           bos=lay.head == 1, padding_side="right")  # fmt: skip
+        batch = TokenBatch(
+            tokens=tokens,
+            attention_mask=torch.ones_like(tokens),
+            text_mask=lay.text_mask(n),
+            bos=lay.head == 1,
+            padding_side="right",
+        )
         column = lay.column(n)
         token = tokens.gather(1, column)
         target = token if lay.kind == "pseudo-log-likelihood" else tokens.gather(1, column + 1)
@@ -606,8 +628,10 @@ def _encode_chunk(model, chunk: list, cfg: Config) -> TokenBatch:
                 encode_texts(model, [t], cfg)
             except DataError as e:
                 if "fewer than" in str(e):
-                    raise DataError(f"text #{i} of the source has fewer than {cfg.seqlen} tokens ({t!r}): lower "
-                                    "--seqlen or use longer texts") from None  # fmt: skip
+                    raise DataError(
+                        f"text #{i} of the source has fewer than {cfg.seqlen} tokens ({t!r}): lower "
+                        "--seqlen or use longer texts"
+                    ) from None
                 raise DataError(f"text #{i} of the source: {e}") from None
         raise
 
@@ -634,11 +658,15 @@ def stream_losses(model, texts: Iterable[tuple[int, Any]], cfg: Config, n_train:
     equations = NormalEquations(1)
     reservoirs = {s: Reservoir(cfg.reservoir, cfg.seed) for s in SPLITS}
     positions = np.arange(n_pos, dtype=np.float64)
-    error = None
     total = _local_batches(n_train, n_test, cfg.batch_size)
-    batches = progress.bar(_split_batches(texts, n_train, cfg.batch_size), "study 1: losses", unit="batch",
-                           show=distributed.is_main(), total=total)  # fmt: skip
-    try:
+    batches = progress.bar(
+        _split_batches(texts, n_train, cfg.batch_size),
+        "study 1: losses",
+        unit="batch",
+        show=distributed.is_main(),
+        total=total,
+    )
+    with distributed.share_then_merge(*moments.values(), equations, *reservoirs.values()):
         for split, chunk in batches:
             batch = _encode_chunk(model, chunk, cfg)
             with progress.quiet():  # one bar: the stream's
@@ -652,11 +680,6 @@ def stream_losses(model, texts: Iterable[tuple[int, Any]], cfg: Config, n_train:
                 equations.update(loss.reshape(-1), np.tile(positions, len(chunk)))
             rows = np.concatenate([loss, word.astype(np.float64), batch.tokens.numpy().astype(np.float64)], 1)
             reservoirs[split].update([i for i, _ in chunk], rows)
-    except Exception as e:  # every rank must reach the merge, or learn why another did not
-        error = e
-    distributed.raise_on_every_rank(error)
-    for acc in (*moments.values(), equations, *reservoirs.values()):
-        distributed.merge(acc)
     return LossStream(
         layout=layout,
         n_train=int(moments["train"].count[0]),
@@ -697,7 +720,7 @@ def degenerate_notes(train: LossMatrix, test: LossMatrix, sampled: bool = False)
 @dataclasses.dataclass(frozen=True)
 class PositionResult:
     """The study's typed result (``StudyResult.parts``). Its fields before ``train`` are the metrics of
-    ``results.json`` under their own names (:func:`~mechlens.studies.result.metrics_of`); ``train`` and
+    ``results.json`` under their own names (:func:`~mechlens.result.metrics_of`); ``train`` and
     ``test`` (the loss matrices of the kept texts), ``confusion`` (the part), ``word`` (the word index of
     the token at each training position, -1 where none: see :func:`word_of`) and ``train_index`` /
     ``test_index`` (the kept texts' indices in their split) stay out of it.
@@ -737,8 +760,16 @@ class PositionResult:
     test_index: Int[np.ndarray, " batch_test"] = not_in_metrics()
 
     @classmethod
-    def of(cls, train: LossMatrix, test: LossMatrix, lin: OLSFit, logit: LogisticFit, conf: Confusion,
-           word: Int[np.ndarray, "batch text_pos"], stream: LossStream | None = None) -> PositionResult:  # fmt: skip
+    def of(
+        cls,
+        train: LossMatrix,
+        test: LossMatrix,
+        lin: OLSFit,
+        logit: LogisticFit,
+        conf: Confusion,
+        word: Int[np.ndarray, "batch text_pos"],
+        stream: LossStream | None = None,
+    ) -> PositionResult:
         """Compose the parts (the metric fields are views of them). ``stream``: the :class:`LossStream`
         that ``train`` and ``test`` were sampled from; the loss by position then comes from its moments
         over every text unless its reservoirs hold every text (then, as without it, from the matrices)."""
@@ -792,11 +823,7 @@ def run(model, cfg: Config | None = None, texts: Texts | None = None) -> StudyRe
     if texts is not None and not isinstance(texts, Sequence):
         texts = list(texts)
     n_train, n_test = split_sizes(cfg, texts)
-    rank, world_size = distributed.world()
-    if texts is None:
-        stream = iter_indexed(cfg.data, n_train + n_test, rank=rank, world_size=world_size)
-    else:  # texts given in Python (strings or token ids): this rank's share, keyed by the index in the list
-        stream = ((i, texts[i]) for i in range(rank, n_train + n_test, world_size))
+    stream = shard(cfg.data if texts is None else texts, n_train + n_test)  # this rank's share
     torch.manual_seed(cfg.seed)
     losses = stream_losses(model, stream, cfg, n_train, n_test)
     split_train_test(range(losses.n_train + losses.n_test), n_train, n_test)  # a source shorter than the split
@@ -842,17 +869,16 @@ def run(model, cfg: Config | None = None, texts: Texts | None = None) -> StudyRe
 # -- per-unit samples for cross-model comparison ------------------------------------------------------------------
 
 
-SAMPLE_COLUMNS = ("quantity", "layer", "relative_depth", "position", "word", "unit", "sample", "value")
-
-
 def incomparable(provenances: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
     """Quantities of :func:`samples` that are not comparable between these models: ``loss`` when causal
     and masked LMs are compared (a next-token loss from the tokens before vs a pseudo-log-likelihood of
     the token itself with its position masked)."""
     kinds = {m: p.get("kind") for m, p in provenances.items()}
     if len(set(kinds.values())) > 1:
-        return {"loss": "causal LMs give the next-token loss, masked LMs the pseudo-log-likelihood: "
-                + ", ".join(f"{m}: {k}" for m, k in kinds.items())}  # fmt: skip
+        return {
+            "loss": "causal LMs give the next-token loss, masked LMs the pseudo-log-likelihood: "
+            + ", ".join(f"{m}: {k}" for m, k in kinds.items())
+        }
     return {}
 
 
@@ -870,18 +896,13 @@ def samples(result: StudyResult) -> pd.DataFrame:
     loss = parts.train.loss.numpy().astype(np.float64)
     n, n_pos = loss.shape
     word = parts.word.reshape(-1)
-    return pd.DataFrame(
-        {
-            "quantity": pd.Series(["loss"] * (n * n_pos), dtype=object),
-            "layer": pd.array([None] * (n * n_pos), dtype="Int64"),
-            "relative_depth": np.full(n * n_pos, np.nan),
-            "position": pd.array(np.tile(np.arange(n_pos), n), dtype="Int64"),
-            "word": pd.arrays.IntegerArray(np.maximum(word, 0).astype(np.int64), word < 0),
-            "unit": pd.Series(["text"] * (n * n_pos), dtype=object),
-            "sample": np.repeat(np.asarray(parts.train_index, dtype=np.int64), n_pos),
-            "value": loss.reshape(-1),
-        },
-        columns=list(SAMPLE_COLUMNS),
+    return sample_table(
+        "loss",
+        loss.reshape(-1),
+        unit="text",
+        sample=np.repeat(np.asarray(parts.train_index, dtype=np.int64), n_pos),
+        position=np.tile(np.arange(n_pos), n),
+        word=word,
     )
 
 
@@ -902,10 +923,16 @@ def loss_figures(
     std = losses.std_by_position() if std is None else std
     f = go.Figure(go.Bar(x=pos, y=mean, name="mean loss", error_y={"array": std}))
     jitter = np.random.default_rng(0).uniform(-0.25, 0.25, loss.size)
-    f.add_scatter(x=np.tile(pos, len(loss)) + jitter, y=loss.reshape(-1), mode="markers", name="tokens",
-                  marker={"size": 3, "opacity": 0.3})  # fmt: skip
-    f.update_layout(title=f"{losses.kind.capitalize()} loss by position", xaxis_title="position",
-                    yaxis_title="loss (nats)")  # fmt: skip
+    f.add_scatter(
+        x=np.tile(pos, len(loss)) + jitter,
+        y=loss.reshape(-1),
+        mode="markers",
+        name="tokens",
+        marker={"size": 3, "opacity": 0.3},
+    )
+    f.update_layout(
+        title=f"{losses.kind.capitalize()} loss by position", xaxis_title="position", yaxis_title="loss (nats)"
+    )
     g = go.Figure([go.Violin(y=loss[:, p], name=str(p), box_visible=True) for p in pos])
     g.update_layout(title="Loss distribution per position", xaxis_title="position", yaxis_title="loss (nats)")
     return {"loss_by_position": f, "loss_distributions": g}
@@ -914,11 +941,17 @@ def loss_figures(
 def ols_figures(fit: OLSFit) -> dict[str, go.Figure]:
     """Fitted vs true position of every training row, with the identity line."""
     pos = np.arange(int(fit.position.max()) + 1)
-    f = go.Figure(go.Scatter(x=fit.position, y=fit.predictions, mode="markers", marker={"opacity": 0.3},
-                             name="tokens (training set)"))  # fmt: skip
+    f = go.Figure(
+        go.Scatter(
+            x=fit.position, y=fit.predictions, mode="markers", marker={"opacity": 0.3}, name="tokens (training set)"
+        )
+    )
     f.add_scatter(x=pos, y=pos, mode="lines", name="identity")
-    f.update_layout(title=f"OLS: predicted vs true position (R² = {fit.r2:.3f})",
-                    xaxis_title="true position", yaxis_title="predicted position")  # fmt: skip
+    f.update_layout(
+        title=f"OLS: predicted vs true position (R² = {fit.r2:.3f})",
+        xaxis_title="true position",
+        yaxis_title="predicted position",
+    )
     return {"linear_predictions": f}
 
 
@@ -932,8 +965,12 @@ def logistic_figures(fit: LogisticFit) -> dict[str, go.Figure]:
         f = go.Figure(go.Bar(x=fit.classes, y=getattr(fit, f"accuracy_by_position_{split}")))
         f.add_hline(y=fit.chance, line_dash="dash", annotation_text="chance")
         acc = getattr(fit, f"accuracy_{split}")
-        f.update_layout(title=f"Accuracy by position ({split}; overall {acc:.3f})", xaxis_title="position",
-                        yaxis_title="accuracy", yaxis_range=[0, 1])  # fmt: skip
+        f.update_layout(
+            title=f"Accuracy by position ({split}; overall {acc:.3f})",
+            xaxis_title="position",
+            yaxis_title="accuracy",
+            yaxis_range=[0, 1],
+        )
         figs[f"accuracy_{split}"] = f
     return figs
 
@@ -942,17 +979,36 @@ def confusion_figures(conf: Confusion) -> dict[str, go.Figure]:
     """Confusion matrices as heatmaps: counts as text, colour = row percent."""
     figs = {}
     for split in ("train", "test"):
-        f = go.Figure(go.Heatmap(z=getattr(conf, f"row_percent_{split}"), x=conf.classes, y=conf.classes,
-                                 colorscale="Blues", text=getattr(conf, f"counts_{split}"),
-                                 texttemplate="%{text}"))  # fmt: skip
-        f.update_layout(title=f"Confusion matrix ({split}; counts, colour = row %)", xaxis_title="predicted",
-                        yaxis_title="true", yaxis_autorange="reversed")  # fmt: skip
+        f = go.Figure(
+            go.Heatmap(
+                z=getattr(conf, f"row_percent_{split}"),
+                x=conf.classes,
+                y=conf.classes,
+                colorscale="Blues",
+                text=getattr(conf, f"counts_{split}"),
+                texttemplate="%{text}",
+            )
+        )
+        f.update_layout(
+            title=f"Confusion matrix ({split}; counts, colour = row %)",
+            xaxis_title="predicted",
+            yaxis_title="true",
+            yaxis_autorange="reversed",
+        )
         figs[f"confusion_{split}"] = f
     return figs
 
 
-FIGURES = ("loss_by_position", "loss_distributions", "linear_predictions", "logistic_coefficients",
-           "accuracy_train", "confusion_train", "accuracy_test", "confusion_test")  # fmt: skip
+FIGURES = (
+    "loss_by_position",
+    "loss_distributions",
+    "linear_predictions",
+    "logistic_coefficients",
+    "accuracy_train",
+    "confusion_train",
+    "accuracy_test",
+    "confusion_test",
+)
 
 
 def figures(result: PositionResult) -> dict[str, go.Figure]:
@@ -972,8 +1028,10 @@ def headline(m: Mapping[str, Any]) -> list[str]:
     kind = m.get("loss_kind", "next-token")
     sample = ""
     if m.get("sampled"):
-        sample = (f" on a seeded sample of {m['logistic_sample_texts']} of {m['n_texts_train']} training and "
-                  f"{m['logistic_sample_texts_test']} of {m['n_texts_test']} test texts")  # fmt: skip
+        sample = (
+            f" on a seeded sample of {m['logistic_sample_texts']} of {m['n_texts_train']} training and "
+            f"{m['logistic_sample_texts_test']} of {m['n_texts_test']} test texts"
+        )
     marks = m.get("degenerate") or []
     warn = f"DEGENERATE ({'; '.join(marks)}): " if marks else ""
     fresh = "fresh texts" if not any("test texts" in n for n in marks) else "test texts that repeat training texts"
@@ -998,8 +1056,10 @@ def compare(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, go.Figure]:
         f.add_scatter(y=e["metrics"]["loss_mean_by_position"], name=model, mode="lines+markers")
     title = "Loss by position, per model"
     if len({e.get("provenance", {}).get("d_vocab") for e in entries.values()}) > 1:
-        title += ("<br><sup>different tokenizers: position p is the p-th token of each model's own tokenization, "
-                  "not the same text</sup>")  # fmt: skip
+        title += (
+            "<br><sup>different tokenizers: position p is the p-th token of each model's own tokenization, "
+            "not the same text</sup>"
+        )
     f.update_layout(title=title, xaxis_title="position (token index)", yaxis_title="mean loss (nats)")
     return {"comparison": f}
 

@@ -15,10 +15,10 @@ from sklearn.metrics import mutual_info_score
 
 from mechlens import DataError, TokenError, encode
 from mechlens.data import load_texts
+from mechlens.result import metrics_of
 from mechlens.stats.distance import minkowski, pairwise_minkowski
 from mechlens.stats.information import mi_histogram, mi_knn, mi_knn_many, pairwise_mi
 from mechlens.studies import distances as ds
-from mechlens.studies.result import metrics_of
 
 
 @pytest.mark.parametrize("p", [1, 2])

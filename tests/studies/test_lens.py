@@ -14,6 +14,7 @@ import torch
 
 from mechlens import encode, plotly_text
 from mechlens.errors import ConfigError
+from mechlens.lens.readings import lens_stats
 from mechlens.studies import lens
 
 TEXT = lens.Config().text
@@ -139,7 +140,7 @@ def test_causal_lens_in_float64_equals_hf_float64(gpt2_pair):
     batch = encode(m, [TEXT], bos=True)
     targets = lens.next_token_targets(batch)
     n = batch.tokens.shape[1] - 1
-    st = lens.lens_stats(m, batch, targets, k=3, kl_to_final=True)
+    st = lens_stats(m, batch, targets, k=3, kl_to_final=True)
     assert st.target_logprob.dtype == torch.float64
     with torch.no_grad():
         out = hf64(input_ids=batch.tokens, output_hidden_states=True)
@@ -350,7 +351,7 @@ def test_metric_keys_kept_and_results_frozen(tiny_runs):
 
 
 def _check_schema(df):
-    from mechlens.comparison import SAMPLE_COLUMNS
+    from mechlens.result import SAMPLE_COLUMNS
 
     assert list(df.columns) == SAMPLE_COLUMNS
     assert str(df["layer"].dtype) == "Int64" and str(df["position"].dtype) == "Int64"
@@ -428,7 +429,7 @@ def test_heatmap_scale_says_which_cells(roberta_pair):
 
 def test_masked_and_causal_target_logprob_flagged_incomparable(tiny_runs):
     from mechlens.comparison import comparison_frame
-    from mechlens.runner import samples_of
+    from mechlens.plan import samples_of
 
     runs = tiny_runs
     provs = {name: r.provenance for name, r in runs.items()}

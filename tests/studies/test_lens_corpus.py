@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from mechlens.lens.readings import QUANTITIES
 from mechlens.studies import lens
 from mechlens.tokens import encode
 
@@ -23,10 +24,10 @@ TEXTS = [
 
 def _by_text(model, texts, bos=True, max_tokens=128):
     """The single-text causal lens of each text: [quantity][text] -> [layer, pos]."""
-    out = {q: [] for q in lens.CORPUS_QUANTITIES}
+    out = {q: [] for q in QUANTITIES}
     for t in texts:
         c = lens.causal_lens(model, encode(model, [t], bos=bos, max_tokens=max_tokens))
-        for q, v in zip(lens.CORPUS_QUANTITIES, (c.target_logprob, c.rank, c.entropy, c.kl_to_final,
+        for q, v in zip(QUANTITIES, (c.target_logprob, c.rank, c.entropy, c.kl_to_final,
                                                  c.top1_agrees_final), strict=True):  # fmt: skip
             out[q].append(np.asarray(v, dtype=np.float64))
     return out
@@ -46,7 +47,7 @@ def test_corpus_lens_equals_the_per_text_lens_pooled(tiny_gpt2_pair, batch_size)
     assert r.metrics["n_predictions"] == sum(v.shape[1] for v in ref["target_logprob"])
     fields = ("target_logprob_by_layer", "rank_mean_by_layer", "entropy_by_layer", "kl_to_final_by_layer",
               "top1_agreement_by_layer")  # fmt: skip
-    for q, f in zip(lens.CORPUS_QUANTITIES, fields, strict=True):
+    for q, f in zip(QUANTITIES, fields, strict=True):
         pooled = np.concatenate(ref[q], axis=1)  # [layer, all positions]
         scale = 2e-5 * max(1.0, np.abs(pooled).max())
         np.testing.assert_allclose(r.metrics[f], pooled.mean(1), rtol=0, atol=scale)
@@ -54,7 +55,7 @@ def test_corpus_lens_equals_the_per_text_lens_pooled(tiny_gpt2_pair, batch_size)
         # the reservoir holds every text here (7 < 10,000): each text's own mean, in text order
         assert list(c.sample_text_index) == list(range(len(TEXTS)))
         per_text = np.stack([v.mean(1) for v in ref[q]])  # [text, layer]
-        np.testing.assert_allclose(c.per_text[:, lens.CORPUS_QUANTITIES.index(q)], per_text, rtol=0, atol=scale)
+        np.testing.assert_allclose(c.per_text[:, QUANTITIES.index(q)], per_text, rtol=0, atol=scale)
     assert r.metrics["kl_to_final_by_layer"][-1] == 0.0 and r.metrics["top1_agreement_by_layer"][-1] == 1.0
 
 
@@ -68,7 +69,7 @@ def test_corpus_reservoir_and_samples(tiny_gpt2_pair):
     assert list(a.parts.sample_text_index) == list(b.parts.sample_text_index)
     s = lens.samples(a)
     n_points = model.cfg.n_layers + 1
-    assert len(s) == 4 * n_points * len(lens.CORPUS_QUANTITIES)
+    assert len(s) == 4 * n_points * len(QUANTITIES)
     assert set(s["unit"]) == {"text"} and s["relative_depth"].max() == 1.0 and s["relative_depth"].min() == 0.0
     assert set(s["sample"]) == set(a.parts.sample_text_index)
 
@@ -88,9 +89,9 @@ def test_corpus_lens_from_a_parquet_file(tiny_gpt2_pair, tmp_path):
 
 def test_corpus_lens_of_a_masked_lm_reads_masked_positions(tiny_mlm_pair):
     """A masked LM's corpus lens reads a seeded mask_prob of each text's tokens, masked: the number of
-    lensed positions equals the masked cells of mechlens.tuned_lens.lens_inputs, and the last readout
+    lensed positions equals the masked cells of mechlens.lens.tuned.lens_inputs, and the last readout
     point is the model's own prediction there (KL 0, agreement 1)."""
-    from mechlens.tuned_lens import lens_inputs
+    from mechlens.lens.tuned import lens_inputs
 
     model = tiny_mlm_pair.bridge
     r = lens.run(model, lens.Config(tuned="none"), TEXTS)

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
+from mechlens.result import metrics_of
 from mechlens.studies import logits as study
-from mechlens.studies.result import metrics_of
 
 
 def test_logits_study_matches_hf(causal_pair):

@@ -15,8 +15,8 @@ from mechlens.data import load_texts
 from mechlens.errors import DataError
 from mechlens.forward import iter_cached
 from mechlens.ops import stack_layers, vector_norm
+from mechlens.result import metrics_of
 from mechlens.studies import magnitudes as mg
-from mechlens.studies.result import metrics_of
 from mechlens.tokens import word_index
 
 TEXTS = load_texts("reviews")[:24]

@@ -15,8 +15,8 @@ from sklearn.linear_model import LinearRegression, LogisticRegression
 from mechlens import DataError
 from mechlens.data import load_texts
 from mechlens.errors import ConfigError
+from mechlens.result import SAMPLE_COLUMNS, metrics_of
 from mechlens.studies import position
-from mechlens.studies.result import metrics_of
 from mechlens.tokens import encode
 
 # results.json's schema before the parts refactor (issue #13): every key must stay, with its nesting
@@ -233,7 +233,7 @@ def test_samples_are_the_training_losses_by_text_and_position(request, name):
     cfg = position.Config(n_train=4, n_test=4)
     res = position.run(m, cfg, texts=WORDY)
     df = position.samples(res)
-    assert list(df.columns) == list(position.SAMPLE_COLUMNS)
+    assert list(df.columns) == list(SAMPLE_COLUMNS)
     assert {c: str(t) for c, t in df.dtypes.items()} == {
         "quantity": "object", "layer": "Int64", "relative_depth": "float64", "position": "Int64", "word": "Int64",
         "unit": "object", "sample": "int64", "value": "float64",

@@ -104,9 +104,9 @@ import torch  # noqa: E402
 
 from mechlens.data import load_texts  # noqa: E402
 from mechlens.errors import DataError  # noqa: E402
+from mechlens.result import metrics_of  # noqa: E402
 from mechlens.stats.streaming import NormalEquations, priorities  # noqa: E402
 from mechlens.studies import position  # noqa: E402
-from mechlens.studies.result import metrics_of  # noqa: E402
 
 
 def _without_time(metrics: dict) -> dict:

@@ -33,6 +33,7 @@ import plotly.graph_objects as go
 from mechlens.axes import block_depth, readout_depth
 from mechlens.loading import provenance_of
 from mechlens.options import Options, fail, option
+from mechlens.result import StudyResult, metrics_of
 from mechlens.studies.interventions.figures import figures
 from mechlens.studies.interventions.lesson import LESSON
 from mechlens.studies.interventions.parts import (
@@ -54,7 +55,6 @@ from mechlens.studies.interventions.parts import (
     induction_pairs,
     read_pairs,
 )
-from mechlens.studies.result import StudyResult, metrics_of
 
 __all__ = [
     "LESSON",

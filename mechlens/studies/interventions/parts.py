@@ -27,7 +27,7 @@ from torch import Tensor
 from mechlens import arch
 from mechlens.errors import DataError
 from mechlens.forward import run_cached
-from mechlens.studies.result import none_where, not_in_metrics
+from mechlens.result import none_where, not_in_metrics
 from mechlens.tokens import TokenBatch, encode, single_token_id
 
 # -- prompt pairs --------------------------------------------------------------------------------------

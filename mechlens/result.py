@@ -37,6 +37,48 @@ def to_jsonable(x: Any) -> Any:
     return x
 
 
+# the columns of a study's ``samples(result)`` (per-unit statistics, :mod:`mechlens.comparison`)
+SAMPLE_COLUMNS = ["quantity", "layer", "relative_depth", "position", "word", "unit", "sample", "value"]
+
+
+def sample_table(quantity, value, *, unit, sample, layer=None, relative_depth=None, position=None, word=None):
+    """One block of a study's per-unit samples as a pandas DataFrame with :data:`SAMPLE_COLUMNS`: ``value``,
+    ``sample`` and the given columns are aligned 1-d arrays (``quantity`` and ``unit``: one string, or an
+    object array); ``layer``, ``position`` and ``word`` are missing where ``None`` (a list) or negative (an
+    integer array), all missing when not given; ``relative_depth`` NaN when not given."""
+    import pandas as pd
+
+    value = np.asarray(value, dtype=np.float64).reshape(-1)
+    n = len(value)
+
+    def ints(x) -> Any:
+        if x is None:
+            return pd.arrays.IntegerArray(np.zeros(n, dtype=np.int64), np.ones(n, dtype=bool))
+        if isinstance(x, np.ndarray) and x.dtype.kind in "iu":
+            x = x.astype(np.int64, copy=False)
+            return pd.arrays.IntegerArray(np.maximum(x, 0), x < 0)
+        return pd.array(list(x), dtype="Int64")
+
+    def text(x) -> Any:  # one shared str per row (np.full of a str as object would make one per row)
+        return pd.Series([x] * n if isinstance(x, str) else x, dtype=object, copy=False)
+
+    depth = np.full(n, np.nan) if relative_depth is None else np.asarray(relative_depth, dtype=np.float64)
+    return pd.DataFrame(
+        {
+            "quantity": text(quantity),
+            "layer": ints(layer),
+            "relative_depth": depth,
+            "position": ints(position),
+            "word": ints(word),
+            "unit": text(unit),
+            "sample": np.asarray(sample, dtype=np.int64),
+            "value": value,
+        },
+        columns=SAMPLE_COLUMNS,
+        copy=False,
+    )
+
+
 NOT_IN_METRICS = "mechlens_not_in_metrics"
 
 
@@ -71,7 +113,7 @@ def format_values(xs) -> str:
 def none_where(x: Any, undefined: Any) -> list:
     """``x`` as nested lists with ``None`` where ``undefined`` (broadcast against ``x``) is true: the
     explicit form of "no value here by construction" (e.g. a position no valid token reached), so that
-    any NaN left in a result is an error (:func:`mechlens.runner.check_finite`), never a silent gap."""
+    any NaN left in a result is an error (:func:`mechlens.plan.check_finite`), never a silent gap."""
     x = np.asarray(x, dtype=np.float64)
     und = np.broadcast_to(np.asarray(undefined, dtype=bool), x.shape)
     return np.where(und, None, x.astype(object)).tolist()

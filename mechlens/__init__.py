@@ -43,9 +43,6 @@ _EXPORTS = {
     # tensor utilities
     "next_token_loss": "mechlens.ops",
     "next_token_mask": "mechlens.ops",
-    "masked_mean_std": "mechlens.ops",
-    "stats_by_position": "mechlens.ops",
-    "RunningPositionStats": "mechlens.ops",
     "vector_norm": "mechlens.ops",
     "stack_layers": "mechlens.ops",
     "lens_reduce": "mechlens.ops",
@@ -90,13 +87,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from mechlens.ops import (
         LensStats,
         LinearReadout,
-        RunningPositionStats,
         lens_reduce,
-        masked_mean_std,
         next_token_loss,
         next_token_mask,
         stack_layers,
-        stats_by_position,
         vector_norm,
     )
     from mechlens.provenance import Provenance

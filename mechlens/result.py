@@ -5,13 +5,16 @@ A study's part functions return **frozen dataclasses with jaxtyping-annotated fi
 runtime under pytest). ``results.json`` is derived from them generically by :func:`metrics_of`: every
 field becomes a metric under its own name (nested parts become nested objects), except fields
 declared with :func:`not_in_metrics` (large arrays that belong in the CSVs and figures, and objects
-that are not numbers). The field names are therefore the public metric schema: rename none.
+that are not numbers), and every :class:`view` (a flat name for a value a part holds, declared once on
+the result class: the study's name map; no value is stored twice). The field and view names are
+therefore the public metric schema: rename none.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -88,16 +91,53 @@ def not_in_metrics(**kwargs: Any) -> Any:
     return dataclasses.field(metadata={NOT_IN_METRICS: True}, **kwargs)
 
 
+class view:
+    """A ``results.json`` name declared on a study's typed result as a view of its parts: nothing is
+    stored twice. ``name = view("logistic.accuracy_train")`` reads that attribute path of the result;
+    ``name = view(fn)`` computes ``fn(result)`` (e.g. a fit evaluated at the studied position). A view is a
+    metric (:func:`metrics_of`) and an attribute (``result.parts.name``), and the views of a class are its
+    study's declared map from the flat ``results.json`` names to the parts that hold the values."""
+
+    def __init__(self, source: str | Callable[[Any], Any]):
+        self.source = source
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        if callable(self.source):
+            return self.source(obj)
+        x = obj
+        for attr in self.source.split("."):
+            x = getattr(x, attr)
+        return x
+
+    def __repr__(self) -> str:
+        return f"view({self.source if isinstance(self.source, str) else self.name!r})"
+
+
+def views_of(cls: type) -> list[str]:
+    """The names of ``cls``' :class:`view` attributes, base classes first, each in declaration order."""
+    names: list[str] = []
+    for klass in reversed(cls.__mro__):
+        names += [k for k, v in vars(klass).items() if isinstance(v, view) and k not in names]
+    return names
+
+
 def metrics_of(x: Any) -> Any:
     """The JSON metrics of a typed result: dataclasses become dicts of their fields (without
-    :func:`not_in_metrics` fields), tensors and arrays nested lists, NaN and inf ``None``; mappings
-    and sequences are converted element by element."""
+    :func:`not_in_metrics` fields) followed by their :class:`view` names, tensors and arrays nested lists,
+    NaN and inf ``None``; mappings and sequences are converted element by element."""
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return {
+        out = {
             f.name: metrics_of(getattr(x, f.name))
             for f in dataclasses.fields(x)
             if not f.metadata.get(NOT_IN_METRICS, False)
         }
+        return out | {name: metrics_of(getattr(x, name)) for name in views_of(type(x))}
     if isinstance(x, dict):
         return {str(k): metrics_of(v) for k, v in x.items()}
     if isinstance(x, list | tuple):

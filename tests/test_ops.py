@@ -8,11 +8,8 @@ import scipy.special
 import torch
 
 from mechlens.ops import (
-    RunningPositionStats,
     lens_reduce,
-    masked_mean_std,
     next_token_loss,
-    stats_by_position,
     vector_norm,
 )
 from mechlens.ops.lens_reduce import LinearReadout, tile_shape
@@ -34,42 +31,6 @@ def test_next_token_loss_matches_numpy_and_masks_with_nan():
     ok = np.isfinite(loss.numpy())
     assert ok.sum() == 3 * 4 - 2  # row 1 loses the predictions of columns 3 and 4
     np.testing.assert_allclose(loss.numpy()[ok], ref[ok], atol=1e-5)
-
-
-def test_masked_mean_std_matches_numpy():
-    g = torch.Generator().manual_seed(1)
-    vals = torch.randn(4, 6, 9, generator=g)
-    mask = _rng_mask(g, (6, 9))
-    mean, std, n = masked_mean_std(vals, mask)
-    m = mask.numpy()
-    assert n == m.sum()
-    np.testing.assert_allclose(mean.numpy(), vals.numpy()[:, m].mean(-1), atol=1e-6)
-    np.testing.assert_allclose(std.numpy(), vals.numpy()[:, m].std(-1), atol=1e-6)
-
-
-def test_stats_by_position_match_a_loop_and_stream_in_chunks():
-    g = torch.Generator().manual_seed(2)
-    vals = torch.randn(3, 10, 8, generator=g).exp()
-    lengths = torch.randint(1, 9, (10,), generator=g)
-    positions = torch.arange(8).expand(10, 8).clone()
-    positions[positions >= lengths[:, None]] = -1
-    mask = positions >= 0
-    st = stats_by_position(vals, positions, mask, n_positions=8)
-    for p in range(8):
-        sel = (positions == p).numpy()
-        assert st.count[p] == sel.sum()
-        if sel.sum():
-            np.testing.assert_allclose(st.mean[:, p].numpy(), vals.numpy()[:, sel].mean(-1), rtol=1e-6)
-            np.testing.assert_allclose(st.std[:, p].numpy(), vals.numpy()[:, sel].std(-1), rtol=1e-5, atol=1e-7)
-        else:
-            assert torch.isnan(st.mean[:, p]).all()
-    acc = RunningPositionStats(8)
-    for rows in (slice(0, 3), slice(3, 4), slice(4, 10)):
-        acc.update(vals[:, rows], positions[rows], mask[rows])
-    streamed = acc.result()
-    assert torch.equal(streamed.count, st.count)
-    torch.testing.assert_close(streamed.mean, st.mean, equal_nan=True)
-    torch.testing.assert_close(streamed.std, st.std, equal_nan=True)
 
 
 @pytest.mark.parametrize("p", [1.0, 2.0])

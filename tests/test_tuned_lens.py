@@ -23,6 +23,7 @@ from mechlens.data import load_texts
 from mechlens.lens import readings
 from mechlens.lens import training as tl
 from mechlens.lens import tuned as tlens
+from mechlens.lens.corpus import corpus_lens
 from mechlens.ops import LinearReadout
 from mechlens.studies import lens
 
@@ -419,7 +420,7 @@ def test_corpus_lens_kl_is_the_float64_kl(tiny_gpt2_pair):
 
     model = tiny_gpt2_pair.bridge
     texts = CONTEXTS[:8]
-    c = lens.corpus_lens(model, texts, bos=True, max_tokens=32, n_samples=1)
+    c = corpus_lens(model, texts, bos=True, max_tokens=32, n_samples=1)
     x = tl.lens_inputs(model, texts, range(len(texts)), bos=True, max_tokens=32)
     with torch.no_grad():
         resid = tl.residuals(model, x)[:, x.rows]

@@ -47,7 +47,7 @@ from mechlens.forward import run_cached
 from mechlens.loading import provenance_of
 from mechlens.ops import stack_layers, vector_norm
 from mechlens.options import Options, check_layer, option
-from mechlens.result import StudyResult, format_values, metrics_of, not_in_metrics, sample_table
+from mechlens.result import StudyResult, format_values, metrics_of, not_in_metrics, sample_table, view
 from mechlens.stats.degenerate import zero_variance
 from mechlens.stats.distance import minkowski, pairwise_minkowski
 from mechlens.stats.information import mi_histogram, mi_knn, pairwise_mi
@@ -194,30 +194,32 @@ class InterlayerMI:
 
 @dataclasses.dataclass(frozen=True)
 class DistancesResult:
-    """The typed result of :func:`run`. Its fields carry the ``results.json`` keys (the public schema)
-    taken from the parts, which are kept whole in ``outputs``, ``pairwise``, ``sweep`` and ``interlayer``;
-    ``target_words``: the whitespace-word index of each occurrence (:func:`mechlens.tokens.word_index`;
-    -1 when the inputs were token ids)."""
+    """The typed result of :func:`run`: the synthetic MI part, the chosen block ``layer`` and the parts on
+    the model (``outputs``, ``pairwise``, ``sweep``, ``interlayer``); the ``results.json`` keys (the public
+    schema) are views of the parts, declared below (nothing is stored twice). ``target_words``: the
+    whitespace-word index of each occurrence (:func:`mechlens.tokens.word_index`; -1 when the inputs were
+    token ids)."""
 
     synthetic: SyntheticMI
-    target: TargetInfo
-    target_positions: Int[np.ndarray, " target"]
-    layer: int
-    distance_matrices: dict[str, dict[str, Float[np.ndarray, "target target"]]]
-    position_distance: Float[np.ndarray, "target target"]
-    kendall_tau: dict[str, dict[str, Tau]]
-    kendall_tau_by_layer: dict[str, dict[str, Float[np.ndarray, " layer"]]]
-    kendall_p_by_layer: dict[str, dict[str, Float[np.ndarray, " layer"]]]
-    mean_normalised_distance_by_layer: dict[str, dict[str, Float[np.ndarray, " layer"]]]
-    context_norms: dict[str, Float[np.ndarray, "layer target"]]
-    interlayer_mi: dict[str, Float[np.ndarray, "layer layer"]]
-    interlayer_mi_by_gap: dict[str, Float[np.ndarray, " gap"]]
-    kendall_tau_rowwise_by_layer: dict[str, dict[str, Float[np.ndarray, " layer"]]]
     outputs: TargetOutputs = not_in_metrics()
     pairwise: PairwiseMeasures = not_in_metrics()
     sweep: KendallByLayer = not_in_metrics()
     interlayer: InterlayerMI = not_in_metrics()
     target_words: Int[np.ndarray, " target"] = not_in_metrics()
+
+    target = view("outputs.target")
+    layer = view("pairwise.layer")
+    target_positions = view("outputs.positions")
+    distance_matrices = view("pairwise.distance_matrices")
+    position_distance = view("pairwise.position_distance")
+    kendall_tau = view("pairwise.kendall_tau")
+    kendall_tau_by_layer = view("sweep.kendall_tau_by_layer")
+    kendall_p_by_layer = view("sweep.kendall_p_by_layer")
+    mean_normalised_distance_by_layer = view("sweep.mean_normalised_distance_by_layer")
+    context_norms = view("interlayer.context_norms")
+    interlayer_mi = view("interlayer.interlayer_mi")
+    interlayer_mi_by_gap = view("interlayer.interlayer_mi_by_gap")
+    kendall_tau_rowwise_by_layer = view("sweep.kendall_tau_rowwise_by_layer")
 
 
 # -- parts ---------------------------------------------------------------------------------------------
@@ -448,19 +450,6 @@ def run(model, cfg: Config | None = None, texts: Texts | None = None) -> StudyRe
         words = np.full(len(outputs.columns), -1, dtype=np.int64)
     typed = DistancesResult(
         synthetic=synthetic_mi(cfg.n_synthetic, cfg.mi_bins, cfg.seed),
-        target=outputs.target,
-        target_positions=outputs.positions,
-        layer=layer,
-        distance_matrices=pairwise.distance_matrices,
-        position_distance=pairwise.position_distance,
-        kendall_tau=pairwise.kendall_tau,
-        kendall_tau_by_layer=sweep.kendall_tau_by_layer,
-        kendall_p_by_layer=sweep.kendall_p_by_layer,
-        mean_normalised_distance_by_layer=sweep.mean_normalised_distance_by_layer,
-        context_norms=inter.context_norms,
-        interlayer_mi=inter.interlayer_mi,
-        interlayer_mi_by_gap=inter.interlayer_mi_by_gap,
-        kendall_tau_rowwise_by_layer=sweep.kendall_tau_rowwise_by_layer,
         outputs=outputs,
         pairwise=pairwise,
         sweep=sweep,

@@ -39,7 +39,7 @@ from mechlens import arch, plotly_text
 from mechlens.errors import MechlensError
 from mechlens.loading import provenance_of
 from mechlens.options import MASKED_SPECIALS, Options, fail, option
-from mechlens.result import StudyResult, metrics_of, not_in_metrics, sample_table
+from mechlens.result import StudyResult, metrics_of, not_in_metrics, sample_table, view
 from mechlens.studies import Step
 from mechlens.tokens import TokenBatch, encode, single_token_id, word_index
 
@@ -509,63 +509,49 @@ def force_token(
 
 @dataclasses.dataclass(frozen=True)
 class LogitsResult:
-    """The study's typed result: every metric of ``results.json`` under its own name (copied from the
-    part that computed it), then the four parts themselves and the word index of each prompt token."""
+    """The study's typed result: its four parts and the word index of each prompt token. The metrics of
+    ``results.json`` are :class:`~mechlens.result.view` s of the parts, declared below under their flat names
+    (each read from the part that computes it; nothing is stored twice)."""
 
-    prompt_tokens: Int[Tensor, " pos"]
-    logits_max: float
-    logits_mean: float
-    softmax_naive_vs_stable_max_abs_diff: float
-    log_softmax_vs_log_of_softmax_max_abs_diff: float
-    overflow_scale: float
-    naive_softmax_finite_on_scaled_logits: bool
-    stable_softmax_finite_on_scaled_logits: bool
-    log_softmax_finite_on_scaled_logits: bool
-    topk: tuple[TopKRow, ...]
-    target: Target
-    target_rank: int
-    target_logit: float
-    target_prob: float
-    target_logprob: float
-    sample_counts_top: dict[str, int]
-    sample_freq_vs_prob_max_abs_diff_topk: float
-    greedy_tokens: Int[Tensor, " n_new"]
-    greedy_text: str
-    generate_tokens: Int[Tensor, " n_new"] | None
-    greedy_equals_generate: bool | None
-    prediction: str
-    sampled_text: str
-    intervention_delta: float
-    intervention_argmax_is_target: bool
-    intervention_changed_logits: Int[Tensor, " n_changed"]
-    intervention_exactly_one_logit_changed: bool
-    logits_restored_after_hooks: bool
-    steered_text: str
-    steered_tokens: Int[Tensor, " n_new"]
-    sampled_tokens: Int[Tensor, " n_new"]
-    next_token_logprobs: Float[Tensor, " n_pred"] | None
-    next_token_logprob_mean: float | None
     next: NextToken = not_in_metrics()
     sampled: Sampled = not_in_metrics()
     greedy: GreedyVsGenerate = not_in_metrics()
     forced: ForcedToken = not_in_metrics()
     words: Int[Tensor, " pos"] = not_in_metrics()  # word_index of each prompt token; -1: none / token ids
 
-    @classmethod
-    def compose(
-        cls, next: NextToken, sampled: Sampled, greedy: GreedyVsGenerate, forced: ForcedToken, words: Tensor
-    ) -> LogitsResult:
-        """The result from its parts: each metric field is taken from the first part (in this order)
-        that has a field of the same name."""
-        parts = {"next": next, "sampled": sampled, "greedy": greedy, "forced": forced}
-        values: dict[str, Any] = {**parts, "words": words}
-        for f in dataclasses.fields(cls):
-            if f.name not in values:
-                owner = [p for p in parts.values() if f.name in {g.name for g in dataclasses.fields(p)}]
-                if not owner:
-                    raise MechlensError(f"LogitsResult.compose: no part computes {f.name!r}")
-                values[f.name] = getattr(owner[0], f.name)
-        return cls(**values)
+    prompt_tokens = view("next.prompt_tokens")
+    logits_max = view("next.logits_max")
+    logits_mean = view("next.logits_mean")
+    softmax_naive_vs_stable_max_abs_diff = view("next.softmax_naive_vs_stable_max_abs_diff")
+    log_softmax_vs_log_of_softmax_max_abs_diff = view("next.log_softmax_vs_log_of_softmax_max_abs_diff")
+    overflow_scale = view("next.overflow_scale")
+    naive_softmax_finite_on_scaled_logits = view("next.naive_softmax_finite_on_scaled_logits")
+    stable_softmax_finite_on_scaled_logits = view("next.stable_softmax_finite_on_scaled_logits")
+    log_softmax_finite_on_scaled_logits = view("next.log_softmax_finite_on_scaled_logits")
+    topk = view("next.topk")
+    target = view("next.target")
+    target_rank = view("next.target_rank")
+    target_logit = view("next.target_logit")
+    target_prob = view("next.target_prob")
+    target_logprob = view("next.target_logprob")
+    sample_counts_top = view("sampled.sample_counts_top")
+    sample_freq_vs_prob_max_abs_diff_topk = view("sampled.sample_freq_vs_prob_max_abs_diff_topk")
+    greedy_tokens = view("greedy.greedy_tokens")
+    greedy_text = view("greedy.greedy_text")
+    generate_tokens = view("greedy.generate_tokens")
+    greedy_equals_generate = view("greedy.greedy_equals_generate")
+    prediction = view("next.prediction")
+    sampled_text = view("sampled.sampled_text")
+    intervention_delta = view("forced.intervention_delta")
+    intervention_argmax_is_target = view("forced.intervention_argmax_is_target")
+    intervention_changed_logits = view("forced.intervention_changed_logits")
+    intervention_exactly_one_logit_changed = view("forced.intervention_exactly_one_logit_changed")
+    logits_restored_after_hooks = view("forced.logits_restored_after_hooks")
+    steered_text = view("forced.steered_text")
+    steered_tokens = view("forced.steered_tokens")
+    sampled_tokens = view("sampled.sampled_tokens")
+    next_token_logprobs = view("next.next_token_logprobs")
+    next_token_logprob_mean = view("next.next_token_logprob_mean")
 
 
 def run(model, cfg: Config | None = None, prompt: str | Sequence[int] | None = None) -> StudyResult:
@@ -592,7 +578,7 @@ def run(model, cfg: Config | None = None, prompt: str | Sequence[int] | None = N
     ft = force_token(model, batch, cfg.target, delta=cfg.delta, n_new_tokens=cfg.n_new_tokens)
     # the word each prompt token begins (-1: none); token ids carry no text, so no words
     words = word_index(model, [text], batch)[0] if isinstance(text, str) else torch.full_like(batch.tokens[0], -1)
-    parts = LogitsResult.compose(nt, sm, gv, ft, words=words)
+    parts = LogitsResult(nt, sm, gv, ft, words=words)
 
     prov = provenance_of(model).replace(bos=batch.bos_policy(), padding_side=batch.padding_side, seed=cfg.seed)
     metrics = metrics_of(parts)

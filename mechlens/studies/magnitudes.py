@@ -61,7 +61,7 @@ from mechlens.forward import iter_cached
 from mechlens.loading import provenance_of
 from mechlens.ops import stack_layers, vector_norm
 from mechlens.options import Options, fail, option
-from mechlens.result import StudyResult, format_values, metrics_of, none_where, not_in_metrics, sample_table
+from mechlens.result import StudyResult, format_values, metrics_of, none_where, not_in_metrics, sample_table, view
 from mechlens.stats.regression import lstsq_line
 from mechlens.stats.streaming import Moments, Reservoir, priorities
 from mechlens.studies import Step
@@ -226,7 +226,8 @@ class PreviousNormFit:
 
 @dataclasses.dataclass(frozen=True)
 class MagnitudesResult:
-    """The study's typed result; its fields without ``not_in_metrics`` are ``results.json``'s metrics.
+    """The study's typed result: its three parts. ``results.json``'s metrics are views of them, declared
+    below under their flat names (nothing is stored twice).
 
     The ``..._by_layer_position`` and ``norm_mean_by_position`` metrics are nested lists with ``None`` at
     positions no valid token reached (position 0 when excluded; positions past the longest text), so
@@ -234,33 +235,46 @@ class MagnitudesResult:
     ``lognorm_percentile_tokens`` valid tokens: all of them, or a seeded sample when the corpus has more
     (``lognorm_percentile_basis`` says which); ``n_samples`` texts are kept for :func:`samples`."""
 
-    n_sequences: int
-    n_valid_tokens: int
-    seq_length_counts: Int[np.ndarray, " length"]
-    lognorm_mean_by_layer: Float[np.ndarray, " layer"]
-    lognorm_std_by_layer: Float[np.ndarray, " layer"]
-    lognorm_hist_edges: Float[np.ndarray, " edge"]
-    lognorm_hist_counts: Int[Tensor, "layer bin"]
-    norm_mean_by_layer_position: list
-    norm_count_by_position: Int[Tensor, " pos"]
-    lognorm_mean_by_layer_position: list
-    norm_mean_by_position: list
-    position_fit_by_layer: list[dict[str, float]]
-    position_fit_positions: Int[np.ndarray, " n_fit"]
-    previous_norm_betas_by_layer: list[dict[str, float]]
-    n_regression_triplets: int
-    d_model: int
-    lognorm_percentile_levels: Float[np.ndarray, " quantile"]
-    lognorm_percentiles_by_layer: Float[np.ndarray, "layer quantile"]
-    lognorm_percentile_tokens: int
-    lognorm_percentile_basis: str
-    log_rms_mean_by_layer: Float[np.ndarray, " layer"]
-    lognorm_text_mean_by_layer: Float[np.ndarray, " layer"]
-    log_rms_text_mean_by_layer: Float[np.ndarray, " layer"]
-    n_samples: int
     norms: AttnOutNorms = not_in_metrics()
     position_fit: PositionFit = not_in_metrics()
     previous_norm_fit: PreviousNormFit = not_in_metrics()
+
+    n_sequences = view("norms.n_sequences")
+    n_valid_tokens = view("norms.n_valid_tokens")
+    seq_length_counts = view("norms.text_length_counts")
+    lognorm_mean_by_layer = view("norms.lognorm_mean_by_layer")
+    lognorm_std_by_layer = view("norms.lognorm_std_by_layer")
+    lognorm_hist_edges = view("norms.lognorm_hist_edges")
+    lognorm_hist_counts = view("norms.lognorm_hist_counts")
+    norm_mean_by_layer_position = view(lambda r: none_where(r.norms.norm_mean_by_layer_position.numpy(), r._empty))
+    norm_count_by_position = view("norms.norm_count_by_position")
+    lognorm_mean_by_layer_position = view(lambda r: none_where(r.norms.lognorm_mean_by_layer_position, r._empty))
+    norm_mean_by_position = view(
+        lambda r: none_where(_mean_over_layers(r.norms.norm_mean_by_layer_position.numpy()), r._empty)
+    )
+    position_fit_by_layer = view(
+        lambda r: [
+            {"intercept": float(b0), "slope": float(b1)}
+            for b0, b1 in zip(r.position_fit.intercept, r.position_fit.slope, strict=True)
+        ]
+    )
+    position_fit_positions = view("position_fit.positions")
+    previous_norm_betas_by_layer = view(lambda r: r.previous_norm_fit.by_layer())
+    n_regression_triplets = view("previous_norm_fit.n_regression_triplets")
+    d_model = view("norms.d_model")
+    lognorm_percentile_levels = view("norms.lognorm_percentile_levels")
+    lognorm_percentiles_by_layer = view("norms.lognorm_percentiles_by_layer")
+    lognorm_percentile_tokens = view(lambda r: len(r.norms.token_sample))
+    lognorm_percentile_basis = view("norms.percentile_basis")
+    log_rms_mean_by_layer = view(lambda r: r.norms.lognorm_mean_by_layer - 0.5 * math.log(r.norms.d_model))
+    lognorm_text_mean_by_layer = view("norms.lognorm_text_mean_by_layer")
+    log_rms_text_mean_by_layer = view(lambda r: r.norms.lognorm_text_mean_by_layer - 0.5 * math.log(r.norms.d_model))
+    n_samples = view(lambda r: len(r.norms.sample_text_index))
+
+    @property
+    def _empty(self) -> np.ndarray:
+        """Positions no valid token reached (``None`` in the by-position metrics)."""
+        return (self.norms.norm_count_by_position == 0).numpy()
 
 
 # -- part 1: streamed norms ----------------------------------------------------------------------------
@@ -656,40 +670,7 @@ def run(model, cfg: Config | None = None, texts: Texts | None = None) -> StudyRe
 
 def compose(norms: AttnOutNorms, fit: PositionFit, prev: PreviousNormFit) -> MagnitudesResult:
     """The typed result from the three parts."""
-    empty = (norms.norm_count_by_position == 0).numpy()
-    mean_np = norms.norm_mean_by_layer_position.numpy()
-    shift = 0.5 * math.log(norms.d_model)
-    return MagnitudesResult(
-        n_sequences=norms.n_sequences,
-        n_valid_tokens=norms.n_valid_tokens,
-        seq_length_counts=norms.text_length_counts,
-        lognorm_mean_by_layer=norms.lognorm_mean_by_layer,
-        lognorm_std_by_layer=norms.lognorm_std_by_layer,
-        lognorm_hist_edges=norms.lognorm_hist_edges,
-        lognorm_hist_counts=norms.lognorm_hist_counts,
-        norm_mean_by_layer_position=none_where(mean_np, empty),
-        norm_count_by_position=norms.norm_count_by_position,
-        lognorm_mean_by_layer_position=none_where(norms.lognorm_mean_by_layer_position, empty),
-        norm_mean_by_position=none_where(_mean_over_layers(mean_np), empty),
-        position_fit_by_layer=[
-            {"intercept": float(b0), "slope": float(b1)} for b0, b1 in zip(fit.intercept, fit.slope, strict=True)
-        ],
-        position_fit_positions=fit.positions,
-        previous_norm_betas_by_layer=prev.by_layer(),
-        n_regression_triplets=prev.n_regression_triplets,
-        d_model=norms.d_model,
-        lognorm_percentile_levels=norms.lognorm_percentile_levels,
-        lognorm_percentiles_by_layer=norms.lognorm_percentiles_by_layer,
-        lognorm_percentile_tokens=len(norms.token_sample),
-        lognorm_percentile_basis=norms.percentile_basis,
-        log_rms_mean_by_layer=norms.lognorm_mean_by_layer - shift,
-        lognorm_text_mean_by_layer=norms.lognorm_text_mean_by_layer,
-        log_rms_text_mean_by_layer=norms.lognorm_text_mean_by_layer - shift,
-        n_samples=len(norms.sample_text_index),
-        norms=norms,
-        position_fit=fit,
-        previous_norm_fit=prev,
-    )
+    return MagnitudesResult(norms=norms, position_fit=fit, previous_norm_fit=prev)
 
 
 def tables(r: MagnitudesResult) -> dict[str, list[dict[str, Any]]]:

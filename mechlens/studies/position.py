@@ -58,7 +58,7 @@ from mechlens.forward import iter_cached
 from mechlens.loading import provenance_of
 from mechlens.ops import next_token_loss
 from mechlens.options import MASKED_SPECIALS, Options, fail, option
-from mechlens.result import StudyResult, metrics_of, not_in_metrics, sample_table
+from mechlens.result import StudyResult, metrics_of, not_in_metrics, sample_table, view
 from mechlens.stats.degenerate import check_regression, repeated_rows, require_finite, zero_variance
 from mechlens.stats.regression import LogisticConfig, logistic, ols
 from mechlens.stats.streaming import Moments, NormalEquations, Reservoir
@@ -718,46 +718,88 @@ def degenerate_notes(train: LossMatrix, test: LossMatrix, sampled: bool = False)
 
 
 @dataclasses.dataclass(frozen=True)
+class LossByPosition:
+    """Part 1's statistics over every text of the splits: the mean (and std) loss by position and the
+    number of texts per split (``n_texts_*``); ``train_index`` / ``test_index``: the indices in their split
+    of the texts whose loss matrices were kept (all of them, or the reservoirs' seeded sample)."""
+
+    mean: Float[np.ndarray, " text_pos"]
+    std: Float[np.ndarray, " text_pos"]
+    mean_test: Float[np.ndarray, " text_pos"]
+    n_texts_train: int
+    n_texts_test: int
+    train_index: Int[np.ndarray, " batch"]
+    test_index: Int[np.ndarray, " batch_test"]
+
+    @classmethod
+    def of(cls, train: LossMatrix, test: LossMatrix, stream: LossStream | None = None) -> LossByPosition:
+        """From the kept matrices, or from ``stream``'s moments over every text unless its reservoirs hold
+        every text (then, as without it, from the matrices)."""
+        if stream is None or stream.complete():
+            mean, std, mean_test = train.mean_by_position(), train.std_by_position(), test.mean_by_position()
+        else:
+            mean, std, mean_test = stream.moments_train.mean, stream.moments_train.std, stream.moments_test.mean
+        return cls(
+            mean=mean,
+            std=std,
+            mean_test=mean_test,
+            n_texts_train=len(train.loss) if stream is None else stream.n_train,
+            n_texts_test=len(test.loss) if stream is None else stream.n_test,
+            train_index=np.arange(len(train.loss)) if stream is None else stream.index("train"),
+            test_index=np.arange(len(test.loss)) if stream is None else stream.index("test"),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class PositionResult:
-    """The study's typed result (``StudyResult.parts``). Its fields before ``train`` are the metrics of
-    ``results.json`` under their own names (:func:`~mechlens.result.metrics_of`); ``train`` and
-    ``test`` (the loss matrices of the kept texts), ``confusion`` (the part), ``word`` (the word index of
-    the token at each training position, -1 where none: see :func:`word_of`) and ``train_index`` /
-    ``test_index`` (the kept texts' indices in their split) stay out of it.
+    """The study's typed result (``StudyResult.parts``): its parts (the loss statistics by position, the
+    OLS, the logistic regression, the confusion matrices), the kept loss matrices ``train`` and ``test``,
+    ``word`` (the word index of the token at each training position, -1 where none: see :func:`word_of`)
+    and ``degenerate`` (why these numbers are not findings; empty for sound inputs). The flat
+    ``results.json`` names are :class:`~mechlens.result.view` s of the parts, declared below (the study's
+    name map; nothing is stored twice).
 
     The loss by position (``loss_*``) and the OLS are over every text of the splits (``n_texts_*``); the
     logistic regression, the confusion matrices, sklearn's line and ``linear_predictions`` over the texts
     kept in the reservoirs (``logistic_sample_texts``, ``logistic_sample_texts_test``): all of them unless
     ``sampled``."""
 
-    loss_mean_by_position: Float[np.ndarray, " text_pos"]
-    loss_std_by_position: Float[np.ndarray, " text_pos"]
-    loss_mean_by_position_test: Float[np.ndarray, " text_pos"]
     ols: OLSFit
-    sklearn_linear: Line
-    linear_predictions: Float[np.ndarray, " row"]
     logistic: LogisticFit
-    logistic_accuracy_train: float
-    logistic_accuracy_test: float
-    accuracy_by_position_train: Float[np.ndarray, " text_pos"]
-    accuracy_by_position_test: Float[np.ndarray, " text_pos"]
-    confusion_train: Int[np.ndarray, "text_pos text_pos"]
-    confusion_test: Int[np.ndarray, "text_pos text_pos"]
-    confusion_row_percent_train: Float[np.ndarray, "text_pos text_pos"]
-    confusion_row_percent_test: Float[np.ndarray, "text_pos text_pos"]
-    loss_kind: str
-    n_texts_train: int
-    n_texts_test: int
-    logistic_sample_texts: int
-    logistic_sample_texts_test: int
-    sampled: bool
     degenerate: list[str]  # why these numbers are not findings (degenerate_notes); empty for sound inputs
+    by_position: LossByPosition = not_in_metrics()
     train: LossMatrix = not_in_metrics()
     test: LossMatrix = not_in_metrics()
     confusion: Confusion = not_in_metrics()
     word: Int[np.ndarray, "batch text_pos"] = not_in_metrics()
-    train_index: Int[np.ndarray, " batch"] = not_in_metrics()
-    test_index: Int[np.ndarray, " batch_test"] = not_in_metrics()
+
+    loss_mean_by_position = view("by_position.mean")
+    loss_std_by_position = view("by_position.std")
+    loss_mean_by_position_test = view("by_position.mean_test")
+    sklearn_linear = view(lambda r: Line(r.ols.sklearn_intercept, r.ols.sklearn_slope))
+    linear_predictions = view("ols.predictions")
+    logistic_accuracy_train = view("logistic.accuracy_train")
+    logistic_accuracy_test = view("logistic.accuracy_test")
+    accuracy_by_position_train = view("logistic.accuracy_by_position_train")
+    accuracy_by_position_test = view("logistic.accuracy_by_position_test")
+    confusion_train = view("confusion.counts_train")
+    confusion_test = view("confusion.counts_test")
+    confusion_row_percent_train = view("confusion.row_percent_train")
+    confusion_row_percent_test = view("confusion.row_percent_test")
+    loss_kind = view("train.kind")
+    n_texts_train = view("by_position.n_texts_train")
+    n_texts_test = view("by_position.n_texts_test")
+    logistic_sample_texts = view(lambda r: len(r.train.loss))
+    logistic_sample_texts_test = view(lambda r: len(r.test.loss))
+    sampled = view(lambda r: r.logistic_sample_texts < r.n_texts_train or r.logistic_sample_texts_test < r.n_texts_test)
+
+    @property
+    def train_index(self) -> Int[np.ndarray, " batch"]:
+        return self.by_position.train_index
+
+    @property
+    def test_index(self) -> Int[np.ndarray, " batch_test"]:
+        return self.by_position.test_index
 
     @classmethod
     def of(
@@ -770,44 +812,19 @@ class PositionResult:
         word: Int[np.ndarray, "batch text_pos"],
         stream: LossStream | None = None,
     ) -> PositionResult:
-        """Compose the parts (the metric fields are views of them). ``stream``: the :class:`LossStream`
-        that ``train`` and ``test`` were sampled from; the loss by position then comes from its moments
-        over every text unless its reservoirs hold every text (then, as without it, from the matrices)."""
-        n_train, n_test = (len(train.loss), len(test.loss)) if stream is None else (stream.n_train, stream.n_test)
-        if stream is None or stream.complete():
-            mean, std, mean_test = train.mean_by_position(), train.std_by_position(), test.mean_by_position()
-        else:
-            mean, std = stream.moments_train.mean, stream.moments_train.std
-            mean_test = stream.moments_test.mean
+        """Compose the parts. ``stream``: the :class:`LossStream` that ``train`` and ``test`` were sampled
+        from (:meth:`LossByPosition.of`)."""
+        by_position = LossByPosition.of(train, test, stream)
+        sampled = len(train.loss) < by_position.n_texts_train or len(test.loss) < by_position.n_texts_test
         return cls(
-            loss_mean_by_position=mean,
-            loss_std_by_position=std,
-            loss_mean_by_position_test=mean_test,
             ols=lin,
-            sklearn_linear=Line(lin.sklearn_intercept, lin.sklearn_slope),
-            linear_predictions=lin.predictions,
             logistic=logit,
-            logistic_accuracy_train=logit.accuracy_train,
-            logistic_accuracy_test=logit.accuracy_test,
-            accuracy_by_position_train=logit.accuracy_by_position_train,
-            accuracy_by_position_test=logit.accuracy_by_position_test,
-            confusion_train=conf.counts_train,
-            confusion_test=conf.counts_test,
-            confusion_row_percent_train=conf.row_percent_train,
-            confusion_row_percent_test=conf.row_percent_test,
-            loss_kind=train.kind,
-            n_texts_train=n_train,
-            n_texts_test=n_test,
-            logistic_sample_texts=len(train.loss),
-            logistic_sample_texts_test=len(test.loss),
-            sampled=len(train.loss) < n_train or len(test.loss) < n_test,
-            degenerate=degenerate_notes(train, test, len(train.loss) < n_train or len(test.loss) < n_test),
+            degenerate=degenerate_notes(train, test, sampled),
+            by_position=by_position,
             train=train,
             test=test,
             confusion=conf,
             word=word,
-            train_index=np.arange(len(train.loss)) if stream is None else stream.index("train"),
-            test_index=np.arange(len(test.loss)) if stream is None else stream.index("test"),
         )
 
 

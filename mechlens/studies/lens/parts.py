@@ -5,6 +5,7 @@ laminar sqrt(layer) fit, the corpus lens run, and the typed results they compose
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ from mechlens.lens.tuned import TunedLens
 from mechlens.loading import provenance_of
 from mechlens.ops import LensStats
 from mechlens.options import MASKED_SPECIALS, Options, check_layer, fail, option
-from mechlens.result import not_in_metrics
+from mechlens.result import not_in_metrics, view
 from mechlens.stats import regression
 from mechlens.tokens import TokenBatch, encode
 
@@ -613,10 +614,11 @@ def causal_lens(
 
 
 @dataclasses.dataclass(frozen=True)
-class CorpusLensResult(CorpusLens):
-    """``run`` on a corpus (``--data``): the corpus lens (its fields, inherited) and the sqrt(layer) fit
-    of its mean log-prob; ``lensed`` says which positions were read (next-token or masked), ``tuned_source``
-    and ``tuned_note`` which tuned lens was read and how the texts relate to its training split."""
+class CorpusLensResult:
+    """``run`` on a corpus (``--data``): the corpus lens (``corpus``, its statistics under their flat
+    ``results.json`` names, declared below as views) and the sqrt(layer) fit of its mean log-prob; ``lensed``
+    says which positions were read (next-token or masked), ``tuned_source`` and ``tuned_note`` which tuned
+    lens was read and how the texts relate to its training split."""
 
     kind: str
     data: str
@@ -626,6 +628,26 @@ class CorpusLensResult(CorpusLens):
     tuned_source: str | None = None
     tuned_note: str | None = None
     tuned_card: dict[str, Any] | None = None
+    corpus: CorpusLens | None = not_in_metrics(default=None)
+
+    n_texts = view("corpus.n_texts")
+    n_predictions = view("corpus.n_predictions")
+    target_logprob_by_layer = view("corpus.target_logprob_by_layer")
+    rank_mean_by_layer = view("corpus.rank_mean_by_layer")
+    entropy_by_layer = view("corpus.entropy_by_layer")
+    kl_to_final_by_layer = view("corpus.kl_to_final_by_layer")
+    top1_agreement_by_layer = view("corpus.top1_agreement_by_layer")
+    std_by_layer = view("corpus.std_by_layer")
+    n_samples = view("corpus.n_samples")
+    tuned = view("corpus.tuned")
+
+    @property
+    def sample_text_index(self) -> Int[np.ndarray, " sample"]:
+        return self.corpus.sample_text_index
+
+    @property
+    def per_text(self) -> Float[np.ndarray, "sample quantity layer"]:
+        return self.corpus.per_text
 
 
 def _run_corpus(model, cfg: Config, texts=None) -> CorpusLensResult:
@@ -650,7 +672,7 @@ def _run_corpus(model, cfg: Config, texts=None) -> CorpusLensResult:
     )
     masked = arch.kind_of(model) == "masked"
     return CorpusLensResult(
-        **{f.name: getattr(c, f.name) for f in dataclasses.fields(c)},
+        corpus=c,
         kind="corpus",
         data=cfg.data or "(texts given in Python)",
         sqrt_layer_fit=_line(c.target_logprob_by_layer),
@@ -667,83 +689,88 @@ def _run_corpus(model, cfg: Config, texts=None) -> CorpusLensResult:
 
 @dataclasses.dataclass(frozen=True)
 class MaskedLensResult:
-    """The masked-LM study. Fields are ``results.json``'s metrics (names kept from earlier versions);
-    the parts themselves (``masked``, ``sliding``, the fits) and the word index are kept alongside.
-    ``sliding_*`` arrays are ``[readout point][text position]``."""
+    """The masked-LM study: its parts (``masked``: parts 1-3 at the studied position; ``sliding``: parts
+    4-5, with ``<s>``/``</s>`` when ``heatmap_specials``; the sqrt(layer) fits of the sliding target and top-1
+    log-probs per text position), the word begun by each text token (-1 if none) and the tuned lens beside
+    the logit lens (every position masked in turn). The flat ``results.json`` names are views of the parts,
+    declared below (nothing is stored twice); ``sliding_*`` arrays are ``[readout point][text position]``."""
 
     kind: str
-    text_tokens: list[str]
-    position: int
-    position_token: str
-    layer: int
-    part1_unmasked: LensPoint
-    part2_masked: LensPoint
-    predicted_by_layer_masked: list[str]
-    target_logprob_by_layer: Float[np.ndarray, " layer"]
-    max_logprob_by_layer: Float[np.ndarray, " layer"]
-    target_rank_by_layer: Int[np.ndarray, " layer"]
-    target_logprob_by_layer_unmasked: Float[np.ndarray, " layer"]
-    sqrt_layer_fit: LineFit
-    sqrt_layer_fit_max: LineFit
-    predicted_tokens: list[list[str]]
-    sliding_target_logprob: Float[np.ndarray, "layer pos"]
-    sliding_max_logprob: Float[np.ndarray, "layer pos"]
-    sliding_target_rank: Int[np.ndarray, "layer pos"]
-    slopes_by_position: dict[str, Float[np.ndarray, " pos"]]
-    final_top1_accuracy_sliding: float
-    # added with the typed parts
-    text_token_ids: Int[np.ndarray, " pos"]
-    sliding_top2_gap: Float[np.ndarray, "layer pos"]
-    sliding_target_logprob_by_layer: Float[np.ndarray, " layer"]  # mean over text positions
-    intercepts_by_position: dict[str, Float[np.ndarray, " pos"]]
     heatmap_specials: bool
     masked: MaskedLens = not_in_metrics()
-    # with <s>/</s> when heatmap_specials (metrics: text only)
     sliding: SlidingMask = not_in_metrics()
-    # of the sliding target log-prob, per text position
     fit: SqrtLayerFit = not_in_metrics()
     fit_max: SqrtLayerFit = not_in_metrics()
-    # word begun by each text token, -1 if none
     word: Int[np.ndarray, " pos"] = not_in_metrics()
-    tuned: TunedComparison | None = None  # the tuned lens beside the logit lens, every position masked in turn
+    tuned: TunedComparison | None = None
+
+    @functools.cached_property
+    def text(self) -> SlidingMask:
+        """The sliding mask at the text positions only (what the metrics report)."""
+        return self.sliding.text_only()
+
+    text_tokens = view("text.tokens")
+    position = view("masked.position")
+    position_token = view("masked.target_token")
+    layer = view("masked.layer")
+    part1_unmasked = view("masked.part1_unmasked")
+    part2_masked = view("masked.part2_masked")
+    predicted_by_layer_masked = view("masked.predicted_tokens")
+    target_logprob_by_layer = view("masked.target_logprob")
+    max_logprob_by_layer = view("masked.max_logprob")
+    target_rank_by_layer = view("masked.target_rank")
+    target_logprob_by_layer_unmasked = view("masked.unmasked_target_logprob")
+    sqrt_layer_fit = view(lambda r: r.fit.at(r.masked.position))
+    sqrt_layer_fit_max = view(lambda r: r.fit_max.at(r.masked.position))
+    predicted_tokens = view("text.predicted_tokens")
+    sliding_target_logprob = view("text.target_logprob")
+    sliding_max_logprob = view("text.max_logprob")
+    sliding_target_rank = view("text.target_rank")
+    slopes_by_position = view(lambda r: {"target": r.fit.slopes, "max": r.fit_max.slopes})
+    final_top1_accuracy_sliding = view(lambda r: float((r.text.predicted_ids[-1] == r.text.token_ids).mean()))
+    text_token_ids = view("text.token_ids")
+    sliding_top2_gap = view("text.top2_gap")
+    sliding_target_logprob_by_layer = view(lambda r: r.text.target_logprob.astype(np.float64).mean(1))
+    intercepts_by_position = view(lambda r: {"target": r.fit.intercepts, "max": r.fit_max.intercepts})
 
 
 @dataclasses.dataclass(frozen=True)
 class CausalLensResult:
-    """The causal-LM study. Fields are ``results.json``'s metrics (names kept from earlier versions);
-    the lens part, the fits and the word index are kept alongside. ``[layer][pos]`` arrays are per
-    readout point and input position (``p`` predicts token ``p + 1``); by-layer values are means over
-    positions except ``rank_by_layer`` (the median; ``rank_mean_by_layer`` the mean)."""
+    """The causal-LM study: its parts (``lens``: every readout point at every next-token position; the
+    sqrt(layer) fits of the target and top-1 log-probs), the word begun by each position's TARGET token (-1
+    if none) and the tuned lens beside the logit lens. The flat ``results.json`` names are views of the
+    parts, declared below (nothing is stored twice). ``[layer][pos]`` arrays are per readout point and input
+    position (``p`` predicts token ``p + 1``); by-layer values are means over positions except
+    ``rank_by_layer`` (the median; ``rank_mean_by_layer`` the mean)."""
 
     kind: str
-    text_tokens: list[str]
-    predicted_tokens: list[list[str]]
-    topk_by_layer: list[list[list[str]]]
-    target_logprob: Float[np.ndarray, "layer pos"]
-    rank: Int[np.ndarray, "layer pos"]
-    entropy: Float[np.ndarray, "layer pos"]
-    kl_to_final: Float[np.ndarray, "layer pos"]
-    target_logprob_by_layer: Float[np.ndarray, " layer"]
-    max_logprob_by_layer: Float[np.ndarray, " layer"]
-    rank_by_layer: Float[np.ndarray, " layer"]
-    entropy_by_layer: Float[np.ndarray, " layer"]
-    kl_to_final_by_layer: Float[np.ndarray, " layer"]
-    sqrt_layer_fit: LineFit
-    slopes_by_position: dict[str, Float[np.ndarray, " pos"]]
-    final_top1_accuracy: float
-    # added with the typed parts
-    token_ids: Int[np.ndarray, " tok"]
     bos: bool
-    top1_agrees_final: Bool[np.ndarray, "layer pos"]
-    top1_agreement_by_layer: Float[np.ndarray, " layer"]
-    rank_mean_by_layer: Float[np.ndarray, " layer"]
-    intercepts_by_position: dict[str, Float[np.ndarray, " pos"]]
     lens: CausalLens = not_in_metrics()
     fit: SqrtLayerFit = not_in_metrics()
     fit_max: SqrtLayerFit = not_in_metrics()
-    # word begun by each position's TARGET token, -1 if none
     word: Int[np.ndarray, " pos"] = not_in_metrics()
-    tuned: TunedComparison | None = None  # the tuned lens beside the logit lens at every next-token position
+    tuned: TunedComparison | None = None
+
+    text_tokens = view(lambda r: r.lens.tokens[: len(r.lens.target_ids) + 1])
+    predicted_tokens = view("lens.predicted_tokens")
+    topk_by_layer = view("lens.topk_tokens")
+    target_logprob = view("lens.target_logprob")
+    rank = view("lens.rank")
+    entropy = view("lens.entropy")
+    kl_to_final = view("lens.kl_to_final")
+    target_logprob_by_layer = view(lambda r: r.lens.target_logprob.mean(1))
+    max_logprob_by_layer = view(lambda r: r.lens.max_logprob.mean(1))
+    rank_by_layer = view(lambda r: np.median(r.lens.rank, 1))
+    entropy_by_layer = view(lambda r: torch.from_numpy(r.lens.entropy).mean(1).numpy())
+    kl_to_final_by_layer = view(lambda r: torch.from_numpy(r.lens.kl_to_final).mean(1).numpy())
+    sqrt_layer_fit = view("fit.mean")
+    slopes_by_position = view(lambda r: {"target": r.fit.slopes, "max": r.fit_max.slopes})
+    final_top1_accuracy = view(lambda r: float((r.lens.predicted_ids[-1] == r.lens.target_ids).mean()))
+    token_ids = view("lens.token_ids")
+    top1_agrees_final = view("lens.top1_agrees_final")
+    top1_agreement_by_layer = view(lambda r: r.lens.top1_agrees_final.mean(1, dtype=np.float64))
+    rank_mean_by_layer = view(lambda r: r.lens.rank.mean(1, dtype=np.float64))
+    intercepts_by_position = view(lambda r: {"target": r.fit.intercepts, "max": r.fit_max.intercepts})
 
 
 def _run_masked(model, cfg: Config, batch: TokenBatch, words: torch.Tensor) -> MaskedLensResult:
@@ -776,29 +803,6 @@ def _run_masked(model, cfg: Config, batch: TokenBatch, words: torch.Tensor) -> M
     fit, fit_max = sqrt_layer_fit(text.target_logprob), sqrt_layer_fit(text.max_logprob)
     return MaskedLensResult(
         kind="masked",
-        text_tokens=text.tokens,
-        position=cfg.position,
-        position_token=masked.target_token,
-        layer=layer,
-        part1_unmasked=masked.part1_unmasked,
-        part2_masked=masked.part2_masked,
-        predicted_by_layer_masked=masked.predicted_tokens,
-        target_logprob_by_layer=masked.target_logprob,
-        max_logprob_by_layer=masked.max_logprob,
-        target_rank_by_layer=masked.target_rank,
-        target_logprob_by_layer_unmasked=masked.unmasked_target_logprob,
-        sqrt_layer_fit=fit.at(cfg.position),
-        sqrt_layer_fit_max=fit_max.at(cfg.position),
-        predicted_tokens=text.predicted_tokens,
-        sliding_target_logprob=text.target_logprob,
-        sliding_max_logprob=text.max_logprob,
-        sliding_target_rank=text.target_rank,
-        slopes_by_position={"target": fit.slopes, "max": fit_max.slopes},
-        final_top1_accuracy_sliding=float((text.predicted_ids[-1] == text.token_ids).mean()),
-        text_token_ids=text.token_ids,
-        sliding_top2_gap=text.top2_gap,
-        sliding_target_logprob_by_layer=text.target_logprob.astype(np.float64).mean(1),
-        intercepts_by_position={"target": fit.intercepts, "max": fit_max.intercepts},
         heatmap_specials=cfg.heatmap_specials,
         masked=masked,
         sliding=sliding,
@@ -866,27 +870,7 @@ def _run_causal(model, cfg: Config, batch: TokenBatch, words: torch.Tensor) -> C
     fit, fit_max = sqrt_layer_fit(lens.target_logprob), sqrt_layer_fit(lens.max_logprob)
     return CausalLensResult(
         kind="causal",
-        text_tokens=lens.tokens[: n_pos + 1],
-        predicted_tokens=lens.predicted_tokens,
-        topk_by_layer=lens.topk_tokens,
-        target_logprob=lens.target_logprob,
-        rank=lens.rank,
-        entropy=lens.entropy,
-        kl_to_final=lens.kl_to_final,
-        target_logprob_by_layer=lens.target_logprob.mean(1),
-        max_logprob_by_layer=lens.max_logprob.mean(1),
-        rank_by_layer=np.median(lens.rank, 1),
-        entropy_by_layer=torch.from_numpy(lens.entropy).mean(1).numpy(),
-        kl_to_final_by_layer=torch.from_numpy(lens.kl_to_final).mean(1).numpy(),
-        sqrt_layer_fit=fit.mean,
-        slopes_by_position={"target": fit.slopes, "max": fit_max.slopes},
-        final_top1_accuracy=float((lens.predicted_ids[-1] == lens.target_ids).mean()),
-        token_ids=lens.token_ids,
         bos=batch.bos,
-        top1_agrees_final=lens.top1_agrees_final,
-        top1_agreement_by_layer=lens.top1_agrees_final.mean(1, dtype=np.float64),
-        rank_mean_by_layer=lens.rank.mean(1, dtype=np.float64),
-        intercepts_by_position={"target": fit.intercepts, "max": fit_max.intercepts},
         lens=lens,
         fit=fit,
         fit_max=fit_max,

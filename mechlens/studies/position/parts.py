@@ -229,9 +229,15 @@ def fit_position_ols(
     x = _as_array(losses)
     pos = np.tile(np.arange(x.shape[1]), len(x))
     require_finite("fit_position_ols", {"the loss matrix": x})
-    check_regression(x.reshape(-1), pos, n_params=2, what="the OLS of position on loss", x_name="loss",
-                     y_name="position",
-                     fix="raise --seqlen or pass more or other texts (--data, --n-train)")  # fmt: skip
+    check_regression(
+        x.reshape(-1),
+        pos,
+        n_params=2,
+        what="the OLS of position on loss",
+        x_name="loss",
+        y_name="position",
+        fix="raise --seqlen or pass more or other texts (--data, --n-train)",
+    )
     if equations is None or int(equations.n) == pos.size:
         lin = ols(x.reshape(-1), pos)
         require_finite("fit_position_ols", {k: lin[k] for k in ("params", "bse", "tvalues", "pvalues", "r2")})
@@ -358,11 +364,15 @@ def fit_position_logistic(
     n_pos = x_train.shape[1]
     require_finite("fit_position_logistic", {"the training loss matrix": x_train, "the test loss matrix": x_test})
     if n_pos < 2 or len(x_test) == 0:
-        raise DataError(f"fit_position_logistic needs >= 2 positions and >= 1 test text, got {n_pos} positions and "
-                        f"{len(x_test)} test texts: raise --seqlen or --n-test")  # fmt: skip
+        raise DataError(
+            f"fit_position_logistic needs >= 2 positions and >= 1 test text, got {n_pos} positions and "
+            f"{len(x_test)} test texts: raise --seqlen or --n-test"
+        )
     if zero_variance(x_train):
-        raise DataError(f"fit_position_logistic: the training loss has the same value at all {x_train.size} "
-                        "points, so no position can be told from it: pass other texts (--data) or model")  # fmt: skip
+        raise DataError(
+            f"fit_position_logistic: the training loss has the same value at all {x_train.size} "
+            "points, so no position can be told from it: pass other texts (--data) or model"
+        )
     pos_train, pos_test = np.tile(np.arange(n_pos), len(x_train)), np.tile(np.arange(n_pos), len(x_test))
     fit = logistic(x_train.reshape(-1), pos_train, x_test.reshape(-1), pos_test, cfg.logistic_config())
     train, test = fit["train"], fit["test"]
@@ -533,11 +543,15 @@ def degenerate_notes(train: LossMatrix, test: LossMatrix, sampled: bool = False)
     kept = " of the sampled" if sampled else ""
     notes = []
     if rep_train:
-        notes.append(f"{rep_train}{kept} of {len(train.loss)} training texts repeat an earlier one (as tokens): "
-                     "the OLS p-values count them as independent")  # fmt: skip
+        notes.append(
+            f"{rep_train}{kept} of {len(train.loss)} training texts repeat an earlier one (as tokens): "
+            "the OLS p-values count them as independent"
+        )
     if in_train:
-        notes.append(f"{in_train}{kept} of {len(test.loss)} test texts are identical (as tokens) to a training "
-                     "text: the test accuracy is not on fresh texts")  # fmt: skip
+        notes.append(
+            f"{in_train}{kept} of {len(test.loss)} test texts are identical (as tokens) to a training "
+            "text: the test accuracy is not on fresh texts"
+        )
     return notes
 
 

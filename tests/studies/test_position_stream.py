@@ -264,7 +264,10 @@ def test_memory_is_constant_in_the_number_of_texts(tiny_gpt2_pair):
         results[n] = position.run(m, cfg, texts=lines(n)).parts
     small, large = _shapes(results[40]), _shapes(results[400])
     assert small == large and len(small) > 20
-    assert small[".train.loss"] == (20, 2) and small[".linear_predictions"] == (40,)
+    # linear_predictions is a view of the OLS part: the array is stored once, at .ols.predictions
+    assert (
+        small[".train.loss"] == (20, 2) and small[".ols.predictions"] == (40,) == results[40].linear_predictions.shape
+    )
     assert (results[40].n_texts_train, results[400].n_texts_train) == (20, 200)
     assert (results[40].sampled, results[400].sampled) == (False, True)
 

@@ -475,7 +475,7 @@ def _corpus_file(n_lines: int) -> str:
     return str(path)
 
 
-def word_level_gpt2(seed: int = 0):
+def word_level_gpt2(seed: int = 0, n_layers: int = 6):
     """A random 6-layer GPT-2 (d_model 128) over a word-level vocabulary of the built-in reviews (~400
     words): the corpus lens reads out the whole vocabulary at every layer and position, so on 2 CPU cores
     a 50,257-token vocabulary makes 20,000 lines take hours; memory constancy does not depend on it."""
@@ -493,7 +493,7 @@ def word_level_gpt2(seed: int = 0):
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=eot, eos_token=eot, pad_token=eot, unk_token="<unk>",
                                   name_or_path="reviews-words")  # fmt: skip
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=128, n_layer=6, n_head=4, bos_token_id=0,
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=128, n_layer=n_layers, n_head=4, bos_token_id=0,
                      eos_token_id=0)  # fmt: skip
     return load_model(GPT2LMHeadModel(cfg).eval(), tokenizer=tok)
 
@@ -518,12 +518,14 @@ STREAMING = (
     ("magnitudes", "magnitudes", {}),
     ("lens, tuned lens on (the default)", "lens", {"tuned": "TUNED"}),
     ("lens, tuned lens off", "lens", {"tuned": "none"}),
-    ("interventions (prompt pairs, 1/10 of the lines)", "interventions", {"batch_pairs": 64, "keep_pairs": 200}),
+    ("interventions (prompt pairs)", "interventions", {"batch_size": 64, "reservoir": 50}),
 )
 METRIC = {"magnitudes": "lognorm_mean_by_layer", "lens": "target_logprob_by_layer", "interventions": "ld_clean_mean"}
-# interventions reads prompt pairs, not lines of text, and each pair costs ~300 patched rows: its row runs
-# on a tenth of the lines (2,000 vs 200 pairs), still 10x apart
-LINES_SCALE = {"interventions": 10}
+# interventions reads prompt pairs, not lines of text, and each pair costs ~100 patched forward rows (every
+# layer x position x hook, every head, 3 ablations) even on a 2-layer model: ~0.1 s a pair on the shared
+# 2 cores, so its row runs on 1/40 of the lines (500 vs 50 pairs: still 10x apart, the reservoir full)
+LINES_SCALE = {"interventions": 40}
+LAYERS = {"interventions": 2}
 
 
 def _pairs_file(n_pairs: int) -> str:
@@ -552,7 +554,7 @@ def _pairs_file(n_pairs: int) -> str:
 
 def corpus_job(study: str, path: str, overrides: dict | None = None):
     def setup():
-        model = word_level_gpt2()
+        model = word_level_gpt2(n_layers=LAYERS.get(study, 6))
         cfg = {k: word_level_tuned_lens(model) if v == "TUNED" else v for k, v in (overrides or {}).items()}
         return model, cfg
 
@@ -604,7 +606,8 @@ def corpus_peaks(small: int, big: int) -> list[dict]:
                      "unit": "x", "target": "<= 1.15", "ok": ratio <= 1.15,
                      "detail": f"{b['peak_rss'] / 2**20:.0f} MiB vs {a['peak_rss'] / 2**20:.0f} MiB (above the loaded "
                                f"model: {b['peak_bytes'] / 2**20:.0f} vs {a['peak_bytes'] / 2**20:.0f} MiB); "
-                               f"{b['seconds']:.0f} s for {big // k:,} lines (random word-level GPT-2, 6 layers, "
+                               f"{b['seconds']:.0f} s for {big // k:,} lines (random word-level GPT-2, "
+                               f"{LAYERS.get(study, 6)} layers, "
                                f"385-word vocabulary; wall time on a shared machine: noisy)"})  # fmt: skip
     return rows
 

@@ -97,7 +97,7 @@ def test_interventions_two_processes_equal_one(tmp_path):
     different pairs together, which moves fp32 logits by ~1e-6 relative (as padding does above); ratios
     (the fraction restored) divide by a gap of order 1, so 1e-5 of each statistic's scale is ample."""
     args = ["run", "interventions", "--model", "tiny-gpt2", "--n-pairs", "6", "--segment-length", "2",
-            "--batch-pairs", "2", "--n-resamples", "200", "--quiet"]  # fmt: skip
+            "--batch-size", "2", "--n-resamples", "200", "--quiet"]  # fmt: skip
     one = _mechlens([*args, "--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
     two = _mechlens([*args, "--out", str(tmp_path / "two")], nproc=2)

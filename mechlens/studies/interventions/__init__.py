@@ -94,9 +94,9 @@ class Config(Options):
     rows_per_forward: int = option(512, "patched rows carried by one forward pass", ge=1)
     seed: int = option(0, "random seed (the built-in pairs, the resample ablation, the kept pairs, the bootstrap)",
                        ge=0)  # fmt: skip
-    batch_pairs: int = option(64, "prompt pairs per batch (pairs stream); the first batch is the mean and "
+    batch_size: int = option(64, "prompt pairs per batch (pairs stream); the first batch is the mean and "
                               "resample ablations' reference", ge=1)  # fmt: skip
-    keep_pairs: int = option(1000, "pairs kept (a seeded uniform sample) for the bootstrap intervals and the "
+    reservoir: int = option(1000, "pairs kept (a seeded uniform sample) for the bootstrap intervals and the "
                              "per-pair samples; means are over every pair", ge=2)  # fmt: skip
     n_resamples: int = option(2000, "bootstrap resamples of the intervals over pairs", ge=100)
 
@@ -112,7 +112,7 @@ class Config(Options):
     def check_model(self, model) -> None:
         """Every pair encodes for ``model`` (equal lengths, one-token targets, the mask): before any forward
         (streamed batch by batch: memory does not grow with the pairs)."""
-        stream_width(model, pair_stream(model, self), self.batch_pairs, pair_source(self))
+        stream_width(model, pair_stream(model, self), self.batch_size, pair_source(self))
 
 
 def pair_source(cfg: Config) -> str:
@@ -203,7 +203,7 @@ def _strongest(dla, abl: Ablation, den: Patching, ci: Intervals) -> dict[str, An
 
 def run(model, cfg: Config | None = None, pairs: Sequence[RawPair] | None = None) -> StudyResult:
     """The study on the config's pairs, or on ``pairs`` (:class:`RawPair`), streamed in batches of
-    ``cfg.batch_pairs`` (this rank's share under torchrun; :mod:`.stream`). ``result.parts`` is the
+    ``cfg.batch_size`` (this rank's share under torchrun; :mod:`.stream`). ``result.parts`` is the
     :class:`InterventionsResult`; ``result.metrics`` is derived from it."""
     cfg = cfg or Config()
     if pairs is None:
@@ -212,7 +212,7 @@ def run(model, cfg: Config | None = None, pairs: Sequence[RawPair] | None = None
         given = list(pairs)
         raw, source = (lambda: iter(given)), "given pairs"
     refusal = dla_refusal(model)
-    acc = accumulate(model, raw, source, batch_pairs=cfg.batch_pairs, keep_pairs=cfg.keep_pairs, seed=cfg.seed,
+    acc = accumulate(model, raw, source, batch_size=cfg.batch_size, reservoir=cfg.reservoir, seed=cfg.seed,
                      rows_per_forward=cfg.rows_per_forward, with_dla=refusal is None)  # fmt: skip
     n, ld_clean, ld_corrupt, dla, abl, den, noi, att, ci = finish(model, acc, n_resamples=cfg.n_resamples,
                                                                   seed=cfg.seed)  # fmt: skip
@@ -307,7 +307,7 @@ def samples(result: StudyResult) -> pd.DataFrame:
     """Per-pair statistics by layer for :mod:`mechlens.comparison` (unit ``pair``, ``sample`` = the pair's
     global index in the stream: the same pairs for every model of a run, and the same kept pairs, since
     the reservoir keeps pairs by a seeded hash of that index; position and word empty). Over the kept
-    pairs (``intervals.pair_index``; all pairs up to ``--keep-pairs``). Quantities:
+    pairs (``intervals.pair_index``; all pairs up to ``--reservoir``). Quantities:
 
     * ``patch_resid_answer``: the change of ``LD`` when the clean ``hook_resid_pre`` of block ``l`` is
       patched into the corrupt run at the answer column (readout point ``l``, depth ``l / L``);

@@ -56,7 +56,7 @@ def head_grid(r: InterventionsResult) -> go.Figure | None:
 def dla_bars(r: InterventionsResult) -> go.Figure | None:
     """Each component's direct contribution to the logit difference (mean over pairs, with its 95% bootstrap
     interval over pairs as whiskers), the readout bias and the model's logit difference (means over the
-    kept pairs: all of them up to ``--keep-pairs``)."""
+    kept pairs: all of them up to ``--reservoir``)."""
     if r.dla is None:
         return None
     d = r.dla

@@ -1,18 +1,18 @@
 """Study 6 at corpus scale: pairs stream in batches, per-pair values feed accumulators whose memory does
 not grow with the number of pairs, ranks merge them, and the bootstrap reads the kept pairs.
 
-Each batch of pairs (``--batch-pairs``, this rank's share: :func:`mechlens.data.shard`) runs the four parts
+Each batch of pairs (``--batch-size``, this rank's share: :func:`mechlens.data.shard`) runs the four parts
 of :mod:`.parts`; every per-pair value (DLA contributions, ablation effects, the patching and attribution
 grids padded to the stream's widest pair with NaN) is packed into one float64 row per pair. The rows
 feed a :class:`~mechlens.stats.streaming.Moments` (means over every pair; NaN = the pair lacks the cell),
-a fixed-slot :class:`~mechlens.stats.streaming.Reservoir` of ``--keep-pairs`` rows (the pairs the
+a fixed-slot :class:`~mechlens.stats.streaming.Reservoir` of ``--reservoir`` rows (the pairs the
 bootstrap intervals and ``samples()`` read; seeded by global pair index, so every model of a run and
 every world size keeps the same pairs), the largest errors (:class:`Maxima`) and the sufficient
 statistics of the attribution-vs-exact correlation over every cell of every pair
 (:class:`~mechlens.stats.streaming.NormalEquations`). :func:`mechlens.distributed.share_then_merge`
 merges them across ranks under torchrun.
 
-The mean and resample ablations read a fixed **reference batch**: the first ``--batch-pairs`` pairs of
+The mean and resample ablations read a fixed **reference batch**: the first ``--batch-size`` pairs of
 the stream (:func:`.parts.ablation_sources`), the same for every batch and rank.
 """
 
@@ -190,10 +190,10 @@ class Costs:
     )
 
 
-def stream_width(model, raw: Callable[[], Iterable[RawPair]], batch_pairs: int, source: str) -> int:
+def stream_width(model, raw: Callable[[], Iterable[RawPair]], batch_size: int, source: str) -> int:
     """The widest pair of the stream (every pair is checked and encoded, batch by batch; no forward)."""
     width, start = 0, 0
-    for chunk in batched(raw(), batch_pairs):
+    for chunk in batched(raw(), batch_size):
         pp = encode_pairs(model, chunk, source, offset=start)
         width, start = max(width, pp.clean.tokens.shape[1]), start + len(chunk)
     return width
@@ -212,12 +212,12 @@ class Stream:
     head_note: str
 
 
-def accumulate(model, raw: Callable[[], Iterable[RawPair]], source: str, *, batch_pairs: int, keep_pairs: int,
+def accumulate(model, raw: Callable[[], Iterable[RawPair]], source: str, *, batch_size: int, reservoir: int,
                seed: int, rows_per_forward: int, with_dla: bool) -> Stream:  # fmt: skip
     """Run the four parts on this rank's share of the pairs, batch by batch, and merge across ranks."""
-    width = stream_width(model, raw, batch_pairs, source)
+    width = stream_width(model, raw, batch_size, source)
     names = all_hooks(model)
-    ref = encode_pairs(model, list(itertools.islice(raw(), batch_pairs)), source)
+    ref = encode_pairs(model, list(itertools.islice(raw(), batch_size)), source)
     reference = (activations(model, ref.clean, names), ref.clean.text_mask.cpu())
 
     def batch_values(pp: PromptPairs, index: np.ndarray) -> tuple[dict[str, Tensor], Any, AttributionPatching]:
@@ -238,10 +238,10 @@ def accumulate(model, raw: Callable[[], Iterable[RawPair]], source: str, *, batc
     costs = Costs()
     first_dla = direct_logit_attribution(model, ref) if with_dla else None
     layout = layout_for(model, width, with_dla, first_dla is not None and first_dla.head is not None)
-    moments, kept = Moments((layout.size,)), Reservoir(keep_pairs, seed)
+    moments, kept = Moments((layout.size,)), Reservoir(reservoir, seed)
     maxima, cells = Maxima(("identity_error", "remainder_max", "max_abs_error_cells")), NormalEquations(1)
     with distributed.share_then_merge(moments, kept, maxima, cells):
-        for chunk in batched(shard(raw()), batch_pairs):
+        for chunk in batched(shard(raw()), batch_size):
             index = np.asarray([i for i, _ in chunk], dtype=np.int64)
             pp = encode_pairs(model, [p for _, p in chunk], source, offset=int(index[0]))
             values, dla, _ = batch_values(pp, index)

@@ -482,7 +482,7 @@ def _corpus_file(n_lines: int) -> str:
     return str(path)
 
 
-def word_level_gpt2(seed: int = 0):
+def word_level_gpt2(seed: int = 0, n_layers: int = 6):
     """A random 6-layer GPT-2 (d_model 128) over a word-level vocabulary of the built-in reviews (~400
     words): the corpus lens reads out the whole vocabulary at every layer and position, so on 2 CPU cores
     a 50,257-token vocabulary makes 20,000 lines take hours; memory constancy does not depend on it."""
@@ -500,7 +500,7 @@ def word_level_gpt2(seed: int = 0):
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=eot, eos_token=eot, pad_token=eot, unk_token="<unk>",
                                   name_or_path="reviews-words")  # fmt: skip
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=128, n_layer=6, n_head=4, bos_token_id=0,
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=128, n_layer=n_layers, n_head=4, bos_token_id=0,
                      eos_token_id=0)  # fmt: skip
     return load_model(GPT2LMHeadModel(cfg).eval(), tokenizer=tok)
 
@@ -525,13 +525,43 @@ STREAMING = (
     ("magnitudes", "magnitudes", {}),
     ("lens, tuned lens on (the default)", "lens", {"tuned": "TUNED"}),
     ("lens, tuned lens off", "lens", {"tuned": "none"}),
+    ("interventions (prompt pairs)", "interventions", {"batch_size": 64, "reservoir": 50}),
 )
-METRIC = {"magnitudes": "lognorm_mean_by_layer", "lens": "target_logprob_by_layer"}
+METRIC = {"magnitudes": "lognorm_mean_by_layer", "lens": "target_logprob_by_layer", "interventions": "ld_clean_mean"}
+# interventions reads prompt pairs, not lines of text, and each pair costs ~100 patched forward rows (every
+# layer x position x hook, every head, 3 ablations) even on a 2-layer model: ~0.1 s a pair on the shared
+# 2 cores, so its row runs on 1/40 of the lines (500 vs 50 pairs: still 10x apart, the reservoir full)
+LINES_SCALE = {"interventions": 40}
+LAYERS = {"interventions": 2}
+
+
+def _pairs_file(n_pairs: int) -> str:
+    """A .jsonl of ``n_pairs`` seeded induction pairs (segments of 2 words) of :func:`word_level_gpt2`'s
+    vocabulary, as text (clean, corrupt, target, foil), written once per size under benchmarks/.cache."""
+    import json
+
+    from mechlens.studies import interventions as iv
+
+    path = ROOT / ".cache" / f"pairs_{n_pairs}.jsonl"
+    if not path.exists():
+        model = word_level_gpt2()
+        tok = model.tokenizer
+
+        def text(ids) -> str:
+            return " ".join(tok.convert_ids_to_tokens(list(ids)))
+
+        path.parent.mkdir(exist_ok=True)
+        with path.open("w") as f:
+            for p in iv.parts.iter_induction_pairs(model, n_pairs, 2, 0):
+                row = {"clean": text(p.clean), "corrupt": text(p.corrupt), "target": text([p.target]),
+                       "foil": text([p.foil])}  # fmt: skip
+                f.write(json.dumps(row) + "\n")
+    return str(path)
 
 
 def corpus_job(study: str, path: str, overrides: dict | None = None):
     def setup():
-        model = word_level_gpt2()
+        model = word_level_gpt2(n_layers=LAYERS.get(study, 6))
         cfg = {k: word_level_tuned_lens(model) if v == "TUNED" else v for k, v in (overrides or {}).items()}
         return model, cfg
 
@@ -540,7 +570,8 @@ def corpus_job(study: str, path: str, overrides: dict | None = None):
 
         model, cfg = state
         module = STUDIES[study].module
-        res = module.run(model, module.Config(data=path, n_texts=None, **cfg))
+        n = {"n_pairs": 10**9} if study == "interventions" else {"n_texts": None}
+        res = module.run(model, module.Config(data=path, **n, **cfg))
         return res.metrics[METRIC[study]]
 
     return setup, work
@@ -572,15 +603,19 @@ def corpus_peaks(small: int, big: int) -> list[dict]:
     rows: list[dict] = []
     for label, study, overrides in STREAMING:
         # the default allocator (exact_peak's mmap-everything allocator makes the per-batch arrays crawl)
-        a = in_child("corpus_job", study=study, path=_corpus_file(small), overrides=overrides)
-        b = in_child("corpus_job", study=study, path=_corpus_file(big), overrides=overrides)
+        k = LINES_SCALE.get(study, 1)
+        file = _pairs_file if study == "interventions" else _corpus_file
+        a = in_child("corpus_job", study=study, path=file(small // k), overrides=overrides)
+        b = in_child("corpus_job", study=study, path=file(big // k), overrides=overrides)
         ratio = b["peak_rss"] / a["peak_rss"]
-        rows.append({"item": "7", "what": f"{label} --data FILE peak RSS: {big:,} vs {small:,} lines", "value": ratio,
+        rows.append({"item": "7", "what": f"{label} --data FILE peak RSS: {big // k:,} vs {small // k:,} lines",
+                     "value": ratio,
                      "unit": "x", "target": "<= 1.15", "ok": ratio <= 1.15,
                      "detail": f"{b['peak_rss'] / 2**20:.0f} MiB vs {a['peak_rss'] / 2**20:.0f} MiB (above the loaded "
                                f"model: {b['peak_bytes'] / 2**20:.0f} vs {a['peak_bytes'] / 2**20:.0f} MiB); "
-                               f"{b['seconds']:.0f} s for {big:,} lines (random word-level GPT-2, 6 layers, 385-word "
-                               f"vocabulary; wall time on a shared machine: noisy)"})  # fmt: skip
+                               f"{b['seconds']:.0f} s for {big // k:,} lines (random word-level GPT-2, "
+                               f"{LAYERS.get(study, 6)} layers, "
+                               f"385-word vocabulary; wall time on a shared machine: noisy)"})  # fmt: skip
     return rows
 
 

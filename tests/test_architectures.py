@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import re
 
+import numpy as np
 import pytest
 import torch
 from arch_matrix import CASES, LOAD_PATHS, TEXTS, L, build, build_load_path, hf_logits_from, hf_run, module
@@ -542,11 +543,11 @@ def test_interventions_dla_sum_identity_or_refusal(loaded):
 @pytest.mark.parametrize("name", list(Z_INPUT))
 def test_interventions_patching_and_ablation_equal_hf_forward_hooks(name, tmp_path):
     """Exact patching (denoising: every cell of the resid_pre / attn_out / mlp_out grids and every head)
-    and zero/mean ablation redone on the HF model with plain register_forward_hook /
-    register_forward_pre_hook on the modules of tests/arch_matrix.py. Tolerance: the same fp32 model on
-    both sides, rows batched differently (another GEMM blocking order: ~1e-6 of the logits, as for
-    padding): LD within 1e-4 + 1e-5 x max|logit|; log-prob drops and KL within 2x that."""
-    from mechlens.studies.interventions import ablation, activation_patching, activations, all_hooks
+    and zero/mean/resample ablation (resample: the same seeded donor choice) redone on the HF model with
+    plain register_forward_hook / register_forward_pre_hook on the modules of tests/arch_matrix.py.
+    Tolerance: the same fp32 model on both sides, rows batched differently (another GEMM blocking order:
+    ~1e-6 of the logits, as for padding): LD within 1e-4 + 1e-5 x max|logit|; log-prob drops and KL within 2x that."""
+    from mechlens.studies.interventions import ablation, activation_patching, activations, all_hooks, parts
 
     case = CASES[name]
     hf, tok = build(case, str(tmp_path))
@@ -627,14 +628,21 @@ def test_interventions_patching_and_ablation_equal_hf_forward_hooks(name, tmp_pa
             h = replace_input(z_mod, zin, None, slice(head * d_head, (head + 1) * d_head))
             want = ld(hf_logits(pp.corrupt.tokens, [h])) - base
             assert (den.head_dld[layer, head] - want).abs().max() <= tol, (name, layer, head)
-    abl = ablation(m, pp, clean)
+    abl = ablation(m, pp, clean, seed=3)
     ref = hf_logits(pp.clean.tokens).log_softmax(-1)
     text = pp.clean.text_mask
+    donor = torch.as_tensor(parts.donors(np.arange(len(pp)), len(pp), 3))
+    assert not (donor == torch.arange(len(pp))).any()
     for layer, block in enumerate(blocks):
         for j, which in enumerate((case.attn, case.mlp)):
             mod = module(block, which)
             act = record(mod)
-            for i, value in ((0, torch.zeros_like(act)), (1, act[text].mean(0).expand_as(act))):
+            mean = act[text].mean(0).expand_as(act)
+            # resample: the donor pair of parts.donors (a seeded hash of the pair index, never the pair
+            # itself), its activation where it has a text token, the mean elsewhere
+            has = text[donor].reshape(*text.shape, 1)
+            resample = torch.where(has, act[donor], mean)
+            for i, value in ((0, torch.zeros_like(act)), (1, mean), (2, resample)):
                 lp = hf_logits(pp.clean.tokens, [replace_output(mod, value)]).log_softmax(-1)
                 drop = ref[r, pp.target] - lp[r, pp.target]
                 kl = (ref.exp() * (ref - lp)).sum(-1)

@@ -341,3 +341,27 @@ def test_memory_does_not_grow_with_the_corpus(tmp_path, monkeypatch, ext):
             tracemalloc.stop()
         assert count == n
     assert peaks[20_000] < 2 * peaks[2_000], peaks
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "csv", "parquet"])
+def test_records_stream_in_chunks_as_load_records_reads_them(tmp_path, ext):
+    """iter_records (chunked pandas / pyarrow batches) yields load_records' rows: all of them, the first n,
+    across chunk boundaries, values as strings; a missing column is the same one-line error."""
+    from mechlens.data.records import iter_records, load_records
+
+    frame = pd.DataFrame({"clean": [f"a {i}" for i in range(7)], "corrupt": [f"b {i}" for i in range(7)],
+                          "target": [str(i) for i in range(7)], "extra": list(range(7))})  # fmt: skip
+    path = tmp_path / f"rows.{ext}"
+    if ext == "jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    elif ext == "csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path)
+    cols = ("clean", "corrupt", "target")
+    for n in (None, 3, 7, 20):
+        want = load_records(str(path), cols, n)
+        assert list(iter_records(str(path), cols, n, chunk_rows=2)) == want
+        assert len(want) == (7 if n is None else min(n, 7))
+    with pytest.raises(DataError, match="no column 'foil'"):
+        next(iter_records(str(path), (*cols, "foil")))

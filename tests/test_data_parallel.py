@@ -90,6 +90,32 @@ def test_two_processes_equal_one(study, extra, tmp_path):
     assert not list(tmp_path.glob("two*.tmp*"))  # rank 1 wrote nothing beside rank 0's output
 
 
+def test_interventions_two_processes_equal_one(tmp_path):
+    """Study 6 on the built-in pairs, 2 pairs per batch: each rank runs its share of the pairs (pair i on
+    rank i % 2), and the merged means, maxima, correlations and bootstrap intervals (the same kept pairs:
+    the reservoir keys them by global pair index) equal the 1-process run. Tolerance: each rank batches
+    different pairs together, which moves fp32 logits by ~1e-6 relative (as padding does above); ratios
+    (the fraction restored) divide by a gap of order 1, so 1e-5 of each statistic's scale is ample."""
+    args = ["run", "interventions", "--model", "tiny-gpt2", "--n-pairs", "6", "--segment-length", "2",
+            "--batch-size", "2", "--n-resamples", "200", "--quiet"]  # fmt: skip
+    one = _mechlens([*args, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    two = _mechlens([*args, "--out", str(tmp_path / "two")], nproc=2)
+    assert two.returncode == 0, two.stderr
+    a = json.loads((tmp_path / "one" / "results.json").read_text())["interventions"]["tiny-gpt2"]
+    b = json.loads((tmp_path / "two" / "results.json").read_text())["interventions"]["tiny-gpt2"]
+    assert (a["provenance"]["world_size"], b["provenance"]["world_size"]) == (1, 2)
+    assert a["metrics"]["n_pairs"] == b["metrics"]["n_pairs"] == 6
+    assert a["metrics"]["intervals"]["n_kept"] == b["metrics"]["intervals"]["n_kept"] == 6
+    na, nb = _numbers(a["metrics"]), _numbers(b["metrics"])
+    assert na.keys() == nb.keys() and len(na) > 20
+    for key in na:
+        x, y = na[key], nb[key]
+        assert np.array_equal(np.isnan(x), np.isnan(y)), key  # the same cells undefined (None)
+        scale = 1e-5 * max(1.0, float(np.nanmax(np.abs(x))) if np.isfinite(x).any() else 1.0)
+        np.testing.assert_allclose(y, x, rtol=0, atol=scale, err_msg=key)
+
+
 def test_serial_study_is_refused_under_torchrun(tmp_path):
     run = _mechlens(["run", "distances", "--out", str(tmp_path / "x"), "--quiet"], nproc=2)
     assert run.returncode != 0

@@ -3,8 +3,9 @@ with pandas: every value a string as written; one-line errors naming the file an
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from mechlens.errors import DataError
 
@@ -41,3 +42,38 @@ def load_records(source: str, columns: Sequence[str], n_rows: int | None = None)
     if n_rows is not None:
         frame = frame.head(n_rows)
     return [{c: "" if row[c] is None else str(row[c]) for c in columns} for row in frame.to_dict("records")]
+
+
+def iter_records(
+    source: str, columns: Sequence[str], n_rows: int | None = None, chunk_rows: int = 1024
+) -> Iterator[dict[str, str]]:
+    """:func:`load_records` as a stream: the file is read ``chunk_rows`` rows at a time (pandas' chunked
+    readers; a parquet file by row group batches through pyarrow), so memory does not grow with its
+    length. The first chunk is read (and its columns checked) by the first ``next``."""
+    import pandas as pd
+
+    path = pathlib.Path(source).expanduser()
+    load_records(source, columns, 1)  # the file, its type and its columns: the same one-line errors
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        chunks = pd.read_json(path, lines=True, dtype=False, nrows=n_rows, chunksize=chunk_rows)
+    elif suffix == ".csv":
+        chunks = pd.read_csv(path, dtype=str, keep_default_na=False, nrows=n_rows, chunksize=chunk_rows)
+    else:
+        import pyarrow.parquet as pq
+
+        batches = pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=list(columns))
+        chunks = (b.to_pandas() for b in batches)
+    left = n_rows
+    with contextlib.ExitStack() as stack:
+        if hasattr(chunks, "__enter__"):
+            chunks = stack.enter_context(chunks)
+        for frame in chunks:
+            missing = [c for c in columns if c not in frame.columns]
+            if missing:
+                raise DataError(f"--data {source}: a row without the column {missing[0]!r}")
+            for row in frame.to_dict("records"):
+                if left is not None and left <= 0:
+                    return
+                yield {c: "" if row[c] is None else str(row[c]) for c in columns}
+                left = None if left is None else left - 1

@@ -124,6 +124,7 @@ STUDIES: dict[str, StudyInfo] = {
             "6. Interventions: attribution, ablation and patching",
             BOTH,
             ("tiny-gpt2",),
+            data_parallel=True,
             hooks=("blocks.{layer}.hook_resid_pre", "blocks.{layer}.hook_attn_out", "blocks.{layer}.hook_mlp_out"),
         ),
     )

@@ -92,3 +92,83 @@ def test_pairs_from_a_file_match_the_same_pairs_given_in_python(gpt2, tmp_path):
     a = iv.run(gpt2, iv.Config(data=str(path), n_pairs=2)).metrics
     b = iv.run(gpt2, iv.Config(), pairs=[iv.RawPair(**r) for r in rows]).metrics
     assert a["denoise"]["restored"] == b["denoise"]["restored"] and a["n_pairs"] == 2
+
+
+@pytest.fixture(scope="module")
+def streamed(gpt2):
+    """The same 6 pairs in one batch (all kept) and streamed 2 at a time with 3 pairs kept."""
+    common = {"n_pairs": 6, "segment_length": 3, "n_resamples": 200}
+    one = iv.run(gpt2, iv.Config(batch_size=6, reservoir=6, **common)).parts
+    many = iv.run(gpt2, iv.Config(batch_size=2, reservoir=3, **common)).parts
+    return one, many
+
+
+def test_streamed_batches_keep_a_seeded_sample_and_mean_over_every_pair(streamed):
+    """Streaming 2 pairs at a time into running means and a 3-slot reservoir gives the means over all 6
+    pairs of the one-batch run's per-pair values (numpy), and keeps the 3 pairs of smallest seeded priority
+    (stats.streaming.priorities) with their per-pair values. Tolerance: pairs batched differently (fp32
+    GEMMs in another blocking order, ~1e-6 of the logits): 1e-4 + 1e-5 x the quantity's largest value.
+    Mean and resample ablation read the first batch as reference (2 vs 6 pairs), so only zero is compared."""
+    from mechlens.stats.streaming import priorities
+
+    one, many = streamed
+    assert (one.n_pairs, many.n_pairs, one.intervals.n_kept, many.intervals.n_kept) == (6, 6, 6, 3)
+    want = np.sort(np.argsort(priorities(np.arange(6), 0), kind="stable")[:3])
+    kept = many.intervals.pair_index.numpy()
+    assert kept.tolist() == want.tolist()
+
+    def close(a, b):
+        a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+        tol = 1e-4 + 1e-5 * float(torch.nan_to_num(b).abs().max())
+        torch.testing.assert_close(a, b, rtol=0, atol=tol, equal_nan=True)
+
+    close(many.dla.contribution_mean, one.dla.contribution.numpy().mean(0))
+    close(many.dla.contribution, one.dla.contribution[kept])
+    close(many.ablation.logprob_drop_mean[0], one.ablation.logprob_drop[0].numpy().mean(-1))
+    close(many.ablation.logprob_drop[0], one.ablation.logprob_drop[0][:, kept])
+    for g in iv.parts.GRIDS:
+        close(many.denoise.dld_mean[g], np.nanmean(one.denoise.dld[g].numpy(), -1))
+        close(many.attribution.dld_mean[g], np.nanmean(one.attribution.dld[g].numpy(), -1))
+        close(many.noise.dld[g], one.noise.dld[g][..., kept])
+    gap = (one.denoise.ld_clean - one.denoise.ld_corrupt).numpy().mean()
+    close(many.denoise.head_restored, one.denoise.head_dld.numpy().mean(-1) / gap)
+    assert many.dla.identity_error == pytest.approx(one.dla.identity_error, abs=1e-5)
+    assert many.attribution.correlation == pytest.approx(one.attribution.correlation, abs=1e-5)
+    assert many.attribution.max_abs_error_cells == pytest.approx(one.attribution.max_abs_error_cells, abs=1e-4)
+    assert many.attribution.correlation_cells == pytest.approx(one.attribution.correlation_cells, abs=1e-5)
+
+
+def test_intervals_are_scipy_bootstrap_over_the_pairs(streamed):
+    """Each interval is scipy.stats.bootstrap of the per-pair values of that cell alone (the helper batches
+    groups of equal size in one call, drawing the same resample indices: equal up to float64 rounding, 1e-9);
+    the fraction restored is the paired ratio of means (dld / gap). The headline's top-3 carry them."""
+    from scipy.stats import bootstrap
+
+    one, _ = streamed
+    ci = one.intervals
+
+    def scipy_ci(data, statistic, paired=False):
+        res = bootstrap(data, statistic, paired=paired, vectorized=True, n_resamples=200, method="percentile",
+                        confidence_level=0.95, random_state=np.random.default_rng(0))  # fmt: skip
+        return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+
+    k = int(np.argmax(np.abs(one.dla.contribution_mean.numpy())))
+    x = one.dla.contribution[:, k].double().numpy()
+    np.testing.assert_allclose(ci.dla[k], scipy_ci((x,), np.mean), rtol=0, atol=1e-9)
+    drop = one.ablation.logprob_drop[2, 0].double().numpy()
+    np.testing.assert_allclose(ci.ablation_logprob_drop[2][0], scipy_ci((drop,), np.mean), rtol=0, atol=1e-9)
+    layer, head = np.unravel_index(
+        np.argmax(np.abs(one.denoise.head_restored.numpy())), one.denoise.head_restored.shape
+    )
+    d = one.denoise.head_dld[layer, head].double().numpy()
+    gap = (one.denoise.ld_clean.double() - one.denoise.ld_corrupt.double()).numpy()  # as the study: in float64
+
+    def ratio(a, b, axis=-1):
+        return a.mean(axis) / b.mean(axis)
+
+    want = scipy_ci((d, gap), ratio, paired=True)
+    np.testing.assert_allclose(ci.denoise_head_restored[layer][head], want, rtol=0, atol=1e-9)
+    lo, hi = want
+    assert lo <= float(one.denoise.head_restored[layer, head]) <= hi
+    top = one.strongest["patch_head"][0]
+    assert (top["layer"], top["head"]) == (layer, head) and top["ci"] == ci.denoise_head_restored[layer][head]

@@ -54,14 +54,15 @@ def head_grid(r: InterventionsResult) -> go.Figure | None:
 
 
 def dla_bars(r: InterventionsResult) -> go.Figure | None:
-    """Each component's direct contribution to the logit difference (mean over pairs, with the 2.5 and
-    97.5 percentiles of the pairs as whiskers), the readout bias and the model's logit difference."""
+    """Each component's direct contribution to the logit difference (mean over pairs, with its 95% bootstrap
+    interval over pairs as whiskers), the readout bias and the model's logit difference (means over the
+    kept pairs: all of them up to ``--reservoir``)."""
     if r.dla is None:
         return None
     d = r.dla
-    c = d.contribution.numpy()
-    mean = c.mean(0)
-    lo, hi = np.percentile(c, 2.5, axis=0), np.percentile(c, 97.5, axis=0)
+    mean = d.contribution_mean.numpy()
+    ci = np.asarray([[np.nan if v is None else v for v in c] for c in r.intervals.dla], dtype=float)
+    lo, hi = np.where(np.isnan(ci[:, 0]), mean, ci[:, 0]), np.where(np.isnan(ci[:, 1]), mean, ci[:, 1])
     x = [*d.components, "readout bias", "= logit diff"]
     y = [*mean.tolist(), float(d.readout_bias.mean()), float(d.logit_diff.mean())]
     f = go.Figure(go.Bar(x=x, y=y, error_y={"type": "data", "symmetric": False,
@@ -76,11 +77,11 @@ def attribution_scatter(r: InterventionsResult) -> go.Figure:
     """Attribution patching's estimate against exact denoising patching, per cell (means over pairs)."""
     f = go.Figure()
     for g in GRID_TITLES:
-        a = np.nanmean(r.attribution.dld[g].numpy(), -1).ravel()
-        e = np.nanmean(r.denoise.dld[g].numpy(), -1).ravel()
+        a = r.attribution.dld_mean[g].numpy().ravel()
+        e = r.denoise.dld_mean[g].numpy().ravel()
         f.add_scatter(x=e, y=a, mode="markers", name=GRID_TITLES[g])
     if r.attribution.head_dld is not None:
-        f.add_scatter(x=r.denoise.head_dld.mean(-1).numpy().ravel(), y=r.attribution.head_dld.mean(-1).numpy().ravel(),
+        f.add_scatter(x=r.denoise.head_dld_mean.numpy().ravel(), y=r.attribution.head_dld_mean.numpy().ravel(),
                       mode="markers", name="heads (z)")  # fmt: skip
     a = r.attribution
     title = f"Attribution vs exact patching: r = {a.correlation:.3f}, max |error| = {a.max_abs_error:.3g}"

@@ -72,12 +72,19 @@ print("correlation", round(att.correlation, 3), "| max abs error", round(att.max
       "| speed-up over exact", round(att.speedup, 1))""",
     ),
     Step(
-        "The whole study",
-        "`run` composes the parts into one typed result (`result.parts`), from which `results.json`, the CSV "
-        "tables and the figures are derived; `interventions.samples(result)` gives the per-pair values by layer "
-        "that cross-model comparisons bootstrap over.",
+        "The whole study, with intervals over pairs",
+        "`run` streams the pairs in batches (`--batch-size`) through the parts and composes one typed result "
+        "(`result.parts`), from which `results.json`, the CSV tables and the figures are derived. Every effect "
+        "that is a mean over pairs gets a 95% bootstrap interval over pairs (`result.parts.intervals`; the "
+        "fraction restored is a ratio of means, so its numerator and gap are resampled together); the headline "
+        "names the three strongest components of each part with their intervals. With few pairs the intervals "
+        "are wide: an effect whose interval contains 0 is not established. `interventions.samples(result)` gives "
+        "the per-pair values by layer that cross-model comparisons bootstrap over.",
         """result = interventions.run(model, config)
 print("\\n".join(interventions.headline(result.metrics)))
+for e in result.metrics["strongest"]["ablation"]:
+    ci = [None if v is None else round(v, 2) for v in e["ci"]]
+    print(e["method"], e["component"], round(e["logprob_drop"], 2), "95% CI", ci)
 print(interventions.samples(result).head())
 result.figures["patching"].show()
 result.figures["attribution_vs_exact"].show()

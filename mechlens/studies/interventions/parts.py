@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from mechlens import arch
 from mechlens.errors import DataError
 from mechlens.forward import run_cached
 from mechlens.result import none_where, not_in_metrics
+from mechlens.stats.streaming import priorities
 from mechlens.tokens import TokenBatch, encode, single_token_id
 
 # -- prompt pairs --------------------------------------------------------------------------------------
@@ -85,17 +87,21 @@ def induction_pairs(model, n_pairs: int, segment_length: int, seed: int) -> list
     replaces the first occurrence by another segment ``S'`` (disjoint from ``S``); the foil is ``S'``'s
     last token. A masked LM gets ``<mask>`` in the target's place. Token ids, so every model with the
     same tokenizer sees the same pairs."""
+    return list(iter_induction_pairs(model, n_pairs, segment_length, seed))
+
+
+def iter_induction_pairs(model, n_pairs: int | None, segment_length: int, seed: int) -> Iterator[RawPair]:
+    """:func:`induction_pairs` as a stream (``n_pairs`` None: without end): the first ``k`` pairs of any
+    stream are ``induction_pairs(model, k, ...)``, and nothing is held but the token pool."""
     pool = np.asarray(token_pool(model))
     if len(pool) < 2 * segment_length:
         raise DataError(f"--segment-length {segment_length}: the token pool holds only {len(pool)} tokens")
     rng = np.random.default_rng(seed)
     tail = [arch.mask_id(model)] if arch.kind_of(model) == "masked" else []
-    out = []
-    for _ in range(n_pairs):
+    for _ in itertools.count() if n_pairs is None else range(n_pairs):
         draw = rng.choice(pool, 2 * segment_length, replace=False).tolist()
         s, s2 = draw[:segment_length], draw[segment_length:]
-        out.append(RawPair(tuple(s + s[:-1] + tail), tuple(s2 + s[:-1] + tail), s[-1], s2[-1]))
-    return out
+        yield RawPair(tuple(s + s[:-1] + tail), tuple(s2 + s[:-1] + tail), s[-1], s2[-1])
 
 
 def _ids(model, text: str | tuple[int, ...]) -> list[int]:
@@ -104,14 +110,15 @@ def _ids(model, text: str | tuple[int, ...]) -> list[int]:
     return list(text)
 
 
-def encode_pairs(model, raw: Sequence[RawPair], source: str) -> PromptPairs:
+def encode_pairs(model, raw: Sequence[RawPair], source: str, offset: int = 0) -> PromptPairs:
     """Check and encode pairs; one :class:`DataError` / ``TokenError`` line naming the first bad pair
     (unequal lengths, a target or foil that is not one token, target == foil, a masked-LM prompt without
-    exactly one ``<mask>`` at the same place in both). No forward pass is run."""
+    exactly one ``<mask>`` at the same place in both; pair ``i`` is named ``#offset + i``, its place in
+    the stream). No forward pass is run."""
     masked = arch.kind_of(model) == "masked"
     clean, corrupt, target, foil, answer = [], [], [], [], []
     for i, p in enumerate(raw):
-        name = f"pair #{i} (clean {p.clean!r})"
+        name = f"pair #{offset + i} (clean {p.clean!r})"
         a, b = _ids(model, p.clean), _ids(model, p.corrupt)
         if len(a) != len(b) or not a:
             raise DataError(f"{name}: clean and corrupt tokenize to {len(a)} and {len(b)} tokens: the prompts of a "
@@ -151,6 +158,15 @@ def read_pairs(path: str, n_pairs: int | None) -> list[RawPair]:
 
     rows = load_records(path, PAIR_COLUMNS, n_pairs)
     return [RawPair(*(str(r[c]) for c in PAIR_COLUMNS)) for r in rows]
+
+
+def iter_pairs(path: str, n_pairs: int | None) -> Iterator[RawPair]:
+    """:func:`read_pairs` as a stream (:func:`mechlens.data.records.iter_records`): memory does not grow
+    with the file."""
+    from mechlens.data.records import iter_records
+
+    for r in iter_records(path, PAIR_COLUMNS, n_pairs):
+        yield RawPair(*(str(r[c]) for c in PAIR_COLUMNS))
 
 
 # -- hooks and the batched engine ------------------------------------------------------------------------
@@ -436,26 +452,58 @@ def activations(model, batch: TokenBatch, names: Sequence[str]) -> dict[str, Ten
 ABLATIONS = ("zero", "mean", "resample")
 
 
-def ablation_sources(acts: dict[str, Tensor], batch: TokenBatch, method: str, seed: int) -> dict[str, Tensor]:
+def donors(index, n_reference: int, seed: int) -> np.ndarray:
+    """The reference pair (``0 .. n_reference - 1``: the first pairs of the stream) each pair (by global
+    ``index``) takes its resample-ablation activations from: a seeded hash of the pair's global index
+    (:func:`mechlens.stats.streaming.priorities`), never the pair itself, so a pair's donor does not
+    depend on its batch or rank."""
+    idx = np.asarray(index, dtype=np.int64).reshape(-1)
+    h = priorities(idx, seed)
+    if n_reference < 2:
+        return np.zeros(len(idx), dtype=np.int64)
+    own = idx < n_reference  # a reference pair: one of the other n_reference - 1
+    other = (h % np.uint64(n_reference - 1)).astype(np.int64)
+    other = np.where(other >= idx, other + 1, other)
+    return np.where(own, other, (h % np.uint64(n_reference)).astype(np.int64))
+
+
+def _to_width(x: Tensor, width: int, fill) -> Tensor:
+    """``x[pair, pos, ...]`` cut or padded (with ``fill``, broadcast) to ``width`` columns."""
+    if x.shape[1] >= width:
+        return x[:, :width]
+    pad = torch.as_tensor(fill, dtype=x.dtype).expand(x.shape[0], width - x.shape[1], *x.shape[2:])
+    return torch.cat([x, pad], 1)
+
+
+def ablation_sources(
+    acts: dict[str, Tensor],
+    batch: TokenBatch,
+    method: str,
+    seed: int,
+    index=None,
+    reference: tuple[dict[str, Tensor], Tensor] | None = None,
+) -> dict[str, Tensor]:
     """What each ablation writes: ``zero``; ``mean``: the mean over the reference batch's (the clean
-    prompts') text tokens; ``resample``: the activation at the same column of another pair (a seeded
-    derangement of the pairs; a column the other pair lacks gets the mean)."""
-    valid = batch.text_mask.cpu()
+    prompts of the first pairs of the stream; default: this batch) text tokens; ``resample``: the
+    activation at the same column of a donor pair of the reference batch (:func:`donors` of the pairs'
+    global ``index``, default ``0 .. n - 1``; a column the donor lacks gets the mean). ``reference``:
+    ``(activations, text_mask)`` of the reference batch."""
+    ref_acts, ref_valid = reference if reference is not None else (acts, batch.text_mask)
+    ref_valid = ref_valid.cpu()
+    n, width = batch.tokens.shape
+    index = np.arange(n) if index is None else np.asarray(index)
+    donor = torch.as_tensor(donors(index, ref_valid.shape[0], seed))
     out = {}
-    n = valid.shape[0]
-    perm = torch.arange(n)
-    if n > 1:
-        g = torch.Generator().manual_seed(seed)
-        perm = (torch.arange(n) + 1 + torch.randperm(n - 1, generator=g)[0]) % n  # a shift: no pair keeps its own
     for k, a in acts.items():
-        mean = a[valid].mean(0).expand_as(a)
+        ref = ref_acts[k]
+        mean = ref[ref_valid].mean(0).expand_as(a)
         if method == "zero":
             out[k] = torch.zeros_like(a)
         elif method == "mean":
             out[k] = mean.clone()
         else:
-            other = a[perm]
-            has = valid[perm].reshape(*valid.shape, *([1] * (a.ndim - 2)))
+            other = _to_width(ref[donor], width, 0.0)
+            has = _to_width(ref_valid[donor], width, False).reshape(n, width, *([1] * (a.ndim - 2)))
             out[k] = torch.where(has, other, mean)
     return out
 
@@ -494,9 +542,17 @@ def _effects(model, base: Float[Tensor, "pair d_model"], x: Float[Tensor, "edit 
 
 
 def ablation(
-    model, pairs: PromptPairs, clean: dict[str, Tensor], *, seed: int = 0, rows_per_forward: int = 512
+    model,
+    pairs: PromptPairs,
+    clean: dict[str, Tensor],
+    *,
+    seed: int = 0,
+    rows_per_forward: int = 512,
+    index=None,
+    reference: tuple[dict[str, Tensor], Tensor] | None = None,
 ) -> Ablation:
-    """Part 2 on the clean prompts (``clean``: their activations at :func:`all_hooks`)."""
+    """Part 2 on the clean prompts (``clean``: their activations at :func:`all_hooks`; ``index`` and
+    ``reference``: the pairs' global indices and the reference batch, :func:`ablation_sources`)."""
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     heads = has_heads(model)
     base = run_edits(model, pairs.clean, pairs.answer, [Edit(None)], {})[0]
@@ -504,7 +560,7 @@ def ablation(
     edits = [Edit(h) for h in component_hooks(model)]
     hedits = [Edit(z_hook(layer), head) for layer in range(n_layers) for head in range(n_heads)] if heads else []
     for method in ABLATIONS:
-        src = ablation_sources(clean, pairs.clean, method, seed)
+        src = ablation_sources(clean, pairs.clean, method, seed, index, reference)
         x = run_edits(model, pairs.clean, pairs.answer, edits + hedits, src, rows_per_forward)
         d, k = _effects(model, base, x, pairs.target)
         drops.append(d[: len(edits)])
@@ -562,6 +618,8 @@ class Patching:
     n_rows: int = not_in_metrics()
     n_forwards: int = not_in_metrics()
     seconds: float = not_in_metrics()
+    dld_mean: dict[str, Float[Tensor, "layer pos"]] | None = not_in_metrics(default=None)
+    head_dld_mean: Float[Tensor, "layer head"] | None = not_in_metrics(default=None)
 
 
 def _restored(dld: Tensor, base_mean: Tensor, ld_clean: Tensor, ld_corrupt: Tensor, valid: Tensor) -> Tensor:
@@ -625,6 +683,8 @@ def activation_patching(
         n_rows=len(edits) * len(pairs),
         n_forwards=-(-len(edits) // per) + 2,
         seconds=seconds,
+        dld_mean={g: torch.nanmean(d, -1) for g, d in dld.items()},
+        head_dld_mean=None if head_dld is None else head_dld.mean(-1),
     )
 
 
@@ -650,6 +710,8 @@ class AttributionPatching:
     n_cells: int
     seconds: float = not_in_metrics()
     speedup: float = not_in_metrics()
+    dld_mean: dict[str, Float[Tensor, "layer pos"]] | None = not_in_metrics(default=None)
+    head_dld_mean: Float[Tensor, "layer head"] | None = not_in_metrics(default=None)
 
 
 def attribution_patching(model, pairs: PromptPairs, clean: dict[str, Tensor], exact: Patching) -> AttributionPatching:
@@ -713,6 +775,8 @@ def attribution_patching(model, pairs: PromptPairs, clean: dict[str, Tensor], ex
         n_cells=int(ok.sum()),
         seconds=seconds,
         speedup=exact.seconds / max(seconds, 1e-9),
+        dld_mean={g: torch.nanmean(d, -1) for g, d in dld.items()},
+        head_dld_mean=None if head_dld is None else head_dld.mean(-1),
     )
 
 

@@ -16,8 +16,9 @@ import pytest
 import torch
 from conftest import TEXTS, _param_count
 
+from mechlens.lens.corpus import corpus_lens
+from mechlens.lens.readings import QUANTITIES
 from mechlens.stats import streaming
-from mechlens.studies import lens
 
 N, BATCH, RESERVOIR = 256, 128, 64  # the reservoir is full after 64 texts, long before text N
 
@@ -73,7 +74,7 @@ def word_gpt2():
 
 def _noisy_lens(model):
     """An identity tuned lens plus seeded noise: the corpus lens reads it as a trained one."""
-    from mechlens.tuned_lens import TunedLens, identity_lens
+    from mechlens.lens.tuned import TunedLens, identity_lens
 
     base = identity_lens(model)
     g = torch.Generator().manual_seed(0)
@@ -110,7 +111,7 @@ def _growth(model, tuned, monkeypatch) -> dict:
                 yield i, TEXTS[i % len(TEXTS)]
 
     try:
-        c = lens.corpus_lens(model, stream(), batch_size=BATCH, n_samples=RESERVOIR, max_tokens=16, tuned=tuned)
+        c = corpus_lens(model, stream(), batch_size=BATCH, n_samples=RESERVOIR, max_tokens=16, tuned=tuned)
     finally:
         tracemalloc.stop()
     assert c.n_texts == 4 * N and c.n_samples == RESERVOIR and set(marks) == {N, 2 * N, 4 * N}
@@ -130,10 +131,10 @@ def test_corpus_lens_memory_is_flat_in_texts(which, tuned, word_gpt2, bert_pair,
     """(The masked LM with a tuned lens reads both lenses: its logit lens is the logit-only path.)"""
     model = word_gpt2 if which == "causal" else bert_pair.bridge
     g = _growth(model, _noisy_lens(model) if tuned else None, monkeypatch)
-    n_values = len(lens.CORPUS_QUANTITIES) * (2 if tuned else 1) * (model.cfg.n_layers + 1)
+    n_values = len(QUANTITIES) * (2 if tuned else 1) * (model.cfg.n_layers + 1)
     # the reservoir holds RESERVOIR texts in fixed slots: its stated cost, 16 + 8 x values bytes per text
     assert g["reservoir"] == (RESERVOIR * (16 + 8 * n_values),) * 2, g["reservoir"]
-    assert g["lens"].per_text.shape == (RESERVOIR, len(lens.CORPUS_QUANTITIES), model.cfg.n_layers + 1)
+    assert g["lens"].per_text.shape == (RESERVOIR, len(QUANTITIES), model.cfg.n_layers + 1)
     why = ("held by mechlens from text 2N to 4N", g["top"])
     assert g["objects"] <= OBJECTS_PER_TEXT * 2 * N, (g["objects"], "allocations", *why)
     assert g["bytes"] <= BYTES_PER_TEXT * 2 * N, (g["bytes"], "bytes", *why)

@@ -18,8 +18,9 @@ def load_records(source: str, columns: Sequence[str], n_rows: int | None = None)
 
     path = pathlib.Path(source).expanduser()
     if not path.is_file():
-        raise DataError(f"--data {source}: no such file; pass a .jsonl, .csv or .parquet file with the columns "
-                        f"{', '.join(columns)}")  # fmt: skip
+        raise DataError(
+            f"--data {source}: no such file; pass a .jsonl, .csv or .parquet file with the columns {', '.join(columns)}"
+        )
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":
@@ -37,8 +38,10 @@ def load_records(source: str, columns: Sequence[str], n_rows: int | None = None)
         raise DataError(f"--data {source}: cannot read it as {suffix[1:]} ({first})") from None
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise DataError(f"--data {source} has no column {missing[0]!r} (columns: {sorted(map(str, frame.columns))}): "
-                        f"it needs {', '.join(columns)}")  # fmt: skip
+        raise DataError(
+            f"--data {source} has no column {missing[0]!r} (columns: {sorted(map(str, frame.columns))}): "
+            f"it needs {', '.join(columns)}"
+        )
     if n_rows is not None:
         frame = frame.head(n_rows)
     return [{c: "" if row[c] is None else str(row[c]) for c in columns} for row in frame.to_dict("records")]

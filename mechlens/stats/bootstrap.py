@@ -45,9 +45,14 @@ def _ratio(a, b, axis=-1):
 
 
 def _grouped(
-    groups: Sequence[tuple[np.ndarray, ...]], statistic, paired: bool, confidence: float, n_resamples: int,
-    method: str, seed: int,
-) -> list[tuple[float | None, float | None]]:  # fmt: skip
+    groups: Sequence[tuple[np.ndarray, ...]],
+    statistic,
+    paired: bool,
+    confidence: float,
+    n_resamples: int,
+    method: str,
+    seed: int,
+) -> list[tuple[float | None, float | None]]:
     """The interval of ``statistic`` of each group (a tuple of equally long samples), groups of equal size
     in one vectorised :func:`scipy.stats.bootstrap` call; a group whose samples are all constant has the
     statistic itself as its interval."""

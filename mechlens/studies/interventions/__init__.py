@@ -87,17 +87,26 @@ __all__ = [
 
 @dataclasses.dataclass
 class Config(Options):
-    data: str | None = option(None, "prompt pairs: a .jsonl, .csv or .parquet file with the columns clean, corrupt, "
-                              "target, foil (default: seeded induction pairs)")  # fmt: skip
+    data: str | None = option(
+        None,
+        "prompt pairs: a .jsonl, .csv or .parquet file with the columns clean, corrupt, "
+        "target, foil (default: seeded induction pairs)",
+    )
     n_pairs: int = option(16, "prompt pairs: built-in pairs generated, or the first rows of --data", ge=1)
     segment_length: int = option(6, "tokens of the repeated segment of the built-in induction pairs", ge=2)
     rows_per_forward: int = option(512, "patched rows carried by one forward pass", ge=1)
-    seed: int = option(0, "random seed (the built-in pairs, the resample ablation, the kept pairs, the bootstrap)",
-                       ge=0)  # fmt: skip
-    batch_size: int = option(64, "prompt pairs per batch (pairs stream); the first batch is the mean and "
-                              "resample ablations' reference", ge=1)  # fmt: skip
-    reservoir: int = option(1000, "pairs kept (a seeded uniform sample) for the bootstrap intervals and the "
-                             "per-pair samples; means are over every pair", ge=2)  # fmt: skip
+    seed: int = option(
+        0, "random seed (the built-in pairs, the resample ablation, the kept pairs, the bootstrap)", ge=0
+    )
+    batch_size: int = option(
+        64, "prompt pairs per batch (pairs stream); the first batch is the mean and resample ablations' reference", ge=1
+    )
+    reservoir: int = option(
+        1000,
+        "pairs kept (a seeded uniform sample) for the bootstrap intervals and the "
+        "per-pair samples; means are over every pair",
+        ge=2,
+    )
     n_resamples: int = option(2000, "bootstrap resamples of the intervals over pairs", ge=100)
 
     def check(self) -> None:
@@ -186,18 +195,34 @@ def _strongest(dla, abl: Ablation, den: Patching, ci: Intervals) -> dict[str, An
         for g, i, j, v in (cells[k] for (k,) in order)
     ]
     if den.head_restored is not None:
-        out["patch_head"] = [{"layer": i, "head": j, "restored": float(den.head_restored[i, j]),
-                              "ci": _at(ci.denoise_head_restored, (i, j))}
-                             for i, j in _top(den.head_restored.numpy())]  # fmt: skip
-    out["ablation"] = [{"method": abl.methods[i], "component": abl.components[j],
-                        "logprob_drop": float(abl.logprob_drop_mean[i, j]), "ci": _at(ci.ablation_logprob_drop, (i, j))}
-                       for i, j in _top(abl.logprob_drop_mean.numpy())]  # fmt: skip
+        out["patch_head"] = [
+            {
+                "layer": i,
+                "head": j,
+                "restored": float(den.head_restored[i, j]),
+                "ci": _at(ci.denoise_head_restored, (i, j)),
+            }
+            for i, j in _top(den.head_restored.numpy())
+        ]
+    out["ablation"] = [
+        {
+            "method": abl.methods[i],
+            "component": abl.components[j],
+            "logprob_drop": float(abl.logprob_drop_mean[i, j]),
+            "ci": _at(ci.ablation_logprob_drop, (i, j)),
+        }
+        for i, j in _top(abl.logprob_drop_mean.numpy())
+    ]
     if dla is not None:
-        out["dla"] = [{"component": dla.components[k], "contribution": float(dla.contribution_mean[k]),
-                       "ci": _at(ci.dla, (k,))} for (k,) in _top(dla.contribution_mean.numpy())]  # fmt: skip
+        out["dla"] = [
+            {"component": dla.components[k], "contribution": float(dla.contribution_mean[k]), "ci": _at(ci.dla, (k,))}
+            for (k,) in _top(dla.contribution_mean.numpy())
+        ]
         if dla.head_mean is not None:
-            out["dla_head"] = [{"layer": i, "head": j, "contribution": float(dla.head_mean[i, j]),
-                                "ci": _at(ci.dla_head, (i, j))} for i, j in _top(dla.head_mean.numpy())]  # fmt: skip
+            out["dla_head"] = [
+                {"layer": i, "head": j, "contribution": float(dla.head_mean[i, j]), "ci": _at(ci.dla_head, (i, j))}
+                for i, j in _top(dla.head_mean.numpy())
+            ]
     return out
 
 
@@ -212,10 +237,19 @@ def run(model, cfg: Config | None = None, pairs: Sequence[RawPair] | None = None
         given = list(pairs)
         raw, source = (lambda: iter(given)), "given pairs"
     refusal = dla_refusal(model)
-    acc = accumulate(model, raw, source, batch_size=cfg.batch_size, reservoir=cfg.reservoir, seed=cfg.seed,
-                     rows_per_forward=cfg.rows_per_forward, with_dla=refusal is None)  # fmt: skip
-    n, ld_clean, ld_corrupt, dla, abl, den, noi, att, ci = finish(model, acc, n_resamples=cfg.n_resamples,
-                                                                  seed=cfg.seed)  # fmt: skip
+    acc = accumulate(
+        model,
+        raw,
+        source,
+        batch_size=cfg.batch_size,
+        reservoir=cfg.reservoir,
+        seed=cfg.seed,
+        rows_per_forward=cfg.rows_per_forward,
+        with_dla=refusal is None,
+    )
+    n, ld_clean, ld_corrupt, dla, abl, den, noi, att, ci = finish(
+        model, acc, n_resamples=cfg.n_resamples, seed=cfg.seed
+    )
     parts = InterventionsResult(
         n_pairs=n,
         source=source,
@@ -233,13 +267,15 @@ def run(model, cfg: Config | None = None, pairs: Sequence[RawPair] | None = None
     prov = provenance_of(model).replace(bos="prepend", padding_side="right", seed=cfg.seed)
     tables = {"patching": _patching_rows(parts), "ablation": _ablation_rows(parts)}
     if dla is not None:
-        tables["dla"] = [{"component": c, "contribution_mean": float(v), "ci_low": lo, "ci_high": hi}
-                         for c, v, (lo, hi) in zip(dla.components, dla.contribution_mean.tolist(), ci.dla,
-                                                   strict=True)]  # fmt: skip
+        tables["dla"] = [
+            {"component": c, "contribution_mean": float(v), "ci_low": lo, "ci_high": hi}
+            for c, v, (lo, hi) in zip(dla.components, dla.contribution_mean.tolist(), ci.dla, strict=True)
+        ]
     if den.head_restored is not None:
         tables["heads"] = _head_rows(parts)
-    res = StudyResult("interventions", prov.model, metrics_of(parts), prov.to_dict(), dataclasses.asdict(cfg), tables,
-                      parts=parts)  # fmt: skip
+    res = StudyResult(
+        "interventions", prov.model, metrics_of(parts), prov.to_dict(), dataclasses.asdict(cfg), tables, parts=parts
+    )
     res.figures = figures(parts)
     return res
 
@@ -259,22 +295,41 @@ def _patching_rows(r: InterventionsResult) -> list[dict[str, Any]]:
                     a = float(att[layer, pos]) if den and np.isfinite(att[layer, pos]) else None
                     lo, hi = rci[g][layer][pos]
                     alo, ahi = ci.attribution_dld[g][layer][pos] if den else (None, None)
-                    rows.append({"direction": p.direction, "hook": g, "layer": layer, "position": pos, "restored": v,
-                                 "ci_low": lo, "ci_high": hi,
-                                 "attribution_restored": a / gap if a is not None and gap else None,
-                                 "attribution_dld": a, "attribution_ci_low": alo,
-                                 "attribution_ci_high": ahi})  # fmt: skip
+                    rows.append(
+                        {
+                            "direction": p.direction,
+                            "hook": g,
+                            "layer": layer,
+                            "position": pos,
+                            "restored": v,
+                            "ci_low": lo,
+                            "ci_high": hi,
+                            "attribution_restored": a / gap if a is not None and gap else None,
+                            "attribution_dld": a,
+                            "attribution_ci_low": alo,
+                            "attribution_ci_high": ahi,
+                        }
+                    )
     return rows
 
 
 def _ablation_rows(r: InterventionsResult) -> list[dict[str, Any]]:
     """One row per (method, component): the mean log-prob drop and KL with their intervals."""
     a, ci = r.ablation, r.intervals
-    return [{"method": m, "component": c, "logprob_drop_mean": float(a.logprob_drop_mean[i, j]),
-             "ci_low": ci.ablation_logprob_drop[i][j][0], "ci_high": ci.ablation_logprob_drop[i][j][1],
-             "kl_mean": float(a.kl_mean[i, j]), "kl_ci_low": ci.ablation_kl[i][j][0],
-             "kl_ci_high": ci.ablation_kl[i][j][1]}
-            for i, m in enumerate(a.methods) for j, c in enumerate(a.components)]  # fmt: skip
+    return [
+        {
+            "method": m,
+            "component": c,
+            "logprob_drop_mean": float(a.logprob_drop_mean[i, j]),
+            "ci_low": ci.ablation_logprob_drop[i][j][0],
+            "ci_high": ci.ablation_logprob_drop[i][j][1],
+            "kl_mean": float(a.kl_mean[i, j]),
+            "kl_ci_low": ci.ablation_kl[i][j][0],
+            "kl_ci_high": ci.ablation_kl[i][j][1],
+        }
+        for i, m in enumerate(a.methods)
+        for j, c in enumerate(a.components)
+    ]
 
 
 def _head_rows(r: InterventionsResult) -> list[dict[str, Any]]:
@@ -285,8 +340,10 @@ def _head_rows(r: InterventionsResult) -> list[dict[str, Any]]:
     for layer in range(n_layers):
         for head in range(n_heads):
             row = {"layer": layer, "head": head}
-            for name, p, c in (("denoise", r.denoise, ci.denoise_head_restored),
-                               ("noise", r.noise, ci.noise_head_restored)):  # fmt: skip
+            for name, p, c in (
+                ("denoise", r.denoise, ci.denoise_head_restored),
+                ("noise", r.noise, ci.noise_head_restored),
+            ):
                 row[f"{name}_restored"] = float(p.head_restored[layer, head])
                 row[f"{name}_ci_low"], row[f"{name}_ci_high"] = c[layer][head]
             row["attribution_dld"] = float(r.attribution.head_dld_mean[layer, head])
@@ -325,8 +382,16 @@ def samples(result: StudyResult) -> pd.DataFrame:
 
     def add(q: str, layer: int | None, depth: float, values) -> None:
         v = np.asarray(values, dtype=np.float64)
-        frames.append(sample_table(q, v, unit="pair", sample=index, layer=None if layer is None else [layer] * len(v),
-                                   relative_depth=np.full(len(v), depth)))  # fmt: skip
+        frames.append(
+            sample_table(
+                q,
+                v,
+                unit="pair",
+                sample=index,
+                layer=None if layer is None else [layer] * len(v),
+                relative_depth=np.full(len(v), depth),
+            )
+        )
 
     pairs = np.arange(len(ans))
     for layer in range(n_layers):
@@ -364,31 +429,41 @@ def headline(m: Mapping[str, Any]) -> list[str]:
     s = m["strongest"]
     att = m["attribution"]
     ci = m["intervals"]
-    first = (f"LD clean {m['ld_clean_mean']:.2f} vs corrupt {m['ld_corrupt_mean']:.2f}; attribution vs exact "
-             f"r={att['correlation']:.3f}, max err {att['max_abs_error']:.3g}")  # fmt: skip
+    first = (
+        f"LD clean {m['ld_clean_mean']:.2f} vs corrupt {m['ld_corrupt_mean']:.2f}; attribution vs exact "
+        f"r={att['correlation']:.3f}, max err {att['max_abs_error']:.3g}"
+    )
     lines = [first]
-    where = (f"(mean over {m['n_pairs']} pairs; {ci['confidence']:.0%} bootstrap intervals over "
-             f"{ci['n_kept']} pairs)")  # fmt: skip
+    where = f"(mean over {m['n_pairs']} pairs; {ci['confidence']:.0%} bootstrap intervals over {ci['n_kept']} pairs)"
     if s.get("patch_component"):
-        top = "; ".join(f"{e['hook']} of block {e['layer']} at position {e['position']}: {e['restored']:.2f} "
-                        f"{_ci_text(e['ci'])}" for e in s["patch_component"])  # fmt: skip
-        lines.append(f"Patching the clean activation into the corrupt run restores most of the logit-difference "
-                     f"gap at {top} {where}.")  # fmt: skip
+        top = "; ".join(
+            f"{e['hook']} of block {e['layer']} at position {e['position']}: {e['restored']:.2f} {_ci_text(e['ci'])}"
+            for e in s["patch_component"]
+        )
+        lines.append(
+            f"Patching the clean activation into the corrupt run restores most of the logit-difference "
+            f"gap at {top} {where}."
+        )
     if s.get("patch_head"):
         top = "; ".join(f"L{e['layer']}H{e['head']} {e['restored']:.2f} {_ci_text(e['ci'])}" for e in s["patch_head"])
         lines.append(f"The strongest heads (patching their z): {top}.")
-    top = "; ".join(f"{e['method']}-ablating {e['component']}: {e['logprob_drop']:.2f} {_ci_text(e['ci'])}"
-                    for e in s["ablation"])  # fmt: skip
+    top = "; ".join(
+        f"{e['method']}-ablating {e['component']}: {e['logprob_drop']:.2f} {_ci_text(e['ci'])}" for e in s["ablation"]
+    )
     lines.append(f"Ablations that change the target's log-prob most (drop, nats): {top}.")
     if m.get("dla_refusal"):
         lines.append(m["dla_refusal"] + ".")
     elif s.get("dla"):
         top = "; ".join(f"{e['component']} {e['contribution']:+.2f} {_ci_text(e['ci'])}" for e in s["dla"])
-        lines.append(f"Direct contributions to the logit difference: {top}; the contributions add up to it within "
-                     f"{m['dla']['identity_error']:.1g}.")  # fmt: skip
-    lines.append(f"Attribution patching estimates the {att['n_cells']} exact denoising cells with correlation "
-                 f"{att['correlation']:.3f} and largest absolute error {att['max_abs_error']:.3g} (means over "
-                 "pairs).")  # fmt: skip
+        lines.append(
+            f"Direct contributions to the logit difference: {top}; the contributions add up to it within "
+            f"{m['dla']['identity_error']:.1g}."
+        )
+    lines.append(
+        f"Attribution patching estimates the {att['n_cells']} exact denoising cells with correlation "
+        f"{att['correlation']:.3f} and largest absolute error {att['max_abs_error']:.3g} (means over "
+        "pairs)."
+    )
     return lines
 
 
@@ -401,7 +476,9 @@ def compare(entries: Mapping[str, Mapping[str, Any]]) -> dict[str, go.Figure]:
         n = len(grid)
         ys = [max((v for v in row if v is not None), default=None, key=lambda v: abs(v)) for row in grid]
         f.add_scatter(x=readout_depth(n + 1)[:n].tolist(), y=ys, mode="lines+markers", name=name)
-    f.update_layout(title="Largest fraction restored by patching hook_resid_pre at one position, per block",
-                    xaxis_title="relative depth (0 = embeddings, 1 = last block)",
-                    yaxis_title="fraction restored")  # fmt: skip
+    f.update_layout(
+        title="Largest fraction restored by patching hook_resid_pre at one position, per block",
+        xaxis_title="relative depth (0 = embeddings, 1 = last block)",
+        yaxis_title="fraction restored",
+    )
     return {"comparison": f}

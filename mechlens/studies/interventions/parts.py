@@ -121,8 +121,10 @@ def encode_pairs(model, raw: Sequence[RawPair], source: str, offset: int = 0) ->
         name = f"pair #{offset + i} (clean {p.clean!r})"
         a, b = _ids(model, p.clean), _ids(model, p.corrupt)
         if len(a) != len(b) or not a:
-            raise DataError(f"{name}: clean and corrupt tokenize to {len(a)} and {len(b)} tokens: the prompts of a "
-                            "pair must tokenize to the same (non-zero) length")  # fmt: skip
+            raise DataError(
+                f"{name}: clean and corrupt tokenize to {len(a)} and {len(b)} tokens: the prompts of a "
+                "pair must tokenize to the same (non-zero) length"
+            )
         t = single_token_id(model, p.target, flag=f"{name}: target")
         f = single_token_id(model, p.foil, flag=f"{name}: foil")
         if t == f:
@@ -132,8 +134,10 @@ def encode_pairs(model, raw: Sequence[RawPair], source: str, offset: int = 0) ->
             m = arch.mask_id(model)
             where_a, where_b = [j for j, x in enumerate(a) if x == m], [j for j, x in enumerate(b) if x == m]
             if len(where_a) != 1 or where_a != where_b:
-                raise DataError(f"{name}: a masked LM needs exactly one {model.tokenizer.mask_token} in each prompt, "
-                                f"at the same token (found {len(where_a)} and {len(where_b)})")  # fmt: skip
+                raise DataError(
+                    f"{name}: a masked LM needs exactly one {model.tokenizer.mask_token} in each prompt, "
+                    f"at the same token (found {len(where_a)} and {len(where_b)})"
+                )
             answer.append(head + where_a[0])
         else:
             answer.append(head + len(a) - 1)
@@ -313,8 +317,9 @@ def logit_diff(model, x: Float[Tensor, "... pair d_model"], pairs: PromptPairs) 
 def log_probs(model, x: Float[Tensor, "row d_model"], rows: int = 256) -> Float[Tensor, "row d_vocab"]:
     ro = arch.readout(model)
     with torch.no_grad():
-        return torch.cat([ro(x[i : i + rows].to(ro.weight.device)).float().log_softmax(-1).cpu()
-                          for i in range(0, len(x), rows)])  # fmt: skip
+        return torch.cat(
+            [ro(x[i : i + rows].to(ro.weight.device)).float().log_softmax(-1).cpu() for i in range(0, len(x), rows)]
+        )
 
 
 # -- part 1: direct logit attribution ----------------------------------------------------------------------
@@ -323,12 +328,16 @@ def log_probs(model, x: Float[Tensor, "row d_model"], rows: int = 256) -> Float[
 def dla_refusal(model) -> str | None:
     """Why direct logit attribution does not apply to ``model`` (one line), or None."""
     if arch.kind_of(model) == "masked":
-        return ("direct logit attribution refused: a post-LN encoder's residual stream is renormalised after "
-                "every block (hook_attn_out is after the residual add and LayerNorm), so no sum of component "
-                "outputs reaches the readout")  # fmt: skip
+        return (
+            "direct logit attribution refused: a post-LN encoder's residual stream is renormalised after "
+            "every block (hook_attn_out is after the residual add and LayerNorm), so no sum of component "
+            "outputs reaches the readout"
+        )
     if arch.logit_map(model).softcap is not None:
-        return ("direct logit attribution refused: the logits are soft-capped (tanh), so the readout is not "
-                "linear in the residual stream")  # fmt: skip
+        return (
+            "direct logit attribution refused: the logits are soft-capped (tanh), so the readout is not "
+            "linear in the residual stream"
+        )
     if "ln_final.hook_scale" not in model.hook_dict:
         return "direct logit attribution refused: the final norm exposes no ln_final.hook_scale to freeze"
     ro = arch.readout(model)
@@ -750,14 +759,17 @@ def attribution_patching(model, pairs: PromptPairs, clean: dict[str, Tensor], ex
         per_layer = [
             ((clean[grid_hook(g, layer)] - cor[grid_hook(g, layer)]) * grads[grid_hook(g, layer)]).sum(-1)
             for layer in range(n_layers)
-        ]  # fmt: skip  [pair, pos] each
+        ]  # [pair, pos] each
         d = torch.stack(per_layer).transpose(1, 2)  # [layer, pos, pair]
         dld[g] = torch.where(valid[None], d, torch.nan)
     head_dld = None
     if heads:
         head_dld = torch.stack(
-            [((clean[z_hook(layer)] - cor[z_hook(layer)]) * grads[z_hook(layer)]).sum((1, 3)).T for layer in
-             range(n_layers)])  # fmt: skip
+            [
+                ((clean[z_hook(layer)] - cor[z_hook(layer)]) * grads[z_hook(layer)]).sum((1, 3)).T
+                for layer in range(n_layers)
+            ]
+        )
     seconds = time.perf_counter() - t0
     approx = torch.cat([dld[g].flatten(0, 1) for g in GRIDS] + ([head_dld.flatten(0, 1)] if heads else []))
     ex = torch.cat([exact.dld[g].flatten(0, 1) for g in GRIDS] + ([exact.head_dld.flatten(0, 1)] if heads else []))

@@ -98,8 +98,9 @@ def _pad(x: Tensor, width: int, axis: int) -> Tensor:
     return torch.cat([x, torch.full(shape, torch.nan, dtype=x.dtype)], axis)
 
 
-def pair_values(dla, abl: Ablation, den: Patching, noi: Patching, att: AttributionPatching, pp: PromptPairs,
-                width: int) -> dict[str, Tensor]:  # fmt: skip
+def pair_values(
+    dla, abl: Ablation, den: Patching, noi: Patching, att: AttributionPatching, pp: PromptPairs, width: int
+) -> dict[str, Tensor]:
     """Every per-pair value of one batch's parts, pair axis first, positions padded to ``width``."""
     valid = pp.valid.T  # [pair, pos]
     gap = den.ld_clean - den.ld_corrupt
@@ -115,8 +116,12 @@ def pair_values(dla, abl: Ablation, den: Patching, noi: Patching, att: Attributi
         out["abl_head_drop"] = abl.head_logprob_drop.permute(3, 0, 1, 2)
         out["abl_head_kl"] = abl.head_kl.permute(3, 0, 1, 2)
     if dla is not None:
-        out.update(dla_contribution=dla.contribution, dla_readout_bias=dla.readout_bias,
-                   dla_remainder=dla.remainder, dla_logit_diff=dla.logit_diff)  # fmt: skip
+        out.update(
+            dla_contribution=dla.contribution,
+            dla_readout_bias=dla.readout_bias,
+            dla_remainder=dla.remainder,
+            dla_logit_diff=dla.logit_diff,
+        )
         if dla.head is not None:
             out.update(dla_head=dla.head, dla_head_bias=dla.head_bias)
     for name, part in (("denoise", den), ("noise", noi), ("attribution", att)):
@@ -153,16 +158,24 @@ class Layout:
     def unpack(self, rows: np.ndarray) -> dict[str, Tensor]:
         """``rows[..., size]`` -> name -> ``[..., *shape]``."""
         lead = rows.shape[:-1]
-        return {k: torch.from_numpy(np.ascontiguousarray(rows[..., s : s + math.prod(sh)])).reshape((*lead, *sh))
-                for k, (s, sh) in self.slots.items()}  # fmt: skip
+        return {
+            k: torch.from_numpy(np.ascontiguousarray(rows[..., s : s + math.prod(sh)])).reshape((*lead, *sh))
+            for k, (s, sh) in self.slots.items()
+        }
 
 
 def layout_for(model, width: int, with_dla: bool, dla_heads: bool) -> Layout:
     """The packed row of :func:`pair_values` for ``model`` and a stream ``width`` columns wide."""
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     c, lh, heads = 2 * n_layers, (n_layers, n_heads), has_heads(model)
-    shapes: dict[str, tuple[int, ...]] = {"answer": (), "ld_clean": (), "ld_corrupt": (), "gap_pos": (width,),
-                                          "abl_drop": (3, c), "abl_kl": (3, c)}  # fmt: skip
+    shapes: dict[str, tuple[int, ...]] = {
+        "answer": (),
+        "ld_clean": (),
+        "ld_corrupt": (),
+        "gap_pos": (width,),
+        "abl_drop": (3, c),
+        "abl_kl": (3, c),
+    }
     if heads:
         shapes.update(abl_head_drop=(3, *lh), abl_head_kl=(3, *lh))
     if with_dla:
@@ -212,8 +225,17 @@ class Stream:
     head_note: str
 
 
-def accumulate(model, raw: Callable[[], Iterable[RawPair]], source: str, *, batch_size: int, reservoir: int,
-               seed: int, rows_per_forward: int, with_dla: bool) -> Stream:  # fmt: skip
+def accumulate(
+    model,
+    raw: Callable[[], Iterable[RawPair]],
+    source: str,
+    *,
+    batch_size: int,
+    reservoir: int,
+    seed: int,
+    rows_per_forward: int,
+    with_dla: bool,
+) -> Stream:
     """Run the four parts on this rank's share of the pairs, batch by batch, and merge across ranks."""
     width = stream_width(model, raw, batch_size, source)
     names = all_hooks(model)
@@ -223,8 +245,7 @@ def accumulate(model, raw: Callable[[], Iterable[RawPair]], source: str, *, batc
     def batch_values(pp: PromptPairs, index: np.ndarray) -> tuple[dict[str, Tensor], Any, AttributionPatching]:
         dla = direct_logit_attribution(model, pp) if with_dla else None
         clean, corrupt = activations(model, pp.clean, names), activations(model, pp.corrupt, names)
-        abl = ablation(model, pp, clean, seed=seed, rows_per_forward=rows_per_forward, index=index,
-                       reference=reference)  # fmt: skip
+        abl = ablation(model, pp, clean, seed=seed, rows_per_forward=rows_per_forward, index=index, reference=reference)
         den = activation_patching(model, pp, clean, corrupt, "denoise", rows_per_forward)
         noi = activation_patching(model, pp, clean, corrupt, "noise", rows_per_forward)
         att = attribution_patching(model, pp, clean, den)
@@ -254,8 +275,10 @@ def accumulate(model, raw: Callable[[], Iterable[RawPair]], source: str, *, batc
                 [values[f"attribution_{g}"].flatten() for g in GRIDS]
                 + ([values["attribution_head"].flatten()] if "attribution_head" in values else [])
             )
-            e = torch.cat([values[f"denoise_{g}"].flatten() for g in GRIDS]
-                          + ([values["denoise_head"].flatten()] if "denoise_head" in values else []))  # fmt: skip
+            e = torch.cat(
+                [values[f"denoise_{g}"].flatten() for g in GRIDS]
+                + ([values["denoise_head"].flatten()] if "denoise_head" in values else [])
+            )
             ok = ~torch.isnan(e)
             cells.update(a[ok], e[ok])
             maxima.update(max_abs_error_cells=float((a[ok] - e[ok]).abs().max()) if ok.any() else 0.0)
@@ -323,8 +346,9 @@ def _ratio_ci(dld: Tensor | None, gap: Tensor, noise: bool, n_resamples: int, se
     g = gap.reshape(-1, *([1] * (dld.ndim - 1))).expand_as(dld)
     num = g + dld if noise else dld
     keep = ~torch.isnan(dld)
-    nums = [n[k] for n, k in zip(num.reshape(len(num), -1).T.numpy(), keep.reshape(len(num), -1).T.numpy(),
-                                 strict=True)]  # fmt: skip
+    nums = [
+        n[k] for n, k in zip(num.reshape(len(num), -1).T.numpy(), keep.reshape(len(num), -1).T.numpy(), strict=True)
+    ]
     dens = [d[k] for d, k in zip(g.reshape(len(g), -1).T.numpy(), keep.reshape(len(num), -1).T.numpy(), strict=True)]
     return _shaped(ratio_intervals(nums, dens, CONFIDENCE, n_resamples, BOOTSTRAP_METHOD, seed), tuple(dld.shape[1:]))
 

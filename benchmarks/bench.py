@@ -133,7 +133,7 @@ def bridge_of(hf):
 
 
 def random_batch(model, batch: int, seq: int, seed: int = 0):
-    from mechlens.tokens import encode
+    from mechlens.encoding import encode
 
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, 50257, (batch, seq), generator=g)

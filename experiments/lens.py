@@ -33,7 +33,7 @@ Conventions (each one switchable):
 * **Heatmap colour** (``--heatmap-specials``): min-max scaled over the text tokens only by default;
   the original notebook also masked ``<s>`` and ``</s>`` in turn and scaled over them too. The
   figure title says which.
-* Part functions read **one sequence** (a :class:`~mechlens.tokens.TokenBatch` of one text).
+* Part functions read **one sequence** (a :class:`~mechlens.encoding.TokenBatch` of one text).
 
 Reads like the notebook: one section per part. Edit the config in the first part and run
 ``python experiments/lens.py``; or pass ``mechlens run`` flags (``python experiments/lens.py

@@ -18,11 +18,11 @@ _EXPORTS = {
     "EMBEDDED": "mechlens.zoo",
     "export_model": "mechlens.zoo.export",
     # tokens and masks
-    "TokenBatch": "mechlens.tokens",
-    "encode": "mechlens.tokens",
-    "single_token_id": "mechlens.tokens",
-    "target_positions": "mechlens.tokens",
-    "word_index": "mechlens.tokens",
+    "TokenBatch": "mechlens.encoding",
+    "encode": "mechlens.encoding",
+    "single_token_id": "mechlens.encoding",
+    "target_positions": "mechlens.encoding",
+    "word_index": "mechlens.encoding",
     # studies and comparisons across models
     "STUDIES": "mechlens.studies",
     "compare": "mechlens.runner",
@@ -73,6 +73,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs
     from mechlens.arch import readout, readout_hook_names
     from mechlens.comparison import compare, comparison_frame
+    from mechlens.encoding import TokenBatch, encode, single_token_id, target_positions, word_index
     from mechlens.errors import (
         DataError,
         MechlensError,
@@ -96,6 +97,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from mechlens.provenance import Provenance
     from mechlens.studies import STUDIES
     from mechlens.tokenizer import TokenizerError
-    from mechlens.tokens import TokenBatch, encode, single_token_id, target_positions, word_index
     from mechlens.zoo import EMBEDDED
     from mechlens.zoo.export import export_model

@@ -251,7 +251,7 @@ def kind_of(model: TransformerBridge) -> str:
 def prepare_tokenizer_for_bridge(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """TransformerBridge reloads any tokenizer whose init kwargs lack ``add_bos_token`` *by name* from
     the hub (fails offline, or loads a different tokenizer for an in-memory one). mechlens adds BOS
-    itself (see :mod:`mechlens.tokens`), so mark a copy as BOS-adding and give it a name."""
+    itself (see :mod:`mechlens.encoding`), so mark a copy as BOS-adding and give it a name."""
     if tokenizer.init_kwargs.get("add_bos_token") is not None and tokenizer.init_kwargs.get("name_or_path"):
         return tokenizer
     tok = copy.deepcopy(tokenizer)

@@ -30,8 +30,8 @@ Uncertainty: intervals come from :func:`scipy.stats.bootstrap` (percentile by de
 seeded) over the units; a difference between two models is the paired bootstrap of per-unit
 differences on the same units (the same texts), at the same relative depth and position, so depths
 that only one model has get no difference row. Alignment: token positions when all models share a
-tokenizer (:func:`mechlens.tokens.tokenizer_signature`), otherwise word indices
-(:func:`mechlens.tokens.word_index`); for the differences, units that are tokens are then paired by
+tokenizer (:func:`mechlens.encoding.tokenizer_signature`), otherwise word indices
+(:func:`mechlens.encoding.word_index`); for the differences, units that are tokens are then paired by
 the word they begin (tokens that begin no word are left out of the pairs, not of each model's own
 statistic). A study may declare quantities that are not comparable between
 two models (``incomparable(provenances) -> {quantity: reason}``): they are kept, flagged in ``note``

@@ -15,8 +15,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechlens import progress as _progress
+from mechlens.encoding import TokenBatch
 from mechlens.errors import MechlensError, NonFiniteError
-from mechlens.tokens import TokenBatch
 
 if TYPE_CHECKING:
     from transformer_lens import TransformerBridge

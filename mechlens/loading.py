@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mechlens import arch, hub
+from mechlens.encoding import tokenizer_signature
 from mechlens.errors import MechlensError, ModelNotAvailableError, NonFiniteError, UnsupportedArchitectureError
 from mechlens.provenance import Provenance
 from mechlens.tokenizer import TOKENIZER_FILES, check_tokenizer
-from mechlens.tokens import tokenizer_signature
 from mechlens.zoo import EMBEDDED
 
 if TYPE_CHECKING:

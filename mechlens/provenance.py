@@ -29,7 +29,7 @@ class Provenance:
     dtype: str
     device: str
     seed: int | None = None
-    tokenizer: str = ""  # mechlens.tokens.tokenizer_signature: equal iff two models tokenise text alike
+    tokenizer: str = ""  # mechlens.encoding.tokenizer_signature: equal iff two models tokenise text alike
     # architecture quirks (mechlens.arch) and the load-time readout check (mechlens.validate)
     source_architecture: str | None = None  # the class given when its text model is analysed (Gemma3 multimodal)
     norm_placement: str = "unchecked"  # "pre-LN", "post-LN", "sandwich", "output-norm" or "unchecked"

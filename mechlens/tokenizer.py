@@ -66,7 +66,7 @@ def gpt2_tokenizer(*, add_bos_token: bool = True) -> GPT2TokenizerFast:
     ``add_bos_token=True`` (mechlens' own): TransformerBridge reloads a tokenizer that is not
     BOS-adding *by name* from the hub, so this one is, and a call with the default
     ``add_special_tokens=True`` prepends ``<|endoftext|>`` (``[50256, 6891]``). mechlens never relies
-    on it: :mod:`mechlens.tokens` passes ``add_special_tokens=False`` and adds BOS explicitly.
+    on it: :mod:`mechlens.encoding` passes ``add_special_tokens=False`` and adds BOS explicitly.
     ``add_bos_token=False``: nothing is ever added, as with the hub's ``gpt2`` tokenizer; this is the
     one ``mechlens export`` saves, so that ``AutoTokenizer`` users get no silent BOS. Both give the
     same ids with ``add_special_tokens=False``.

@@ -80,8 +80,8 @@ def readout_tolerance(
 @torch.no_grad()
 def check_readout(model: TransformerBridge, text: str = PROBE_TEXT) -> ReadoutCheck:
     """Readout of the last residual point vs the model's own logits on ``text`` (see module docstring)."""
+    from mechlens.encoding import encode
     from mechlens.forward import run_cached
-    from mechlens.tokens import encode
 
     t0 = time.perf_counter()
     masked = arch.kind_of(model) == "masked"

@@ -107,7 +107,7 @@ def test_words_replace_positions_when_tokenizers_differ():
 
 def test_word_index_by_hand(tiny_gpt2_pair, bert_pair):
     """The token that begins each whitespace word, for a BPE and a word-level tokenizer, by hand."""
-    from mechlens.tokens import encode, word_index
+    from mechlens.encoding import encode, word_index
 
     text = "I like oat milk in my coffee, every morning."
     # GPT-2: I | ' like' | ' o' 'at' | ' milk' | ' in' | ' my' | ' coffee' ',' | ' every' | ' morning' '.'

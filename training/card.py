@@ -23,10 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from mechlens import arch
+from mechlens.encoding import TokenBatch, encode
 from mechlens.forward import run_cached
 from mechlens.loading import load_model, provenance_of
 from mechlens.ops import next_token_loss
-from mechlens.tokens import TokenBatch, encode
 from mechlens.zoo import EMBEDDED
 from training.train import GPT2_EOT, MLM_MASK, gpt2_ids_to_mlm
 

@@ -18,11 +18,11 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from mechlens import arch, progress
+from mechlens.encoding import TokenBatch
 from mechlens.forward import run_cached
 from mechlens.lens.tuned import TunedLens
 from mechlens.ops import LensStats, lens_reduce, stack_layers
 from mechlens.result import not_in_metrics
-from mechlens.tokens import TokenBatch
 
 # the per-position quantities of a lens reading, in the order of LensReadings.per_cell and the corpus lens
 QUANTITIES = ("target_logprob", "rank", "entropy", "kl_to_final", "top1_agrees_final")

@@ -32,8 +32,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mechlens import arch
+from mechlens.encoding import TokenBatch, encode
 from mechlens.errors import ConfigError, MechlensError
-from mechlens.tokens import TokenBatch, encode
 
 WEIGHTS_FILE = "tuned_lens.safetensors"
 CARD_FILE = "tuned_lens.json"
@@ -53,7 +53,7 @@ def fingerprint(model) -> str:
     strided sample of every parameter (at most 4,096 values each, in float32), every parameter's name
     and shape, and the tokenizer signature. Cheap on large models (a few thousand values per tensor),
     and any training step or a different checkpoint changes it."""
-    from mechlens.tokens import tokenizer_signature
+    from mechlens.encoding import tokenizer_signature
 
     h = hashlib.sha256()
     h.update(f"{arch.kind_of(model)}|{model.cfg.n_layers}|{model.cfg.d_model}|{model.cfg.d_vocab}".encode())

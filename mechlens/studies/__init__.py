@@ -14,7 +14,7 @@ re-exports the rest), plus one line in :data:`STUDIES` below. It exposes:
   documentation the ``--help``); ``Config.check_model(model)`` refuses model-dependent options before
   any forward pass (:func:`mechlens.plan.plan` calls it for every model);
 * one public **part function** per part of the original notebook, named after what it computes,
-  taking a model and a :class:`~mechlens.tokens.TokenBatch` or tensors and returning a frozen
+  taking a model and a :class:`~mechlens.encoding.TokenBatch` or tensors and returning a frozen
   dataclass with jaxtyping-annotated fields;
 * ``run(model, cfg, inputs=None) -> StudyResult`` (:mod:`mechlens.result`): composes the parts;
   ``result.parts`` is the typed result and ``result.metrics`` (``results.json``) is derived from it

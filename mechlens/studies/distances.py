@@ -42,6 +42,7 @@ from plotly.subplots import make_subplots
 from mechlens import arch
 from mechlens.axes import block_depth
 from mechlens.data import load_texts
+from mechlens.encoding import Texts, TokenBatch, encode, single_token_id, target_positions, word_index
 from mechlens.errors import DataError, NonFiniteError, TokenError
 from mechlens.forward import run_cached
 from mechlens.loading import provenance_of
@@ -52,7 +53,6 @@ from mechlens.stats.degenerate import zero_variance
 from mechlens.stats.distance import minkowski, pairwise_minkowski
 from mechlens.stats.information import mi_histogram, mi_knn, pairwise_mi
 from mechlens.studies import Step
-from mechlens.tokens import Texts, TokenBatch, encode, single_token_id, target_positions, word_index
 
 MEASURES = ("MI", "L1", "L2")
 KINDS = {"attn": "hook_attn_out", "mlp": "hook_mlp_out"}
@@ -197,7 +197,7 @@ class DistancesResult:
     """The typed result of :func:`run`: the synthetic MI part, the chosen block ``layer`` and the parts on
     the model (``outputs``, ``pairwise``, ``sweep``, ``interlayer``); the ``results.json`` keys (the public
     schema) are views of the parts, declared below (nothing is stored twice). ``target_words``: the
-    whitespace-word index of each occurrence (:func:`mechlens.tokens.word_index`; -1 when the inputs were
+    whitespace-word index of each occurrence (:func:`mechlens.encoding.word_index`; -1 when the inputs were
     token ids)."""
 
     synthetic: SyntheticMI
@@ -397,7 +397,7 @@ def kendall_by_layer(outputs: TargetOutputs, *, seed: int = 0, n_jobs: int = 1) 
 def contexts_ending_at(model, batch: TokenBatch, columns: Sequence[int] | np.ndarray, n_context: int) -> TokenBatch:
     """Part 7's inputs: for each column of row 0 of ``batch``, the ``n_context`` tokens ending there (fewer
     at the start of the document), ids as the model saw them (special tokens included: the first context
-    may begin with BOS/``<s>``), right-padded (:func:`mechlens.tokens.encode` with
+    may begin with BOS/``<s>``), right-padded (:func:`mechlens.encoding.encode` with
     ``specials_included=True``; ``bos`` records whether every context starts with BOS)."""
     cols = [int(c) for c in columns]
     starts = [max(0, c - n_context + 1) for c in cols]

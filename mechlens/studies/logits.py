@@ -36,12 +36,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechlens import arch, plotly_text
+from mechlens.encoding import TokenBatch, encode, single_token_id, word_index
 from mechlens.errors import MechlensError
 from mechlens.loading import provenance_of
 from mechlens.options import MASKED_SPECIALS, Options, fail, option
 from mechlens.result import StudyResult, metrics_of, not_in_metrics, sample_table, view
 from mechlens.studies import Step
-from mechlens.tokens import TokenBatch, encode, single_token_id, word_index
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -616,7 +616,7 @@ def samples(result: StudyResult) -> pd.DataFrame:
     and tokenizer give the same sample ids in every model). Two quantities, both the log-prob (nats) a
     causal LM gives the prompt's actual next token, from the logits one position earlier:
 
-    * ``next_token_logprob``: keyed by ``position`` (and ``word``, :func:`mechlens.tokens.word_index`
+    * ``next_token_logprob``: keyed by ``position`` (and ``word``, :func:`mechlens.encoding.word_index`
       of the predicted token; <NA> inside a word or for token-id input): one unit per position, the
       per-position curve (its values are the metric ``next_token_logprobs``);
     * ``next_token_logprob_pooled``: the same rows with ``position`` and ``word`` <NA>, so that their

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from mechlens.encoding import encode
 from mechlens.lens.readings import QUANTITIES
 from mechlens.studies import lens
-from mechlens.tokens import encode
 
 TEXTS = [
     "I like oat milk in my coffee every morning.",

@@ -12,12 +12,12 @@ import torch
 
 from mechlens import encode
 from mechlens.data import load_texts
+from mechlens.encoding import word_index
 from mechlens.errors import DataError
 from mechlens.forward import iter_cached
 from mechlens.ops import stack_layers, vector_norm
 from mechlens.result import metrics_of
 from mechlens.studies import magnitudes as mg
-from mechlens.tokens import word_index
 
 TEXTS = load_texts("reviews")[:24]
 

@@ -14,10 +14,10 @@ from sklearn.linear_model import LinearRegression, LogisticRegression
 
 from mechlens import DataError
 from mechlens.data import load_texts
+from mechlens.encoding import encode
 from mechlens.errors import ConfigError
 from mechlens.result import SAMPLE_COLUMNS, metrics_of
 from mechlens.studies import position
-from mechlens.tokens import encode
 
 # results.json's schema before the parts refactor (issue #13): every key must stay, with its nesting
 METRIC_KEYS = {

@@ -26,11 +26,11 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mechlens import arch
+from mechlens.encoding import TokenBatch, encode, single_token_id
 from mechlens.errors import DataError
 from mechlens.forward import run_cached
 from mechlens.result import none_where, not_in_metrics
 from mechlens.stats.streaming import priorities
-from mechlens.tokens import TokenBatch, encode, single_token_id
 
 # -- prompt pairs --------------------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ Conventions (each one switchable):
 * **Heatmap colour** (``--heatmap-specials``): min-max scaled over the text tokens only by default;
   the original notebook also masked ``<s>`` and ``</s>`` in turn and scaled over them too. The
   figure title says which.
-* Part functions read **one sequence** (a :class:`~mechlens.tokens.TokenBatch` of one text).
+* Part functions read **one sequence** (a :class:`~mechlens.encoding.TokenBatch` of one text).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ import torch
 
 from mechlens import arch
 from mechlens.axes import readout_depth
+from mechlens.encoding import word_index
 from mechlens.lens.readings import (
     QUANTITIES as CORPUS_QUANTITIES,
 )
@@ -93,7 +94,6 @@ from mechlens.studies.lens.parts import (
     tuned_lens_for,
     tuned_source,
 )
-from mechlens.tokens import word_index
 
 
 def run(model, cfg: Config | None = None, text: str | Sequence[int] | Sequence[str] | None = None) -> StudyResult:

@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from mechlens import arch
+from mechlens.encoding import TokenBatch, encode
 from mechlens.errors import MechlensError
 from mechlens.lens import tuned as tuned_lens
 from mechlens.lens.corpus import CorpusLens, corpus_lens
@@ -29,7 +30,6 @@ from mechlens.ops import LensStats
 from mechlens.options import MASKED_SPECIALS, Options, check_layer, fail, option
 from mechlens.result import not_in_metrics, view
 from mechlens.stats import regression
-from mechlens.tokens import TokenBatch, encode
 
 NAME = "lens"
 
@@ -194,7 +194,7 @@ def sliding_mask_batch(model, batch: TokenBatch) -> tuple[TokenBatch, torch.Tens
     """One variant per text position of ``batch`` (a single sequence) with that position masked.
 
     Returns the variants, the masked column of each variant, and the original token there
-    (:meth:`mechlens.tokens.TokenBatch.mask_each`)."""
+    (:meth:`mechlens.encoding.TokenBatch.mask_each`)."""
     variants, _, cols, originals = batch.mask_each(arch.mask_id(model))
     return variants, cols, originals
 

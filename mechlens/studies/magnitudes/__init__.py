@@ -50,6 +50,7 @@ import torch
 
 from mechlens import arch
 from mechlens.axes import block_depth
+from mechlens.encoding import Texts
 from mechlens.errors import DataError
 from mechlens.loading import provenance_of
 from mechlens.result import StudyResult, metrics_of, sample_table
@@ -88,7 +89,6 @@ from mechlens.studies.magnitudes.streaming import (
     position_grid,
     previous_norm_equations,
 )
-from mechlens.tokens import Texts
 
 # -- the study -----------------------------------------------------------------------------------------
 

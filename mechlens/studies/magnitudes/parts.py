@@ -16,11 +16,11 @@ from torch import Tensor
 
 from mechlens import arch
 from mechlens.data import iter_texts, shard
+from mechlens.encoding import Texts, TokenBatch, encode, word_index
 from mechlens.errors import DataError
 from mechlens.options import Options, fail, option
 from mechlens.result import none_where, not_in_metrics, view
 from mechlens.stats.regression import lstsq_line
-from mechlens.tokens import Texts, TokenBatch, encode, word_index
 
 PERCENTILES = (5.0, 25.0, 50.0, 75.0, 95.0)
 BETA_NAMES = ("const", "t-2", "t-1")  # the previous-norm regression's coefficients, in column order
@@ -287,7 +287,7 @@ def previous_norm_fit(
 
 
 def word_by_position(model, texts: Texts, batch: TokenBatch, n_pos: int | None = None) -> Int[Tensor, "batch pos"]:
-    """:func:`mechlens.tokens.word_index` keyed on token position instead of batch column (``n_pos``
+    """:func:`mechlens.encoding.word_index` keyed on token position instead of batch column (``n_pos``
     positions, default the batch's); all -1 when ``texts`` are token ids (no character offsets)."""
     out = torch.full((len(batch), n_pos or batch.max_position + 1), -1, dtype=torch.long)
     if not texts or not isinstance(texts[0], str):

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from mechlens import distributed, progress
 from mechlens.data import batched
+from mechlens.encoding import TokenBatch, encode
 from mechlens.errors import DataError
 from mechlens.forward import iter_cached
 from mechlens.ops import stack_layers, vector_norm
@@ -25,7 +26,6 @@ from mechlens.studies.magnitudes.parts import (
     position_budget,
     word_by_position,
 )
-from mechlens.tokens import TokenBatch, encode
 
 # -- part 1: streamed norms ----------------------------------------------------------------------------
 

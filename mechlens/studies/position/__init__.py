@@ -49,6 +49,7 @@ import torch
 
 from mechlens import distributed
 from mechlens.data import iter_texts, load_texts, shard, split_train_test
+from mechlens.encoding import Texts
 from mechlens.errors import DataError
 from mechlens.loading import provenance_of
 from mechlens.result import StudyResult, metrics_of, sample_table
@@ -89,7 +90,6 @@ from mechlens.studies.position.parts import (
     word_of,
 )
 from mechlens.studies.position.stream import stream_losses
-from mechlens.tokens import Texts
 
 PEEK = 1000  # texts counted before the stream: enough to apply the default split, min(500, half the texts)
 

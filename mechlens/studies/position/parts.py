@@ -13,6 +13,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mechlens import arch
+from mechlens.encoding import Texts, TokenBatch, encode, word_index
 from mechlens.errors import DataError
 from mechlens.forward import iter_cached
 from mechlens.ops import next_token_loss
@@ -21,7 +22,6 @@ from mechlens.result import not_in_metrics, view
 from mechlens.stats.degenerate import check_regression, repeated_rows, require_finite, zero_variance
 from mechlens.stats.regression import LogisticConfig, logistic, ols
 from mechlens.stats.streaming import Moments, NormalEquations, Reservoir
-from mechlens.tokens import Texts, TokenBatch, encode, word_index
 
 SPLITS = ("train", "test")
 SOLVERS = ("lbfgs", "newton-cg", "newton-cholesky", "sag", "saga")  # sklearn's multinomial solvers
@@ -172,7 +172,7 @@ def pseudo_log_likelihood(model, batch: TokenBatch, batch_size: int) -> Float[Te
 
 def word_of(model, texts: Texts, losses: LossMatrix) -> Int[np.ndarray, "batch text_pos"]:
     """For each entry of the loss matrix, the index of the whitespace word that the token at its text
-    position begins (:func:`mechlens.tokens.word_index`), -1 where that token begins no word (it is
+    position begins (:func:`mechlens.encoding.word_index`), -1 where that token begins no word (it is
     inside one). For a causal LM this is the word of the token the prediction is made from, not of the
     predicted token. All -1 when the inputs are token ids (no characters to align) or the tokenizer
     gives no character offsets (a slow, Python tokenizer)."""

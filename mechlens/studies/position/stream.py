@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 
 from mechlens import distributed, progress
+from mechlens.encoding import TokenBatch
 from mechlens.errors import DataError, MechlensError
 from mechlens.stats.streaming import Moments, NormalEquations, Reservoir
 from mechlens.studies.position.parts import SPLITS, Config, Layout, LossStream, encode_texts, loss_matrix, word_of
-from mechlens.tokens import TokenBatch
 
 # -- the stream: the loss matrices of a corpus, batch by batch (memory constant in the number of texts) ----------
 

@@ -416,10 +416,11 @@ def test_corpus_lens_kl_is_the_float64_kl(tiny_gpt2_pair):
     exp(lp_f) * (lp_f - lp_l) with fp32 log_softmax is the one off, upwards (by 2.6e-6 to 2.2e-4 nats on
     those texts: its rounded logsumexp shifts every log-probability, so its exp(lp_f) do not sum to 1)."""
     from mechlens import arch
+    from mechlens.lens.corpus import corpus_lens
 
     model = tiny_gpt2_pair.bridge
     texts = CONTEXTS[:8]
-    c = lens.corpus_lens(model, texts, bos=True, max_tokens=32, n_samples=1)
+    c = corpus_lens(model, texts, bos=True, max_tokens=32, n_samples=1)
     x = tl.lens_inputs(model, texts, range(len(texts)), bos=True, max_tokens=32)
     with torch.no_grad():
         resid = tl.residuals(model, x)[:, x.rows]
@@ -428,3 +429,74 @@ def test_corpus_lens_kl_is_the_float64_kl(tiny_gpt2_pair):
     ref = np.array([float((lp[-1].exp() * (lp[-1] - q)).sum(-1).mean()) for q in lp])
     assert c.n_predictions == int(x.rows.sum())
     assert np.all(np.abs(np.asarray(c.kl_to_final_by_layer) - ref) <= 1e-6 + 3e-8 * ref), (c.kl_to_final_by_layer, ref)
+
+
+def test_kl_points_in_bfloat16(tiny_gpt2_pair):
+    """kl_points with bfloat16 vocabulary products (training's default where bf16 is native hardware) against
+    kl_sum's autograd in float64, the setting of test_kl_points_is_the_kl_and_its_gradient. bfloat16 keeps 8
+    significant bits: every operand and every logit is rounded by up to u = 2^-9 relative, ~0.05 nats on these
+    logits of |z| <= 25, and exp(z - max) by u; the errors of different words partly cancel in the p-weighted
+    sums, so a row's KL is asked within 1e-2 nats of float64 (measured 3.2e-3) and each gradient within 3% of
+    its largest entry and 2% in norm (a few u of (q - p_final) entries, which are 0.1-1 here; measured 1.4% and
+    0.9%; float32 is within 5e-7 per row and 2e-6, test_kl_points_is_the_kl_and_its_gradient). Chunked and
+    whole calls, with one workspace reused between them, give the same sums."""
+    from mechlens import arch
+
+    model = tiny_gpt2_pair.bridge
+    ro = arch.readout(model)
+    ro64 = LinearReadout(pre=lambda x: ro.pre(x.float()).double(), weight=ro.weight.double(), bias=ro.bias.double())
+    g = torch.Generator().manual_seed(3)
+    d, n = model.cfg.d_model, 24
+    h_final = torch.randn(n, d, generator=g)
+    hs = [torch.randn(n, d, generator=g) * (j + 1) for j in range(3)]
+
+    def params(dtype):
+        g2 = torch.Generator().manual_seed(4)
+        ws = [(torch.eye(d) + 0.05 * torch.randn(d, d, generator=g2)).to(dtype).requires_grad_() for _ in hs]
+        bs = [(0.1 * torch.randn(d, generator=g2)).to(dtype).requires_grad_() for _ in hs]
+        return ws, bs
+
+    w64, b64 = params(torch.float64)
+    ref = torch.stack(
+        [tl.kl_sum(ro64, h_final.double(), h.double(), w, b) for h, w, b in zip(hs, w64, b64, strict=True)]
+    )
+    ref.sum().backward()
+    workspace: dict = {}
+    sums = []
+    for chunk in (5 * (3 * 2 + 2 * 4) * ro.d_vocab, 2**30):
+        w, b = params(torch.float32)
+        got = tl.kl_points(ro, h_final, hs, w, b, max_chunk_bytes=chunk, dtype=torch.bfloat16, workspace=workspace)
+        assert workspace["w_low"].dtype == torch.bfloat16
+        assert ((got - ref.detach()) / n).abs().max() < 1e-2, (got, ref)
+        for a, r in zip([*w, *b], [*w64, *b64], strict=True):
+            err = a.grad.double() - r.grad
+            assert err.abs().max() < 0.03 * r.grad.abs().max() and err.norm() < 0.02 * r.grad.norm()
+        sums.append(got)
+    assert torch.allclose(sums[0], sums[1], rtol=1e-6)  # chunks sum in another order: fp32/float64 rounding only
+
+
+def test_stream_rows_is_the_residual_stream(tiny_gpt2_pair):
+    """Training's forward (stream_rows: hooks on the readout points, stopped at the last one, no unembedding)
+    gives exactly the residual stream of the full forward (residuals through run_cached) at the loss
+    positions: the same operations on the same inputs, so equality, not a tolerance."""
+    model = tiny_gpt2_pair.bridge
+    inputs = tlens.lens_inputs(model, CONTEXTS[:5], range(5), bos=True, max_tokens=32)
+    with torch.no_grad():
+        full = tlens.residuals(model, inputs)[:, inputs.rows]
+    got = tl.stream_rows(model, inputs, inputs.rows)
+    assert got.shape == (model.cfg.n_layers + 1, int(inputs.rows.sum()), model.cfg.d_model)
+    assert torch.equal(got, full)
+    assert not any(h.fwd_hooks for h in model.hook_dict.values() if hasattr(h, "fwd_hooks"))
+
+
+def test_readout_dtype_auto_follows_the_hardware(monkeypatch):
+    """--readout-dtype auto: bfloat16 only where the CPU multiplies it natively (AMX-BF16 or AVX512-BF16),
+    float32 elsewhere (emulated bf16 products are slower than fp32); explicit choices are kept."""
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_f": True, "avx2": True})
+    assert tl.readout_dtype("auto", "cpu") == torch.float32
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
+    assert tl.readout_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})
+    assert tl.readout_dtype("auto", "cpu") == torch.bfloat16
+    assert tl.readout_dtype("float32", "cpu") == torch.float32
+    assert tl.readout_dtype("bfloat16", "cpu") == torch.bfloat16

@@ -263,20 +263,22 @@ def kl_points(readout, h_final: Tensor, hs: Sequence[Tensor], weights: Sequence[
     distribution of a chunk of rows is read once for all points; the points' logits come from one
     ``[points * rows, d_model] @ [d_model, d_vocab]`` product into one buffer; and the gradient is the
     closed form ``dKL/dz = softmax(z) - p_final`` (no autograd graph over ``[rows, d_vocab]``: the vocabulary
-    buffer is walked 4 times -- max, shift, exp, sum -- and read once more by the ``d_vocab``-side product
-    ``softmax(z) @ W_U^T``), with autograd only through the translators and the readout's ``pre`` (final
-    norm, MLM transform) on ``[points, rows, d_model]``. ``KL = sum p_f log p_f - sum_v p_f z_v + lse(z)``,
-    where ``sum_v p_f z_v = pre(x) . (p_f @ W_U^T) + p_f . b_U`` needs no vocabulary-sized product; the
-    terms are summed in float64. A readout that is not a :class:`~mechlens.ops.lens_reduce.LinearReadout`,
-    or is soft-capped, or float64 inputs, take :func:`kl_rows` per point (autograd).
+    buffer is written by the product, rewritten in place by one fused softmax -- each row's max, exp and sum
+    passes stay in cache -- and read once by the ``d_vocab``-side product ``softmax(z) @ W_U^T``), with
+    autograd only through the translators and the readout's ``pre`` (final norm, MLM transform) on
+    ``[points, rows, d_model]``. ``KL = sum p_f log p_f - sum_v p_f z_v + lse(z)``, where
+    ``sum_v p_f z_v = pre(x) . (p_f @ W_U^T) + p_f . b_U`` needs no vocabulary-sized product and
+    ``lse(z) = z_k - log softmax(z)_k`` at any word ``k`` (the final's top word; recomputed from the logits in
+    a row where that probability underflows); the terms are summed in float64. A readout that is not a
+    :class:`~mechlens.ops.lens_reduce.LinearReadout`, or is soft-capped, or float64 inputs, take
+    :func:`kl_rows` per point (autograd).
 
     ``dtype`` is the points' vocabulary products' type (:func:`readout_dtype`): ``torch.bfloat16`` computes
-    ``pre(x) @ W_U`` and ``softmax(z) @ W_U^T`` with bfloat16 operands and fp32 accumulation and walks the
-    ``[points * rows, d_vocab]`` buffer in bfloat16 (its row sums in fp32, the KL terms in float64), as the
-    reference implementation's bfloat16 autocast does; the final distribution stays in fp32. ``workspace``
-    (a dict the caller keeps between calls) holds the vocabulary-sized buffers and the bfloat16 copy of
-    ``W_U``, so that a training run allocates them once (fresh allocations of this size are page-faulted
-    in on every step)."""
+    ``pre(x) @ W_U`` and ``softmax(z) @ W_U^T`` with bfloat16 operands and fp32 accumulation, the softmax in
+    fp32 on bf16 storage, as the reference implementation's bfloat16 autocast does; the final distribution
+    stays in fp32. ``workspace`` (a dict the caller keeps between calls) holds the vocabulary-sized buffers
+    and the bfloat16 copy of ``W_U``, so that a training run allocates them once (fresh allocations of this
+    size are page-faulted in on every step)."""
     from mechlens.ops.lens_reduce import LinearReadout
 
     n_points = len(hs)
@@ -286,12 +288,13 @@ def kl_points(readout, h_final: Tensor, hs: Sequence[Tensor], weights: Sequence[
     ws = {} if workspace is None else workspace
     w_u = readout.weight.to(h_final.dtype)
     b_u = None if readout.bias is None else readout.bias.to(h_final.dtype)
+    if b_u is not None and not bool(b_u.any()):  # an all-zero bias (GPT-2's): an addmm would copy it into z
+        b_u = None
     low = dtype != h_final.dtype
     if low:  # the bfloat16 copies of the unembedding, made once per training run
         if ws.get("w_src") is not readout.weight or ws["w_low"].dtype != dtype:
             ws["w_src"], ws["w_low"] = readout.weight, w_u.to(dtype)
-            ws["b_low"] = None if b_u is None else b_u.to(dtype)
-        w_z, b_z = ws["w_low"], ws["b_low"]
+        w_z, b_z = ws["w_low"], None if b_u is None else b_u.to(dtype)
     else:
         w_z, b_z = w_u, b_u
     d_vocab = w_u.shape[-1]
@@ -307,21 +310,21 @@ def kl_points(readout, h_final: Tensor, hs: Sequence[Tensor], weights: Sequence[
         e = min(n, s + rows)
         r = e - s
         with torch.no_grad():
-            # p_f = e_f / s_f with e_f = exp(z_f - max) in fp32 and s_f their float64 sum, so that the p_f
-            # used below sum to 1 up to float64 rounding: an fp32 log_softmax's rounded logsumexp shifts
-            # every log p_f the same way and biases the KL by ~1e-5 nats per row (measured)
+            # the final distribution by a fused softmax (fp32, every p_f rounded by 6e-8 relative, so they sum
+            # to 1 within ~1e-7: an fp32 log_softmax's rounded logsumexp would shift every log p_f the same way
+            # and bias the KL by ~1e-5 nats per row, measured); sum p_f log p_f = sum p_f (z - max) - log s
+            # with pairwise fp32 sums, where at the top word k (z_k = max) p_k = 1 / s, s = sum exp(z - max)
+            u_f = readout.pre(h_final[s:e])
             zm = f_all[: r * d_vocab].view(r, d_vocab)
             if b_u is None:
-                torch.mm(readout.pre(h_final[s:e]), w_u, out=zm)
+                torch.mm(u_f, w_u, out=zm)
             else:
-                torch.addmm(b_u, readout.pre(h_final[s:e]), w_u, out=zm)
-            zm.sub_(zm.amax(-1, keepdim=True))
-            e_f = torch.exp(zm, out=f_all[r * d_vocab : 2 * r * d_vocab].view(r, d_vocab))
-            s_f = e_f.sum(-1).double()  # fp32 pairwise sums (a float64 sum would copy the rows)
-            ez = zm.mul_(e_f).sum(-1)  # sum_v e_f z_f (pairwise fp32 sums; a bmm's long dot is off by 1e-4)
-            neg_h = ez.double() / s_f - s_f.log()  # sum p_f log p_f, [r]
-            pw = (e_f @ w_u.T).double() / s_f[:, None]  # p_f @ W_U^T, [r, d_in]
-            pb = (e_f @ b_u).double() / s_f if b_u is not None else torch.zeros_like(s_f)
+                torch.addmm(b_u, u_f, w_u, out=zm)
+            m_f, top = zm.max(-1, keepdim=True)
+            p_f = torch.ops.aten._softmax.out(zm, -1, False, out=f_all[r * d_vocab : 2 * r * d_vocab].view(r, d_vocab))
+            neg_h = zm.sub_(m_f).mul_(p_f).sum(-1).double() + p_f.gather(-1, top).view(r).double().log()
+            pw = p_f @ w_u.T  # p_f @ W_U^T, [r, d_in]
+            pb = (p_f @ b_u).double() if b_u is not None else torch.zeros_like(neg_h)
         x = torch.stack([torch.addmm(biases[j], hs[j][s:e], weights[j]) for j in range(n_points)])
         u = readout.pre(x)  # [point, r, d_in], with autograd
         with torch.no_grad():
@@ -331,14 +334,22 @@ def kl_points(readout, h_final: Tensor, hs: Sequence[Tensor], weights: Sequence[
                 torch.mm(ud.to(dtype), w_z, out=z)
             else:
                 torch.addmm(b_z, ud.to(dtype), w_z, out=z)
-            m = z.amax(-1, keepdim=True)
-            z.sub_(m).exp_()  # exp(z - max)
-            ssum = z.sum(-1, keepdim=True, dtype=torch.float32).double()
-            lse = (m.double() + ssum.log()).view(n_points, r)
-            cross = (u.detach().double() * pw).sum(-1) + pb  # sum_v p_f z_v, [point, r]
-            total += (neg_h - cross + lse).sum(-1).cpu()
-            qw = (z @ w_z.T).to(h_final.dtype)  # exp(z - max) @ W_U^T
-            grad = qw.div_(ssum.to(h_final.dtype)).view(n_points, r, -1).sub_(pw.to(h_final.dtype))  # (q - p_f) @ W_U^T
+            # lse(z) = z_k - log q_k at any word k: the final's top word (q_k is rarely tiny there; where it
+            # underflows, that row's lse is recomputed from its logits)
+            k = top.repeat(n_points, 1)
+            z_k = z.gather(-1, k).double()
+            q = torch.ops.aten._softmax.out(z, -1, False, out=z)  # in place, fp32 inside, row by row
+            q_k = q.gather(-1, k).double()
+            lse = z_k - q_k.log()
+            bad = (q_k < 2**-100).view(-1)
+            if bad.any():
+                lse[bad] = torch.addmm(b_u, ud[bad], w_u).double().logsumexp(-1, keepdim=True) if b_u is not None \
+                    else (ud[bad] @ w_u).double().logsumexp(-1, keepdim=True)  # fmt: skip
+            # KL_j = sum p_f log p_f - sum p_f z_j + lse_j, where sum_v p_f z_v = pre(x) . (p_f @ W_U^T) + p_f . b_U
+            cross = (u.detach().double() * pw.double()).sum(-1) + pb  # [point, r]
+            kl = neg_h - cross + lse.view(n_points, r)
+            total += kl.sum(-1).cpu()
+            grad = (q @ w_z.T).to(pw.dtype).view(n_points, r, -1).sub_(pw)  # (q - p_f) @ W_U^T
         u.backward(grad)
     return total
 

@@ -500,3 +500,19 @@ def test_readout_dtype_auto_follows_the_hardware(monkeypatch):
     assert tl.readout_dtype("auto", "cpu") == torch.bfloat16
     assert tl.readout_dtype("float32", "cpu") == torch.float32
     assert tl.readout_dtype("bfloat16", "cpu") == torch.bfloat16
+
+
+def test_kl_points_where_the_finals_top_word_underflows():
+    """kl_points reads lse(z) = z_k - log softmax(z)_k at the final's top word k; where that probability is
+    below 2^-100 (here exp(-160)), the row's lse is recomputed from its logits. A 4-word readout whose final
+    puts its mass on word 0 while the translated readout gives word 0 a logit 160 below the others: the KL
+    (~160 nats) equals float64 autograd within 1e-4 relative (fp32 logits of size 160 carry ~1e-5)."""
+    eye = torch.eye(4)
+    ro = LinearReadout(pre=lambda x: x, weight=eye.clone())
+    ro64 = LinearReadout(pre=lambda x: x, weight=eye.double())
+    h_final = torch.tensor([[20.0, 0.0, 0.0, 0.0], [0.0, 3.0, 1.0, 0.0]])
+    h = torch.tensor([[-160.0, 0.0, 1.0, 0.5], [0.0, 1.0, 2.0, 0.0]])
+    w, b = eye.clone().requires_grad_(), torch.zeros(4, requires_grad=True)
+    got = tl.kl_points(ro, h_final, [h], [w], [b], max_chunk_bytes=2**20)
+    ref = tl.kl_sum(ro64, h_final.double(), h.double(), eye.double(), torch.zeros(4, dtype=torch.float64))
+    assert float(ref) > 150 and abs(float(got[0]) - float(ref)) < 1e-4 * float(ref), (got, ref)

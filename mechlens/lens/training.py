@@ -269,7 +269,7 @@ def kl_points(readout, h_final: Tensor, hs: Sequence[Tensor], weights: Sequence[
     ``[points, rows, d_model]``. ``KL = sum p_f log p_f - sum_v p_f z_v + lse(z)``, where
     ``sum_v p_f z_v = pre(x) . (p_f @ W_U^T) + p_f . b_U`` needs no vocabulary-sized product and
     ``lse(z) = z_k - log softmax(z)_k`` at any word ``k`` (the final's top word; recomputed from the logits in
-    a row where that probability underflows); the terms are summed in float64. A readout that is not a
+    a row where that probability is below 2^-100); the terms are summed in float64. A readout that is not a
     :class:`~mechlens.ops.lens_reduce.LinearReadout`, or is soft-capped, or float64 inputs, take
     :func:`kl_rows` per point (autograd).
 

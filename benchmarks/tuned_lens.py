@@ -106,7 +106,7 @@ def reference_venv(root: pathlib.Path) -> tuple[pathlib.Path | None, str]:
 
 
 def reference_comparison(data: pathlib.Path, steps: int = 80, heldout: int = 200, eval_texts: int = 64,
-                         root=pathlib.Path(".cache/bench-tl")):  # fmt: skip
+                         root=pathlib.Path(".cache/bench-tl"), readout_dtype: str = "auto"):  # fmt: skip
     """tiny-gpt2's tuned lens, mechlens against the package, on the same token ids: the first ``heldout`` texts
     of ``data`` held out, then ``steps`` steps of 16 texts (BOS + at most 128 tokens) for both. mechlens trains
     in this process, the package in its scratch venv (``benchmarks/tuned_lens_reference.py``), one after the
@@ -139,7 +139,8 @@ def reference_comparison(data: pathlib.Path, steps: int = 80, heldout: int = 200
     train = [ids(texts[heldout + 16 * s : heldout + 16 * (s + 1)], heldout + 16 * s) for s in range(steps)]
     spec = {"model_dir": str(model_dir), "train": train, "heldout": ids(texts[:heldout], 0),
             "mechlens_lens": str(root / "mechlens" / WEIGHTS_FILE), "eval_texts": eval_texts}  # fmt: skip
-    cfg = tl.TrainConfig(steps=steps, heldout=heldout, batch_size=16, max_tokens=128, evaluate=False)
+    cfg = tl.TrainConfig(steps=steps, heldout=heldout, batch_size=16, max_tokens=128, evaluate=False,
+                         readout_dtype=readout_dtype)  # fmt: skip
     wall, cpu = time.perf_counter(), time.process_time()
     lens = tl.train_tuned_lens(model, texts, cfg)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -152,7 +153,9 @@ def reference_comparison(data: pathlib.Path, steps: int = 80, heldout: int = 200
     ref = json.loads((root / "reference.json").read_text())
     c = corpus_lens(model, texts[:eval_texts], bos=True, max_tokens=128, tuned=lens, n_samples=1)
     out = {
-        "steps": steps, "positions": positions, "package_positions": ref["train_positions"],
+        "steps": steps, "positions": positions, "readout_dtype": lens.card.readout_dtype,
+        "torch_threads": torch.get_num_threads(), "package_torch_threads": ref["torch_threads"],
+        "package_positions": ref["train_positions"],
         "mechlens_pos_per_s": positions / wall, "mechlens_pos_per_cpu_s": positions / cpu,
         "package_pos_per_s": ref["train_positions"] / ref["train_wall_s"],
         "package_pos_per_cpu_s": ref["train_positions"] / ref["train_cpu_s"],
@@ -173,7 +176,8 @@ def reference_comparison(data: pathlib.Path, steps: int = 80, heldout: int = 200
         print(f"| {i} | {out['kl_logit'][i]:.4f} | {out['kl_package'][i]:.4f} | {out['kl_mechlens'][i]:.4f} |")
     print(f"training throughput: mechlens {out['mechlens_pos_per_s']:.1f} positions/s "
           f"({out['mechlens_pos_per_cpu_s']:.1f} per CPU-s), package {out['package_pos_per_s']:.1f} "
-          f"({out['package_pos_per_cpu_s']:.1f} per CPU-s): "
+          f"({out['package_pos_per_cpu_s']:.1f} per CPU-s), mechlens' readout products in "
+          f"{out['readout_dtype']}: "
           f"{out['wall_ratio']:.2f}x wall, {out['cpu_ratio']:.2f}x CPU", flush=True)  # fmt: skip
     return out
 
@@ -187,9 +191,11 @@ def main() -> None:
                     help="texts of the comparison (python -m training.corpus writes it)")  # fmt: skip
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--eval-texts", type=int, default=64)
+    ap.add_argument("--readout-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                    help="mechlens' --readout-dtype in the comparison")  # fmt: skip
     args = ap.parse_args()
     if args.data.exists():
-        reference_comparison(args.data, steps=args.steps, eval_texts=args.eval_texts)
+        reference_comparison(args.data, steps=args.steps, eval_texts=args.eval_texts, readout_dtype=args.readout_dtype)
     else:
         print(f"reference tuned-lens row skipped: {args.data} is missing (python -m training.corpus)", flush=True)
     if args.reference_only:

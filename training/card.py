@@ -212,7 +212,10 @@ def tuned_lens_section(name: str) -> list[str]:
         "not trained), read by `mechlens run lens --tuned " + name + "` (and by default, `--tuned auto`).",
         f"- trained by `{r['command']}` ({c['steps']} steps of {c['batch_size']} texts, "
         f"{c['tokens_per_step']:.0f} {'masked' if c['kind'] == 'masked' else 'next-token'} positions per step, "
-        f"lr scale {c['lr']}, Nesterov momentum {c['momentum']}, weight decay {c['weight_decay']}, linear decay; "
+        f"lr scale {c['lr']}, Nesterov momentum {c['momentum']}, weight decay {c['weight_decay']}, linear decay"
+        + (f", gradient norm clipped at {c['max_grad_norm']}" if c.get("max_grad_norm") else "")
+        + (f", readout products in {c['readout_dtype']}" if c.get("readout_dtype") else "")
+        + "; "
         f"{r['train_seconds']:.0f} s on {r['trained_on']}) on `train.jsonl` (the model's training documents as "
         f"text); the first {c['heldout']} texts of it are held out from the lens",
         "- mean KL(final || lens) per readout point (nats), logit lens vs tuned lens, each as the mean over "

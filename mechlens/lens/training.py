@@ -20,11 +20,13 @@ tiny-mlm's held-out KL after 20 steps, ``training/tuned_lens_sweep.py``; tiny-gp
 ``benchmarks/tuned_lens.py --reference-only``). The batch is sized for a CPU
 (16 texts of at most 128 tokens per step, against the paper's 2^18 tokens): the card records both. The
 defaults are in :class:`TrainConfig` with the reason for each. Texts stream through :mod:`mechlens.data`
-(any ``--data`` source), tokenised one step at a time; the residual stream comes from one
-:func:`mechlens.forward.run_cached` per step (TransformerLens hook points, no gradient through the
-model); the vocabulary readout materialises one chunk of rows of all readout points at a time
-(``[points x rows, d_vocab]``, bounded by ``max_chunk_bytes``): :func:`kl_points` reads the final
-distribution once per chunk for every point and uses the closed-form gradient ``softmax(z) - p_final``.
+(any ``--data`` source), tokenised one step at a time; the residual stream comes from one forward per
+step through the TransformerLens hook points, stopped at the last readout point (:func:`stream_rows`; no
+gradient through the model, no unembedding); the vocabulary readout materialises one chunk of rows of all
+readout points at a time (``[points x rows, d_vocab]``, bounded by ``max_chunk_bytes``): :func:`kl_points`
+reads the final distribution once per chunk for every point and uses the closed-form gradient
+``softmax(z) - p_final``. The points' vocabulary products run in the dtype of ``readout_dtype``
+(:func:`readout_dtype`: bfloat16 where it is native hardware arithmetic, else float32), recorded in the card.
 
 **Data parallel**: under ``torchrun`` each rank streams every N-th text (:func:`mechlens.data.iter_indexed`);
 step ``s`` covers the texts of global indices ``[s * batch_size, (s + 1) * batch_size)`` of the stream
@@ -107,9 +109,66 @@ class TrainConfig(Options):
         256 * 2**20, "memory budget of one readout chunk [rows, d_vocab] in training (>= 1 MiB)", ge=2**20
     )
     evaluate: bool = option(True, "evaluate both lenses on the held-out texts at the end (recorded in the card)")
+    readout_dtype: str = option(
+        "auto",
+        "type of the translated readouts' vocabulary products in training: bfloat16 (bf16 operands, fp32 "
+        "sums, as the tuned-lens reference implementation's autocast), float32, or auto: bfloat16 where "
+        "the hardware multiplies it natively (a CPU with AMX-BF16 or AVX512-BF16, a CUDA GPU that supports "
+        "it), else float32; the card records the one used",
+        choices=("auto", "float32", "bfloat16"),
+    )
 
 
 TunedLensConfig = TrainConfig  # the name exported from mechlens
+
+
+def readout_dtype(choice: str, device) -> torch.dtype:
+    """The dtype of training's vocabulary products for ``--readout-dtype`` ``choice`` on ``device``: ``auto``
+    is bfloat16 only where it is native hardware arithmetic (CPUs with AMX-BF16 or AVX512-BF16
+    (:func:`torch.cpu.get_capabilities`), CUDA GPUs with bf16 support), because elsewhere bf16 products are
+    emulated and slower than fp32 (and then only lose precision)."""
+    if choice != "auto":
+        return getattr(torch, choice)
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        caps = torch.cpu.get_capabilities()
+        return torch.bfloat16 if caps.get("amx_bf16") or caps.get("avx512_bf16") else torch.float32
+    return torch.float32
+
+
+class _Stop(Exception):
+    """Raised by the hook of the last readout point: the forward ends before the model's own readout."""
+
+
+def stream_rows(model, inputs, rows: Tensor) -> Tensor:
+    """``residuals(model, inputs)[:, rows]`` (``[point, n, d_model]``, the readout points at the positions
+    ``rows`` selects) from a forward through the hook points that stops at the last readout point: training
+    reads out the final point itself at the loss positions, so the model's final norm and unembedding over
+    every (padded) position, a ``[batch, pos, d_vocab]`` product, would be discarded work. A non-finite
+    activation takes the full forward (:func:`~mechlens.lens.tuned.residuals`), whose error names it."""
+    import contextlib
+
+    names = arch.readout_hook_names(model)
+    got: dict[str, Tensor] = {}
+
+    def keep(name: str, last: bool):
+        def hook(act: Tensor, hook) -> Tensor:
+            got[name] = act[rows]
+            if last:
+                raise _Stop
+            return act
+
+        return hook
+
+    batch = inputs.batch.to(next(model.parameters()).device)
+    fwd_hooks = [(name, keep(name, i == len(names) - 1)) for i, name in enumerate(names)]
+    with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks), contextlib.suppress(_Stop):
+        model(batch.tokens, attention_mask=batch.attention_mask)
+    if len(got) != len(names) or not all(torch.isfinite(a).all() for a in got.values()):
+        return residuals(model, inputs)[:, rows]
+    return torch.stack([got[name] for name in names])
 
 
 def _trained_points(n_points: int) -> list[int]:
@@ -194,7 +253,8 @@ def kl_rows(
 
 
 def kl_points(readout, h_final: Tensor, hs: Sequence[Tensor], weights: Sequence[Tensor],
-              biases: Sequence[Tensor], max_chunk_bytes: int) -> Tensor:  # fmt: skip
+              biases: Sequence[Tensor], max_chunk_bytes: int, *, dtype: torch.dtype = torch.float32,
+              workspace: dict | None = None) -> Tensor:  # fmt: skip
     """For every readout point ``j``: ``sum over rows of KL(final || readout(hs[j] @ weights[j] + biases[j]))``
     (nats), with the gradient of that sum accumulated into the ``.grad`` of ``weights[j]``/``biases[j]``'s
     leaves. Returns the per-point sums (float64, detached).
@@ -203,60 +263,103 @@ def kl_points(readout, h_final: Tensor, hs: Sequence[Tensor], weights: Sequence[
     distribution of a chunk of rows is read once for all points; the points' logits come from one
     ``[points * rows, d_model] @ [d_model, d_vocab]`` product into one buffer; and the gradient is the
     closed form ``dKL/dz = softmax(z) - p_final`` (no autograd graph over ``[rows, d_vocab]``: the vocabulary
-    buffer is walked 4 times -- max, shift, exp, sum -- and read once more by the ``d_vocab``-side product
-    ``softmax(z) @ W_U^T``), with autograd only through the translators and the readout's ``pre`` (final
-    norm, MLM transform) on ``[points, rows, d_model]``. ``KL = sum p_f log p_f - sum_v p_f z_v + lse(z)``,
-    where ``sum_v p_f z_v = pre(x) . (p_f @ W_U^T) + p_f . b_U`` needs no vocabulary-sized product; the
-    terms are summed in float64. A readout that is not a :class:`~mechlens.ops.lens_reduce.LinearReadout`,
-    or is soft-capped, or float64 inputs, take :func:`kl_rows` per point (autograd)."""
+    buffer is written by the product, rewritten in place by one fused softmax -- each row's max, exp and sum
+    passes stay in cache -- and read once by the ``d_vocab``-side product ``softmax(z) @ W_U^T``), with
+    autograd only through the translators and the readout's ``pre`` (final norm, MLM transform) on
+    ``[points, rows, d_model]``. ``KL = sum p_f log p_f - sum_v p_f z_v + lse(z)``, where
+    ``sum_v p_f z_v = pre(x) . (p_f @ W_U^T) + p_f . b_U`` needs no vocabulary-sized product and
+    ``lse(z) = z_k - log softmax(z)_k`` at any word ``k`` (the final's top word; recomputed from the logits in
+    a row where that probability is below 2^-100); the terms are summed in float64. A readout that is not a
+    :class:`~mechlens.ops.lens_reduce.LinearReadout`, or is soft-capped, or float64 inputs, take
+    :func:`kl_rows` per point (autograd).
+
+    ``dtype`` is the points' vocabulary products' type (:func:`readout_dtype`): ``torch.bfloat16`` computes
+    ``pre(x) @ W_U`` and ``softmax(z) @ W_U^T`` with bfloat16 operands and fp32 accumulation, the softmax in
+    fp32 on bf16 storage, as the reference implementation's bfloat16 autocast does; the final distribution
+    stays in fp32. ``workspace`` (a dict the caller keeps between calls) holds the vocabulary-sized buffers
+    and the bfloat16 copy of ``W_U``, so that a training run allocates them once (fresh allocations of this
+    size are page-faulted in on every step)."""
     from mechlens.ops.lens_reduce import LinearReadout
 
     n_points = len(hs)
     if not isinstance(readout, LinearReadout) or readout.softcap is not None or h_final.dtype == torch.float64:
         return torch.stack([kl_rows(readout, h_final, hs[j], weights[j], biases[j], max_chunk_bytes)
                             for j in range(n_points)])  # fmt: skip
+    ws = {} if workspace is None else workspace
     w_u = readout.weight.to(h_final.dtype)
     b_u = None if readout.bias is None else readout.bias.to(h_final.dtype)
+    if b_u is not None and not bool(b_u.any()):  # an all-zero bias (GPT-2's): an addmm would copy it into z
+        b_u = None
+    low = dtype != h_final.dtype
+    if low:  # the bfloat16 copies of the unembedding, made once per training run
+        if ws.get("w_src") is not readout.weight or ws["w_low"].dtype != dtype:
+            ws["w_src"], ws["w_low"] = readout.weight, w_u.to(dtype)
+        w_z, b_z = ws["w_low"], None if b_u is None else b_u.to(dtype)
+    else:
+        w_z, b_z = w_u, b_u
     d_vocab = w_u.shape[-1]
-    # alive at once: the points' logits buffer, and the final chunk's logits, log-probs, probs, product
-    rows = max(1, max_chunk_bytes // ((n_points + 4) * 4 * d_vocab))
+    item, item_f = torch.empty((), dtype=dtype).element_size(), h_final.element_size()
+    # alive at once: the points' logits buffer, and the final chunk's logits and exp (fp32)
+    rows = max(1, max_chunk_bytes // ((n_points * item + 2 * item_f) * d_vocab))
     n = h_final.shape[0]
-    buf = torch.empty(min(rows, n) * n_points * d_vocab, dtype=h_final.dtype, device=h_final.device)
+    rows = min(rows, n)
+    z_all = _workspace(ws, "z", rows * n_points * d_vocab, dtype, h_final.device)
+    f_all = _workspace(ws, "final", 2 * rows * d_vocab, h_final.dtype, h_final.device)
     total = torch.zeros(n_points, dtype=torch.float64)
     for s in range(0, n, rows):
         e = min(n, s + rows)
         r = e - s
         with torch.no_grad():
-            # p_f = e_f / s_f with e_f = exp(z_f - max) in fp32 and s_f their float64 sum, so that the p_f
-            # used below sum to 1 up to float64 rounding: an fp32 log_softmax's rounded logsumexp shifts
-            # every log p_f the same way and biases the KL by ~1e-5 nats per row (measured)
-            zm = readout(h_final[s:e])
-            zm = zm.sub_(zm.amax(-1, keepdim=True))
-            e_f = zm.exp()
-            s_f = e_f.sum(-1).double()  # fp32 pairwise sums (a float64 sum would copy the rows)
-            neg_h = (e_f * zm).sum(-1).double() / s_f - s_f.log()  # sum p_f log p_f, [r]
-            del zm
-            pw = (e_f @ w_u.T).double() / s_f[:, None]  # p_f @ W_U^T, [r, d_in]
-            pb = (e_f @ b_u).double() / s_f if b_u is not None else torch.zeros_like(s_f)
-            del e_f
+            # the final distribution by a fused softmax (fp32, every p_f rounded by 6e-8 relative, so they sum
+            # to 1 within ~1e-7: an fp32 log_softmax's rounded logsumexp would shift every log p_f the same way
+            # and bias the KL by ~1e-5 nats per row, measured); sum p_f log p_f = sum p_f (z - max) - log s
+            # with pairwise fp32 sums, where at the top word k (z_k = max) p_k = 1 / s, s = sum exp(z - max)
+            u_f = readout.pre(h_final[s:e])
+            zm = f_all[: r * d_vocab].view(r, d_vocab)
+            if b_u is None:
+                torch.mm(u_f, w_u, out=zm)
+            else:
+                torch.addmm(b_u, u_f, w_u, out=zm)
+            m_f, top = zm.max(-1, keepdim=True)
+            p_f = torch.ops.aten._softmax.out(zm, -1, False, out=f_all[r * d_vocab : 2 * r * d_vocab].view(r, d_vocab))
+            neg_h = zm.sub_(m_f).mul_(p_f).sum(-1).double() + p_f.gather(-1, top).view(r).double().log()
+            pw = p_f @ w_u.T  # p_f @ W_U^T, [r, d_in]
+            pb = (p_f @ b_u).double() if b_u is not None else torch.zeros_like(neg_h)
         x = torch.stack([torch.addmm(biases[j], hs[j][s:e], weights[j]) for j in range(n_points)])
         u = readout.pre(x)  # [point, r, d_in], with autograd
         with torch.no_grad():
             ud = u.detach().reshape(n_points * r, -1)
-            z = buf[: n_points * r * d_vocab].view(n_points * r, d_vocab)
-            if b_u is None:
-                torch.mm(ud, w_u, out=z)
+            z = z_all[: n_points * r * d_vocab].view(n_points * r, d_vocab)
+            if b_z is None:
+                torch.mm(ud.to(dtype), w_z, out=z)
             else:
-                torch.addmm(b_u, ud, w_u, out=z)
-            m = z.amax(-1, keepdim=True)
-            z.sub_(m).exp_()  # exp(z - max)
-            ssum = z.sum(-1, keepdim=True).double()
-            lse = (m.double() + ssum.log()).view(n_points, r)
-            cross = (u.detach().double() * pw).sum(-1) + pb  # sum_v p_f z_v, [point, r]
-            total += (neg_h - cross + lse).sum(-1).cpu()
-            grad = (z @ w_u.T).div_(ssum.to(z.dtype)).view(n_points, r, -1).sub_(pw.to(z.dtype))  # (q - p_f) @ W_U^T
+                torch.addmm(b_z, ud.to(dtype), w_z, out=z)
+            # lse(z) = z_k - log q_k at any word k: the final's top word (q_k is rarely tiny there; where it
+            # underflows, that row's lse is recomputed from its logits)
+            k = top.repeat(n_points, 1)
+            z_k = z.gather(-1, k).double()
+            q = torch.ops.aten._softmax.out(z, -1, False, out=z)  # in place, fp32 inside, row by row
+            q_k = q.gather(-1, k).double()
+            lse = z_k - q_k.log()
+            bad = (q_k < 2**-100).view(-1)
+            if bad.any():
+                lse[bad] = torch.addmm(b_u, ud[bad], w_u).double().logsumexp(-1, keepdim=True) if b_u is not None \
+                    else (ud[bad] @ w_u).double().logsumexp(-1, keepdim=True)  # fmt: skip
+            # KL_j = sum p_f log p_f - sum p_f z_j + lse_j, where sum_v p_f z_v = pre(x) . (p_f @ W_U^T) + p_f . b_U
+            cross = (u.detach().double() * pw.double()).sum(-1) + pb  # [point, r]
+            kl = neg_h - cross + lse.view(n_points, r)
+            total += kl.sum(-1).cpu()
+            grad = (q @ w_z.T).to(pw.dtype).view(n_points, r, -1).sub_(pw)  # (q - p_f) @ W_U^T
         u.backward(grad)
     return total
+
+
+def _workspace(ws: dict, key: str, numel: int, dtype: torch.dtype, device) -> Tensor:
+    """A flat buffer of at least ``numel`` elements kept in ``ws[key]`` (reallocated when too small)."""
+    buf = ws.get(key)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != torch.device(device):
+        buf = ws[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf
 
 
 def train_tuned_lens(
@@ -297,6 +400,8 @@ def train_tuned_lens(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / cfg.steps))
     eye = torch.eye(d, device=dev)
     readout = arch.readout(model)
+    low = readout_dtype(cfg.readout_dtype, dev)
+    workspace: dict = {}  # kl_points' vocabulary-sized buffers, allocated once
     windows = _Windows(open_stream, cfg.heldout, cfg.batch_size)
     n_train_texts, positions, curve = 0, 0.0, []
     per_point_curve: list[list[float]] = []
@@ -321,11 +426,8 @@ def train_tuned_lens(
                         mask_prob=cfg.mask_prob,
                         seed=cfg.seed,
                     )
-                    with torch.no_grad():
-                        resid = residuals(model, inputs)
-                    rows = inputs.rows.to(resid.device)
-                    h = resid[:, rows]  # [point, n, d]
-                    count = int(rows.sum())
+                    h = stream_rows(model, inputs, inputs.rows.to(dev))  # [point, n, d]
+                    count = h.shape[1]
                     sums[:] = kl_points(
                         readout,
                         h[-1],
@@ -333,6 +435,8 @@ def train_tuned_lens(
                         [eye + dj for dj in delta],
                         bias,
                         cfg.max_chunk_bytes,
+                        dtype=low,
+                        workspace=workspace,
                     )
             for p in params:
                 if p.grad is None:
@@ -404,6 +508,7 @@ def train_tuned_lens(
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
+        readout_dtype=str(low).removeprefix("torch."),
         mask_prob=cfg.mask_prob if masked else None,
         bos=cfg.bos,
         seed=cfg.seed,

@@ -100,6 +100,7 @@ class TunedLensCard:
     final_kl_by_layer: list[float]
     loss_curve: list[float]  # mean over trained points of the per-step KL, every step
     max_grad_norm: float | None = None  # None: a lens trained before clipping was part of the recipe
+    readout_dtype: str | None = None  # training's vocabulary products; None: before the option (float32)
     heldout_kl_logit: list[float] | None = None
     heldout_kl_tuned: list[float] | None = None
     heldout_n_texts: int | None = None

@@ -252,9 +252,17 @@ def kl_rows(
     return total
 
 
-def kl_points(readout, h_final: Tensor, hs: Sequence[Tensor], weights: Sequence[Tensor],
-              biases: Sequence[Tensor], max_chunk_bytes: int, *, dtype: torch.dtype = torch.float32,
-              workspace: dict | None = None) -> Tensor:  # fmt: skip
+def kl_points(
+    readout,
+    h_final: Tensor,
+    hs: Sequence[Tensor],
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor],
+    max_chunk_bytes: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    workspace: dict | None = None,
+) -> Tensor:
     """For every readout point ``j``: ``sum over rows of KL(final || readout(hs[j] @ weights[j] + biases[j]))``
     (nats), with the gradient of that sum accumulated into the ``.grad`` of ``weights[j]``/``biases[j]``'s
     leaves. Returns the per-point sums (float64, detached).
@@ -283,8 +291,9 @@ def kl_points(readout, h_final: Tensor, hs: Sequence[Tensor], weights: Sequence[
 
     n_points = len(hs)
     if not isinstance(readout, LinearReadout) or readout.softcap is not None or h_final.dtype == torch.float64:
-        return torch.stack([kl_rows(readout, h_final, hs[j], weights[j], biases[j], max_chunk_bytes)
-                            for j in range(n_points)])  # fmt: skip
+        return torch.stack(
+            [kl_rows(readout, h_final, hs[j], weights[j], biases[j], max_chunk_bytes) for j in range(n_points)]
+        )
     ws = {} if workspace is None else workspace
     w_u = readout.weight.to(h_final.dtype)
     b_u = None if readout.bias is None else readout.bias.to(h_final.dtype)
@@ -343,8 +352,11 @@ def kl_points(readout, h_final: Tensor, hs: Sequence[Tensor], weights: Sequence[
             lse = z_k - q_k.log()
             bad = (q_k < 2**-100).view(-1)
             if bad.any():
-                lse[bad] = torch.addmm(b_u, ud[bad], w_u).double().logsumexp(-1, keepdim=True) if b_u is not None \
-                    else (ud[bad] @ w_u).double().logsumexp(-1, keepdim=True)  # fmt: skip
+                lse[bad] = (
+                    torch.addmm(b_u, ud[bad], w_u).double().logsumexp(-1, keepdim=True)
+                    if b_u is not None
+                    else (ud[bad] @ w_u).double().logsumexp(-1, keepdim=True)
+                )
             # KL_j = sum p_f log p_f - sum p_f z_j + lse_j, where sum_v p_f z_v = pre(x) . (p_f @ W_U^T) + p_f . b_U
             cross = (u.detach().double() * pw.double()).sum(-1) + pb  # [point, r]
             kl = neg_h - cross + lse.view(n_points, r)

@@ -23,7 +23,6 @@ from mechlens.data import load_texts
 from mechlens.lens import readings
 from mechlens.lens import training as tl
 from mechlens.lens import tuned as tlens
-from mechlens.lens.corpus import corpus_lens
 from mechlens.ops import LinearReadout
 from mechlens.studies import lens
 

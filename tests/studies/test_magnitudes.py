@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mechlens import encode
+from mechlens import distributed, encode
 from mechlens.data import load_texts
 from mechlens.encoding import word_index
 from mechlens.errors import DataError
@@ -500,11 +500,11 @@ def test_python_texts_are_sharded_by_rank(monkeypatch):
     cfg = mg.Config(n_texts=9)
     shards = []
     for rank in range(3):
-        monkeypatch.setattr(mg.distributed, "world", lambda rank=rank: (rank, 3))
+        monkeypatch.setattr(distributed, "world", lambda rank=rank: (rank, 3))
         shards.append(list(mg.corpus(cfg, texts)))
     assert [i for i, _ in shards[1]] == [1, 4, 7]
     assert sorted(p for s in shards for p in s) == list(enumerate(texts[:9]))
-    monkeypatch.setattr(mg.distributed, "world", lambda: (1, 2))
+    monkeypatch.setattr(distributed, "world", lambda: (1, 2))
     assert [i for i, _ in mg.corpus(mg.Config(n_texts=6, data="reviews"))] == [1, 3, 5]
 
 

@@ -331,16 +331,12 @@ def test_shipped_lenses_run_offline(tmp_path, monkeypatch):
         assert "training.tuned_lens" in (EMBEDDED[name].path / "MODEL_CARD.md").read_text()
 
 
-def test_kl_points_is_the_kl_and_its_gradient(tiny_gpt2_pair):
-    """kl_points (the training step: the final distribution read once for all points, the closed-form
-    gradient softmax(z) - p_final) against kl_sum's autograd in float64, on tiny-gpt2's own readout (LayerNorm
-    + 50,257-word unembedding), 3 points, 24 rows, in chunks of 5 rows and whole. Sums: within 1e-5 nats per
-    row of float64 (fp32 logits ~10 nats carry ~1e-6 absolute rounding, and the fused softmax's fp32 sum of
-    50,257 exponentials, accumulated in its vector lanes, ~1e-6 to 1e-5 relative; measured 5e-6 to 6.5e-6).
-    Gradients: within 1e-4 of their scale (fp32 products over the vocabulary; measured 9e-6)."""
+def _kl_points_case(model):
+    """The setting of the kl_points tests: tiny-gpt2's own readout (LayerNorm + 50,257-word unembedding), 24
+    seeded rows, 3 readout points with seeded near-identity translators (``params(dtype)`` makes a fresh copy
+    of them), and the float64 reference: kl_sum's autograd per point, its gradients in ``w64``/``b64``."""
     from mechlens import arch
 
-    model = tiny_gpt2_pair.bridge
     ro = arch.readout(model)
     ro64 = LinearReadout(pre=lambda x: ro.pre(x.float()).double(), weight=ro.weight.double(), bias=ro.bias.double())
     g = torch.Generator().manual_seed(3)
@@ -359,6 +355,18 @@ def test_kl_points_is_the_kl_and_its_gradient(tiny_gpt2_pair):
         [tl.kl_sum(ro64, h_final.double(), h.double(), w, b) for h, w, b in zip(hs, w64, b64, strict=True)]
     )
     ref.sum().backward()
+    return ro, h_final, hs, params, w64, b64, ref
+
+
+def test_kl_points_is_the_kl_and_its_gradient(tiny_gpt2_pair):
+    """kl_points (the training step: the final distribution read once for all points, the closed-form
+    gradient softmax(z) - p_final) against kl_sum's autograd in float64, on tiny-gpt2's own readout (LayerNorm
+    + 50,257-word unembedding), 3 points, 24 rows, in chunks of 5 rows and whole. Sums: within 1e-5 nats per
+    row of float64 (fp32 logits ~10 nats carry ~1e-6 absolute rounding, and the fused softmax's fp32 sum of
+    50,257 exponentials, accumulated in its vector lanes, ~1e-6 to 1e-5 relative; measured 5e-6 to 6.5e-6).
+    Gradients: within 1e-4 of their scale (fp32 products over the vocabulary; measured 9e-6)."""
+    ro, h_final, hs, params, w64, b64, ref = _kl_points_case(tiny_gpt2_pair.bridge)
+    n = len(h_final)
     row_bytes = (len(hs) + 2) * 4 * ro.d_vocab
     for chunk in (5 * row_bytes, 2**30):
         w32, b32 = params(torch.float32)
@@ -444,27 +452,8 @@ def test_kl_points_in_bfloat16(tiny_gpt2_pair):
     its largest entry and 2% in norm (a few u of (q - p_final) entries, which are 0.1-1 here; measured 1.4% and
     0.9%; float32 is within 1e-5 per row and 1e-4, test_kl_points_is_the_kl_and_its_gradient). Chunked and
     whole calls, with one workspace reused between them, give the same sums."""
-    from mechlens import arch
-
-    model = tiny_gpt2_pair.bridge
-    ro = arch.readout(model)
-    ro64 = LinearReadout(pre=lambda x: ro.pre(x.float()).double(), weight=ro.weight.double(), bias=ro.bias.double())
-    g = torch.Generator().manual_seed(3)
-    d, n = model.cfg.d_model, 24
-    h_final = torch.randn(n, d, generator=g)
-    hs = [torch.randn(n, d, generator=g) * (j + 1) for j in range(3)]
-
-    def params(dtype):
-        g2 = torch.Generator().manual_seed(4)
-        ws = [(torch.eye(d) + 0.05 * torch.randn(d, d, generator=g2)).to(dtype).requires_grad_() for _ in hs]
-        bs = [(0.1 * torch.randn(d, generator=g2)).to(dtype).requires_grad_() for _ in hs]
-        return ws, bs
-
-    w64, b64 = params(torch.float64)
-    ref = torch.stack(
-        [tl.kl_sum(ro64, h_final.double(), h.double(), w, b) for h, w, b in zip(hs, w64, b64, strict=True)]
-    )
-    ref.sum().backward()
+    ro, h_final, hs, params, w64, b64, ref = _kl_points_case(tiny_gpt2_pair.bridge)
+    n = len(h_final)
     workspace: dict = {}
     sums = []
     for chunk in (5 * (3 * 2 + 2 * 4) * ro.d_vocab, 2**30):

@@ -308,14 +308,16 @@ def _into_output(out, work) -> None:
     prepared: dict[str, object] = {}
     distributed.on_main(lambda: prepared.setdefault("dest", prepare_output(out)) and None)
     dest = prepared.get("dest")
+    done = False
     try:
         work(dest)
+        done = True
     except BaseException:
         if dest is not None:
             dest.abort()
         raise
     finally:
-        distributed.shutdown()
+        distributed.shutdown(wait=done)  # no barrier after an error: another rank may never reach it
 
 
 def _run_checked(args, studies, configs, dest) -> None:

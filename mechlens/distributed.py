@@ -107,9 +107,15 @@ def init_from_env(timeout_s: float = 1800.0, device: str | None = None) -> tuple
     return world()
 
 
-def shutdown() -> None:
-    """Leave the process group (at the end of a run; a no-op without one)."""
+def shutdown(*, wait: bool = True) -> None:
+    """Leave the process group (at the end of a run; a no-op without one). With ``wait`` (the end of a
+    successful run) every rank first waits for the others at a barrier, so that no rank tears down its
+    connections while another still finishes its part (rank 0 writing the output): gloo ranks that left
+    at different times could abort at exit (SIGABRT, "terminate called without an active exception").
+    Pass ``wait=False`` on an error path, where another rank may never reach the barrier."""
     if _initialized():
+        if wait:
+            barrier()
         _dist().destroy_process_group()
 
 

@@ -186,3 +186,26 @@ def test_single_process_helpers_are_no_ops(monkeypatch):
     with pytest.raises(TypeError, match="not an accumulator"):
         monkeypatch.setattr(D, "_active", lambda: True)
         D.merge(object())
+
+
+def test_ranks_wait_for_each_other_before_leaving_only_after_success(monkeypatch, tmp_path):
+    """A successful run leaves the process group after a barrier (no gloo rank tears its connections down
+    while another still writes; one such rank aborted with SIGABRT at exit), a failed one without it
+    (another rank may never reach the barrier)."""
+    from mechlens import cli
+
+    calls = []
+    monkeypatch.setattr(D, "_initialized", lambda: True)
+    monkeypatch.setattr(D, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(D, "_dist", lambda: type("dist", (), {"destroy_process_group": lambda: calls.append("left")}))
+    monkeypatch.setattr(D, "on_main", lambda fn, *a, **k: fn(*a, **k))
+    cli._into_output(tmp_path / "ok", lambda dest: None)
+    assert calls == ["barrier", "left"]
+    calls.clear()
+
+    def fail(dest):
+        raise DataError("bad text")
+
+    with pytest.raises(DataError, match="bad text"):
+        cli._into_output(tmp_path / "bad", fail)
+    assert calls == ["left"]

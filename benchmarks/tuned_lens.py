@@ -106,12 +106,15 @@ def reference_venv(root: pathlib.Path) -> tuple[pathlib.Path | None, str]:
 
 
 def reference_comparison(data: pathlib.Path, steps: int = 80, heldout: int = 200, eval_texts: int = 64,
-                         root=pathlib.Path(".cache/bench-tl"), readout_dtype: str = "auto"):  # fmt: skip
+                         root=pathlib.Path(".cache/bench-tl"), readout_dtype: str = "auto",
+                         package_autocast: bool = True):  # fmt: skip
     """tiny-gpt2's tuned lens, mechlens against the package, on the same token ids: the first ``heldout`` texts
     of ``data`` held out, then ``steps`` steps of 16 texts (BOS + at most 128 tokens) for both. mechlens trains
     in this process, the package in its scratch venv (``benchmarks/tuned_lens_reference.py``), one after the
     other; each times its own training loop (wall and this process' CPU time). Every lens is evaluated by the
-    reference script in float64 on the held-out texts (and mechlens' also by its corpus lens)."""
+    reference script in float64 on the held-out texts (and mechlens' also by its corpus lens). With
+    ``package_autocast`` false the package's loop body runs in float32 (no bfloat16 autocast): beside
+    ``readout_dtype="float32"`` the two implementations then compute the same recipe at the same precision."""
     import json
     import subprocess
 
@@ -138,7 +141,8 @@ def reference_comparison(data: pathlib.Path, steps: int = 80, heldout: int = 200
 
     train = [ids(texts[heldout + 16 * s : heldout + 16 * (s + 1)], heldout + 16 * s) for s in range(steps)]
     spec = {"model_dir": str(model_dir), "train": train, "heldout": ids(texts[:heldout], 0),
-            "mechlens_lens": str(root / "mechlens" / WEIGHTS_FILE), "eval_texts": eval_texts}  # fmt: skip
+            "mechlens_lens": str(root / "mechlens" / WEIGHTS_FILE), "eval_texts": eval_texts,
+            "autocast": package_autocast}  # fmt: skip
     cfg = tl.TrainConfig(steps=steps, heldout=heldout, batch_size=16, max_tokens=128, evaluate=False,
                          readout_dtype=readout_dtype)  # fmt: skip
     wall, cpu = time.perf_counter(), time.process_time()
@@ -154,6 +158,7 @@ def reference_comparison(data: pathlib.Path, steps: int = 80, heldout: int = 200
     c = corpus_lens(model, texts[:eval_texts], bos=True, max_tokens=128, tuned=lens, n_samples=1)
     out = {
         "steps": steps, "positions": positions, "readout_dtype": lens.card.readout_dtype,
+        "package_autocast": "bfloat16" if package_autocast else "none (float32)",
         "torch_threads": torch.get_num_threads(), "package_torch_threads": ref["torch_threads"],
         "package_positions": ref["train_positions"],
         "mechlens_pos_per_s": positions / wall, "mechlens_pos_per_cpu_s": positions / cpu,
@@ -167,13 +172,16 @@ def reference_comparison(data: pathlib.Path, steps: int = 80, heldout: int = 200
     }  # fmt: skip
     out["wall_ratio"] = out["mechlens_pos_per_s"] / out["package_pos_per_s"]
     out["cpu_ratio"] = out["mechlens_pos_per_cpu_s"] / out["package_pos_per_cpu_s"]
-    (root / "comparison.json").write_text(json.dumps(out, indent=1) + "\n")
+    name = f"comparison_{steps}steps_mechlens-{out['readout_dtype']}_package-{'bf16' if package_autocast else 'fp32'}"
+    (root / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
     print(f"reference comparison, tiny-gpt2, {steps} steps of 16 texts, held-out KL (nats) on the first "
           f"{eval_texts} of {heldout} held-out texts ({out['heldout_positions']} positions), in float64:",
           flush=True)  # fmt: skip
-    print("| point | logit lens | tuned-lens 0.2.0 | mechlens |\n| --- | --- | --- | --- |")
+    print(f"(mechlens' readout products in {out['readout_dtype']}, the package's autocast {out['package_autocast']})")
+    print("| point | logit lens | tuned-lens 0.2.0 | mechlens | mechlens - package |\n| --- | --- | --- | --- | --- |")
     for i in range(len(out["kl_logit"]) - 1):
-        print(f"| {i} | {out['kl_logit'][i]:.4f} | {out['kl_package'][i]:.4f} | {out['kl_mechlens'][i]:.4f} |")
+        a, b = out["kl_package"][i], out["kl_mechlens"][i]
+        print(f"| {i} | {out['kl_logit'][i]:.4f} | {a:.5f} | {b:.5f} | {b - a:+.1e} |")
     print(f"training throughput: mechlens {out['mechlens_pos_per_s']:.1f} positions/s "
           f"({out['mechlens_pos_per_cpu_s']:.1f} per CPU-s), package {out['package_pos_per_s']:.1f} "
           f"({out['package_pos_per_cpu_s']:.1f} per CPU-s), mechlens' readout products in "
@@ -193,9 +201,13 @@ def main() -> None:
     ap.add_argument("--eval-texts", type=int, default=64)
     ap.add_argument("--readout-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                     help="mechlens' --readout-dtype in the comparison")  # fmt: skip
+    ap.add_argument("--package-autocast", default="bfloat16", choices=("bfloat16", "none"),
+                    help="the package's autocast (its own: bfloat16; none: float32, to pair with --readout-dtype "
+                         "float32)")  # fmt: skip
     args = ap.parse_args()
     if args.data.exists():
-        reference_comparison(args.data, steps=args.steps, eval_texts=args.eval_texts, readout_dtype=args.readout_dtype)
+        reference_comparison(args.data, steps=args.steps, eval_texts=args.eval_texts, readout_dtype=args.readout_dtype,
+                             package_autocast=args.package_autocast == "bfloat16")  # fmt: skip
     else:
         print(f"reference tuned-lens row skipped: {args.data} is missing (python -m training.corpus)", flush=True)
     if args.reference_only:

@@ -7,7 +7,9 @@ imports nothing from mechlens).
 SPEC: ``model_dir`` (a save_pretrained GPT-2), ``train`` (one list of token-id lists per step: the same texts,
 BOS + at most 128 tokens, that mechlens trains on), ``heldout`` (token-id lists), ``mechlens_lens`` (optional:
 a ``tuned_lens.safetensors`` to evaluate beside the package's lens), ``batch_eval`` (texts per forward), ``eval_texts``
-(the first held-out texts evaluated, default 64: float64 readouts of 50,257 words are slow on a CPU).
+(the first held-out texts evaluated, default 64: float64 readouts of 50,257 words are slow on a CPU),
+``autocast`` (default true: the package's bfloat16 autocast; false runs its loop body in float32, the
+precision of ``mechlens --readout-dtype float32``, to compare the two implementations at equal precision).
 
 Training follows the package's own loop (``tuned_lens.scripts.train_loop.Train.execute``) with its default
 recipe from its ``Optimizer`` ingredient (SGD, Nesterov momentum 0.9, lr scale 1.0 times (1 - momentum),
@@ -59,13 +61,14 @@ def main(spec_path: str, out_path: str) -> None:
     sched = ingredient.create_scheduler(opt, len(spec["train"]))
     positions = 0
     wall, cpu = time.perf_counter(), time.process_time()
+    autocast = spec.get("autocast", True)
     for seqs in spec["train"]:
         ids, mask, rows = _batch(th, seqs)
         with th.no_grad():
             out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         labels = out.logits[rows].float().log_softmax(dim=-1)
         for i, h in enumerate(out.hidden_states[:-1]):
-            with th.autocast("cpu", dtype=th.bfloat16):
+            with th.autocast("cpu", dtype=th.bfloat16, enabled=autocast):
                 logits = lens(h[rows], idx=i)
                 loss = th.sum(labels.exp() * (labels - logits.log_softmax(-1)), dim=-1).mean()
             loss.backward()
@@ -108,6 +111,7 @@ def main(spec_path: str, out_path: str) -> None:
         "steps": len(spec["train"]),
         "heldout_positions": count,
         "torch_threads": th.get_num_threads(),
+        "autocast": autocast,
         **{f"heldout_kl_{k}": [*(v / count).tolist(), 0.0] for k, v in sums.items()},
     }
     pathlib.Path(out_path).write_text(json.dumps(result, indent=1) + "\n")

@@ -284,9 +284,11 @@ def kl_points(
     ``dtype`` is the points' vocabulary products' type (:func:`readout_dtype`): ``torch.bfloat16`` computes
     ``pre(x) @ W_U`` and ``softmax(z) @ W_U^T`` with bfloat16 operands and fp32 accumulation, the softmax in
     fp32 on bf16 storage, as the reference implementation's bfloat16 autocast does; the final distribution
-    stays in fp32. ``workspace`` (a dict the caller keeps between calls) holds the vocabulary-sized buffers
-    and the bfloat16 copy of ``W_U``, so that a training run allocates them once (fresh allocations of this
-    size are page-faulted in on every step)."""
+    stays in fp32, and the gradient's other side ``p_final @ W_U^T`` uses the same bf16-rounded ``W_U`` (the
+    gradient is then the derivative of the KL the forward computes, as under autocast; with the fp32 ``W_U``
+    there it would carry the fixed error ``p_final @ (W_bf16 - W)^T``). ``workspace`` (a dict the caller
+    keeps between calls) holds the vocabulary-sized buffers and the bfloat16 copies of ``W_U``, so that a
+    training run allocates them once (fresh allocations of this size are page-faulted in on every step)."""
     from mechlens.ops.lens_reduce import LinearReadout
 
     n_points = len(hs)
@@ -303,9 +305,15 @@ def kl_points(
     if low:  # the bfloat16 copies of the unembedding, made once per training run
         if ws.get("w_src") is not readout.weight or ws["w_low"].dtype != dtype:
             ws["w_src"], ws["w_low"] = readout.weight, w_u.to(dtype)
+            ws["w_low_f"] = ws["w_low"].to(h_final.dtype)  # the same rounded values, for fp32 products
         w_z, b_z = ws["w_low"], None if b_u is None else b_u.to(dtype)
+        # the final's side of the gradient, (q - p_final) @ W^T, must use the W of the forward (its bf16
+        # rounding): p_final @ W_fp32^T beside q @ W_bf16^T would add p_final @ (W_bf16 - W)^T, a fixed error
+        # that no step averages away (the translators would settle where it balances the gradient)
+        w_p, b_p = ws["w_low_f"], None if b_z is None else b_z.to(h_final.dtype)
     else:
         w_z, b_z = w_u, b_u
+        w_p, b_p = w_u, b_u
     d_vocab = w_u.shape[-1]
     item, item_f = torch.empty((), dtype=dtype).element_size(), h_final.element_size()
     # alive at once: the points' logits buffer, and the final chunk's logits and exp (fp32)
@@ -332,8 +340,8 @@ def kl_points(
             m_f, top = zm.max(-1, keepdim=True)
             p_f = torch.ops.aten._softmax.out(zm, -1, False, out=f_all[r * d_vocab : 2 * r * d_vocab].view(r, d_vocab))
             neg_h = zm.sub_(m_f).mul_(p_f).sum(-1).double() + p_f.gather(-1, top).view(r).double().log()
-            pw = p_f @ w_u.T  # p_f @ W_U^T, [r, d_in]
-            pb = (p_f @ b_u).double() if b_u is not None else torch.zeros_like(neg_h)
+            pw = p_f @ w_p.T  # p_f @ W_U^T, [r, d_in] (W_U as the points' product rounds it)
+            pb = (p_f @ b_p).double() if b_p is not None else torch.zeros_like(neg_h)
         x = torch.stack([torch.addmm(biases[j], hs[j][s:e], weights[j]) for j in range(n_points)])
         u = readout.pre(x)  # [point, r, d_in], with autograd
         with torch.no_grad():
@@ -347,8 +355,11 @@ def kl_points(
             # underflows, that row's lse is recomputed from its logits)
             k = top.repeat(n_points, 1)
             z_k = z.gather(-1, k).double()
-            q = torch.ops.aten._softmax.out(z, -1, False, out=z)  # in place, fp32 inside, row by row
-            q_k = q.gather(-1, k).double()
+            if low:  # z becomes (q - p_final), computed in fp32 and rounded to bf16 once, as under autocast
+                q_k = _softmax_minus_final(z, p_f, top, n_points, r, ws)
+            else:
+                q = torch.ops.aten._softmax.out(z, -1, False, out=z)  # in place, fp32 inside, row by row
+                q_k = q.gather(-1, k).double()
             lse = z_k - q_k.log()
             bad = (q_k < 2**-100).view(-1)
             if bad.any():
@@ -361,9 +372,38 @@ def kl_points(
             cross = (u.detach().double() * pw.double()).sum(-1) + pb  # [point, r]
             kl = neg_h - cross + lse.view(n_points, r)
             total += kl.sum(-1).cpu()
-            grad = (q @ w_z.T).to(pw.dtype).view(n_points, r, -1).sub_(pw)  # (q - p_f) @ W_U^T
+            if low:
+                grad = (z @ w_z.T).to(pw.dtype).view(n_points, r, -1)  # (q - p_f) @ W_U^T
+            else:
+                grad = (q @ w_z.T).to(pw.dtype).view(n_points, r, -1).sub_(pw)  # (q - p_f) @ W_U^T
         u.backward(grad)
     return total
+
+
+SOFTMAX_BLOCK = 32  # rows of one fp32 block in _softmax_minus_final (6.4 MB at 50,257 words: stays in cache)
+
+
+def _softmax_minus_final(z: Tensor, p_f: Tensor, top: Tensor, n_points: int, r: int, ws: dict) -> Tensor:
+    """In place, for low-precision logits ``z`` (``[points * r, d_vocab]``, point-major): ``z <- softmax(z) -
+    p_f`` (``p_f``: the final distribution of the ``r`` rows, fp32), the softmax and the difference computed in
+    fp32 a block of rows at a time and rounded to ``z``'s dtype once, which is what the reference
+    implementation's autocast backward rounds: ``q - p_final``, whose rounding is 2^-9 of itself, where a
+    rounded ``q`` with ``p_final`` subtracted after would carry 2^-9 of ``q``. Returns ``softmax(z)`` at the
+    final's top word ``top`` of each row (``[points * r, 1]``, float64, from the fp32 softmax)."""
+    d_vocab = z.shape[-1]
+    block = min(SOFTMAX_BLOCK, r)
+    buf = _workspace(ws, "q_block", block * d_vocab, p_f.dtype, z.device)
+    q_k = torch.empty(n_points * r, 1, dtype=torch.float64, device=z.device)
+    for j in range(n_points):
+        for b0 in range(0, r, block):
+            b1 = min(r, b0 + block)
+            rows = slice(j * r + b0, j * r + b1)
+            q = buf[: (b1 - b0) * d_vocab].view(b1 - b0, d_vocab)
+            q.copy_(z[rows])
+            torch.ops.aten._softmax.out(q, -1, False, out=q)
+            q_k[rows] = q.gather(-1, top[b0:b1]).double()
+            torch.sub(q, p_f[b0:b1], out=z[rows])
+    return q_k
 
 
 def _workspace(ws: dict, key: str, numel: int, dtype: torch.dtype, device) -> Tensor:

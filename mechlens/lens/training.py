@@ -380,7 +380,8 @@ def kl_points(
     return total
 
 
-SOFTMAX_BLOCK = 32  # rows of one fp32 block in _softmax_minus_final (6.4 MB at 50,257 words: stays in cache)
+SOFTMAX_BLOCK = 32  # rows of one fp32 block in _softmax_minus_final (6.4 MB at 50,257 words, beside the
+# max_chunk_bytes buffers: small enough to stay in cache)
 
 
 def _softmax_minus_final(z: Tensor, p_f: Tensor, top: Tensor, n_points: int, r: int, ws: dict) -> Tensor:

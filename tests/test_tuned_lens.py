@@ -501,6 +501,31 @@ def test_kl_points_bfloat16_gradient_is_that_of_its_own_forward(tiny_gpt2_pair):
         assert (got.double() - ref).norm() < 0.01 * ref.norm(), ((got.double() - ref).norm(), ref.norm())
 
 
+def test_softmax_minus_final_is_the_same_in_any_block_size(monkeypatch):
+    """_softmax_minus_final works a block of rows at a time (32 on a CPU, up to 64 MiB of rows on a GPU): every
+    block size, partial last blocks included, gives bit for bit the same (q - p_final) and q at the top word
+    (each row's softmax is its own), and they are the float64 values within bf16's 2^-9 of (q - p_final) and
+    fp32 rounding of q (1e-6 relative)."""
+    g = torch.Generator().manual_seed(5)
+    n_points, r, d_vocab = 3, 7, 1000
+    z0 = (4 * torch.randn(n_points * r, d_vocab, generator=g)).to(torch.bfloat16)
+    p_f = torch.softmax(4 * torch.randn(r, d_vocab, generator=g), -1)
+    top = p_f.argmax(-1, keepdim=True)
+    outs = []
+    for block in (1, 3, 7, 32):
+        monkeypatch.setattr(tl, "SOFTMAX_BLOCK", block)
+        z = z0.clone()
+        q_k = tl._softmax_minus_final(z, p_f, top, n_points, r, {})
+        outs.append((z, q_k))
+    for z, q_k in outs[1:]:
+        assert torch.equal(z, outs[0][0]) and torch.equal(q_k, outs[0][1])
+    q64 = torch.softmax(z0.double(), -1)
+    diff = q64 - p_f.double().repeat(n_points, 1)
+    z, q_k = outs[0]
+    assert ((z.double() - diff).abs() <= 2**-8 * diff.abs() + 1e-12).all()
+    torch.testing.assert_close(q_k, q64.gather(-1, top.repeat(n_points, 1)), rtol=1e-6, atol=0)
+
+
 def test_stream_rows_is_the_residual_stream(tiny_gpt2_pair):
     """Training's forward (stream_rows: hooks on the readout points, stopped at the last one, no unembedding)
     gives exactly the residual stream of the full forward (residuals through run_cached) at the loss

@@ -380,8 +380,9 @@ def kl_points(
     return total
 
 
-SOFTMAX_BLOCK = 32  # rows of one fp32 block in _softmax_minus_final (6.4 MB at 50,257 words, beside the
-# max_chunk_bytes buffers: small enough to stay in cache)
+# rows of one fp32 block in _softmax_minus_final, beside the max_chunk_bytes buffers: on a CPU 32 rows (6.4 MB at
+# 50,257 words: they stay in cache), elsewhere up to 64 MiB of rows (few kernel launches per chunk)
+SOFTMAX_BLOCK, SOFTMAX_BLOCK_BYTES = 32, 2**26
 
 
 def _softmax_minus_final(z: Tensor, p_f: Tensor, top: Tensor, n_points: int, r: int, ws: dict) -> Tensor:
@@ -392,7 +393,7 @@ def _softmax_minus_final(z: Tensor, p_f: Tensor, top: Tensor, n_points: int, r: 
     rounded ``q`` with ``p_final`` subtracted after would carry 2^-9 of ``q``. Returns ``softmax(z)`` at the
     final's top word ``top`` of each row (``[points * r, 1]``, float64, from the fp32 softmax)."""
     d_vocab = z.shape[-1]
-    block = min(SOFTMAX_BLOCK, r)
+    block = min(r, SOFTMAX_BLOCK if z.device.type == "cpu" else max(1, SOFTMAX_BLOCK_BYTES // (4 * d_vocab)))
     buf = _workspace(ws, "q_block", block * d_vocab, p_f.dtype, z.device)
     q_k = torch.empty(n_points * r, 1, dtype=torch.float64, device=z.device)
     for j in range(n_points):
